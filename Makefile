@@ -1,0 +1,40 @@
+# offset-cir: every target sets itself up on a fresh machine (Python 3.11 venv in .venv, pip only).
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo demo-seeds test test-slow test-all bench browser clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip==25.3
+	$(PY) -m pip install -q -e '.[dev,segment,search]'
+	touch $(STAMP)
+
+demo: $(STAMP)  ## the main job: synthetic benchmark, train OFFSET + 2 comparisons, evaluate, report (runs/demo/)
+	$(VENV)/bin/offset demo --out runs/demo
+
+demo-seeds: $(STAMP)  ## the demo over 3 seeds (slower)
+	$(VENV)/bin/offset demo --out runs/demo-seeds --seeds 0 1 2
+
+test: $(STAMP)  ## fast suite (skips tests marked slow)
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: $(STAMP)  ## only the slow checks
+	$(PY) -m pytest -m slow -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)  ## every benchmark script, each prints a table
+	for f in benchmarks/*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+browser:  ## Debian chromium + chromedriver for the web-page test
+	apt-get update -q && apt-get install -y -q chromium chromium-driver
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,118 @@
+"""Model configuration: one typed dataclass, every SPEC section 4 variant and every ablation a field.
+
+Defaults compute what the authors' release computes (SPEC section 4, "default" column).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+GATE_SPLITS = ("release", "per_token")  # D4
+TFM_ATTENTION = ("degenerate", "tokens")  # D10
+GLOBAL_TOKEN = ("first", "mean")  # D11
+TEXT_PADDING = ("include", "mask")  # D14
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild an OFFSET model (saved as JSON beside each checkpoint).
+
+    backbone: an OpenCLIP ViT name (``ViT-H-14``, ``ViT-B-16`` ...) or a package config (``tiny``, ``small``).
+    pretrained: an OpenCLIP pretrained tag, a local weights file (.safetensors, or a state dict loaded with
+    ``weights_only=True``), or None for random initialisation.
+    """
+
+    backbone: str = "tiny"
+    pretrained: str | None = None
+    # SPEC 3, MG-FP focus channels; D1: focus_channels_local=None means one width P for both sets.
+    focus_channels: int = 4
+    focus_channels_local: int | None = None
+    vfm_heads: int = 4
+    tfm_heads: int = 4
+    # SPEC 4 variants
+    gate_split: str = "release"  # D4: "release" | "per_token"
+    tfm_attention: str = "degenerate"  # D10: "degenerate" | "tokens"
+    global_token: str = "first"  # D11: "first" (position 0) | "mean"
+    text_padding: str = "include"  # D14: "include" | "mask"
+    shared_crop: bool = False  # A1: one random crop shared by image and mask in training
+    # Ablations of the paper's Table 4 (SPEC 4); True = component present.
+    use_masks: bool = True  # (1) w/o FM when False: no masks anywhere
+    reference_vfm: bool = True  # (2) w/o VFM: the query's visual side ignores the mask
+    tfm: bool = True  # (3) w/o TFM: the text global set is [t]
+    focus_projection: bool = True  # (4) w/o MG-FP: mean pooling instead of attention pooling
+    target_vfm: bool = True  # (5) w/o Target_VFM: target encoded without its mask
+    target_focus_projection: bool = True  # (6) w/o Target_MGFP: target tokens mean-pooled
+    revision: bool = True  # (7) w/o Revision: F_c = F_r + F_m
+    bbc_loss: bool = True  # (8) w/o BBC: FR only
+    fr_loss: bool = True  # (9) w/o FR: BBC only
+    # Losses (SPEC 3)
+    mu: float = 0.5
+    tau: float = 0.1
+    logit_scale_init: float = 10.0
+    # Engineering
+    grad_checkpointing: bool = False
+    batch_encoder_calls: bool = True  # image and mask (and target) through the encoder in one call
+    ablations: list[str] = field(default_factory=list)  # names applied, recorded for reports
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("gate_split", GATE_SPLITS),
+            ("tfm_attention", TFM_ATTENTION),
+            ("global_token", GLOBAL_TOKEN),
+            ("text_padding", TEXT_PADDING),
+        ):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
+        if self.focus_channels < 1 or (self.focus_channels_local is not None and self.focus_channels_local < 1):
+            raise ValueError("ModelConfig.focus_channels must be >= 1")
+        if not (self.bbc_loss or self.fr_loss):
+            raise ValueError("ModelConfig: at least one of bbc_loss and fr_loss must be on")
+        for name in self.ablations:
+            if name not in ABLATIONS:
+                raise ValueError(f"unknown ablation {name!r}; expected one of {sorted(ABLATIONS)}")
+        if not self.use_masks:
+            # Without masks nothing mask-guided can remain (ablation (1)).
+            self.reference_vfm = self.tfm = self.target_vfm = False
+
+    @property
+    def p_global(self) -> int:
+        return self.focus_channels
+
+    @property
+    def p_local(self) -> int:
+        return self.focus_channels if self.focus_channels_local is None else self.focus_channels_local
+
+    def with_ablation(self, *names: str) -> "ModelConfig":
+        """A copy with the named ablations of SPEC section 4 switched off (see ``ABLATIONS``)."""
+        changes: dict[str, Any] = {}
+        for name in names:
+            if name not in ABLATIONS:
+                raise ValueError(f"unknown ablation {name!r}; expected one of {sorted(ABLATIONS)}")
+            changes.update(ABLATIONS[name])
+        return dataclasses.replace(self, **changes, ablations=[*self.ablations, *names])
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**data)
+
+
+# The nine rows of the paper's Table 4 (SPEC section 4), each a set of config switches.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "wo_fm": {"use_masks": False, "reference_vfm": False, "tfm": False, "target_vfm": False},
+    "wo_vfm": {"reference_vfm": False},
+    "wo_tfm": {"tfm": False},
+    "wo_mgfp": {"focus_projection": False},
+    "wo_target_vfm": {"target_vfm": False},
+    "wo_target_mgfp": {"target_focus_projection": False},
+    "wo_revision": {"revision": False},
+    "wo_bbc": {"bbc_loss": False},
+    "wo_fr": {"fr_loss": False},
+}

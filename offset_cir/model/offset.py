@@ -1,0 +1,258 @@
+"""The OFFSET model (SPEC sections 1-4): reference branch, text branch, revision, target branch, losses."""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from offset_cir.model.backbone import PACKAGE_BACKBONES, Backbone
+from offset_cir.model.config import ModelConfig
+from offset_cir.model.focus import FocusProjection, FocusRevision, TextualFocusMapping, VisualFocusMapping, mean_pool
+from offset_cir.model.losses import batch_based_classification, focus_regularisation, focus_teacher
+from offset_cir.model.preprocess import OPENAI_MEAN, OPENAI_STD, Preprocess
+
+log = logging.getLogger(__name__)
+
+# gather(x) -> (x from every rank concatenated, index of this rank's first row); None = single process.
+Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
+
+
+def build_model(config: ModelConfig | None = None, **overrides) -> "OFFSET":
+    """Build OFFSET from a ``ModelConfig`` (keyword overrides are applied on top)."""
+    import dataclasses
+
+    config = config or ModelConfig()
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    return OFFSET(config)
+
+
+def _make_tokenizer(name: str, context_length: int):
+    import open_clip
+    from open_clip.tokenizer import SimpleTokenizer
+
+    if name not in PACKAGE_BACKBONES:
+        try:
+            return open_clip.get_tokenizer(name, context_length=context_length)
+        except Exception as exc:  # an HF tokenizer that cannot be fetched offline
+            log.warning("tokenizer of %s unavailable (%s); using OpenCLIP's BPE tokenizer", name, exc)
+    return SimpleTokenizer(context_length=context_length)
+
+
+class OFFSET(nn.Module):
+    """Composed image retrieval with segmentation-based focus shift revision (Chen et al., ACM MM 2025).
+
+    ``encode_query(images, masks, texts)`` and ``encode_target(images, masks)`` return L2-normalised [B, D]
+    features; ``compute_loss`` returns ``{"total", "bbc", "fr"}``.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = cfg = config
+        self.backbone = Backbone(cfg.backbone, cfg.pretrained)
+        dims = self.backbone.dims
+        c_v, d, c_t = dims.visual_width, dims.embed_dim, dims.text_width
+        self.embed_dim = d
+        self.image_fc = nn.Linear(c_v, d)  # FC_I
+        self.text_fc = nn.Linear(c_t, d)  # FC_T
+        self.vfm = VisualFocusMapping(c_v, cfg.vfm_heads) if (cfg.reference_vfm or cfg.target_vfm) else None
+        self.tfm = TextualFocusMapping(d, cfg.tfm_heads, cfg.tfm_attention) if cfg.tfm else None
+        separate = cfg.p_local != cfg.p_global  # D1
+        if cfg.focus_projection:
+            self.visual_projection = FocusProjection(d, cfg.p_global)
+            self.visual_projection_local = FocusProjection(d, cfg.p_local) if separate else None
+            self.text_projection = FocusProjection(d, cfg.p_global)
+            self.text_projection_local = FocusProjection(d, cfg.p_local) if separate else None
+        else:
+            self.visual_projection = self.visual_projection_local = None
+            self.text_projection = self.text_projection_local = None
+        self.revision = FocusRevision(d, cfg.gate_split) if cfg.revision else None
+        self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.logit_scale_init))) if cfg.bbc_loss else None
+        pcfg = getattr(self.backbone.clip.visual, "preprocess_cfg", None) or {}
+        self.preprocess = Preprocess(
+            dims.image_size, pcfg.get("mean", OPENAI_MEAN), pcfg.get("std", OPENAI_STD), shared_crop=cfg.shared_crop
+        )
+        self.tokenizer = _make_tokenizer(cfg.backbone, dims.context_length)
+        if cfg.grad_checkpointing:
+            self.backbone.set_grad_checkpointing(True)
+
+    # ----------------------------------------------------------------- helpers
+    @property
+    def needs_masks(self) -> bool:
+        return self.config.use_masks
+
+    @property
+    def query_needs_mask(self) -> bool:
+        return self.config.reference_vfm or self.config.tfm
+
+    @property
+    def target_needs_mask(self) -> bool:
+        return self.config.target_vfm
+
+    @property
+    def device(self) -> torch.device:
+        return self.image_fc.weight.device
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        return self.tokenizer(list(texts)).to(self.device)
+
+    def _encode_images(self, batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Encode several image batches; in one backbone call when ``batch_encoder_calls`` (SPEC section 2)."""
+        if self.config.batch_encoder_calls and len(batches) > 1:
+            tokens, pooled = self.backbone.encode_image(torch.cat(batches))
+            sizes = [b.shape[0] for b in batches]
+            return list(zip(tokens.split(sizes), pooled.split(sizes)))
+        return [self.backbone.encode_image(b) for b in batches]
+
+    def _check_masks(self, masks, needed: bool, role: str):
+        if needed and (masks is None or masks.numel() == 0):
+            raise ValueError(
+                f"{role} masks are required by this model configuration (use_masks=True); "
+                "pass the dominant-portion masks or use the 'wo_fm' ablation"
+            )
+
+    def _pool(self, tokens, projection: FocusProjection | None, attention: bool, valid=None) -> torch.Tensor:
+        return projection(tokens, valid) if attention and projection is not None else mean_pool(tokens, valid)
+
+    # ------------------------------------------------------------ visual sets
+    def _visual_sets(self, image_enc, mask_enc, use_vfm: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global set (3 tokens with VFM, else [g]) and local set [B, hw, D] of one image (SPEC VFM)."""
+        tokens, g = image_enc
+        if not use_vfm:
+            return g[:, None], self.image_fc(tokens)
+        mask_tokens, g_m = mask_enc
+        fused = self.vfm(tokens, mask_tokens)  # F_l' [B, hw, C_v]
+        first = fused[:, 0] if self.config.global_token == "first" else fused.mean(dim=1)  # D11
+        proj = self.backbone.visual_proj
+        global_set = torch.stack([first @ proj.to(first.dtype) + g, g, g_m], dim=1)
+        return global_set, self.image_fc(fused)
+
+    def _visual_tokens(self, global_set, local_set, attention: bool) -> torch.Tensor:
+        local_proj = self.visual_projection_local or self.visual_projection
+        return torch.cat(
+            [self._pool(global_set, self.visual_projection, attention), self._pool(local_set, local_proj, attention)],
+            dim=1,
+        )
+
+    # -------------------------------------------------------------- text sets
+    def _text_tokens(self, tokens_ids, mask_enc) -> torch.Tensor:
+        cfg = self.config
+        text_tokens, t = self.backbone.encode_text(tokens_ids)
+        valid = None
+        if cfg.text_padding == "mask":  # D14: positions after EOT leave MG-FP's softmax
+            eot = self.backbone.eot_positions(tokens_ids)
+            valid = torch.arange(tokens_ids.shape[1], device=tokens_ids.device)[None] <= eot[:, None]
+        if self.tfm is not None:
+            mask_tokens, g_m = mask_enc
+            extra = {}
+            if cfg.tfm_attention == "tokens":
+                proj = self.backbone.clip.text_projection
+                proj_text = proj(text_tokens) if isinstance(proj, nn.Linear) else text_tokens @ proj
+                extra = dict(
+                    mask_tokens=mask_tokens @ self.backbone.visual_proj.to(mask_tokens.dtype),
+                    text_tokens=proj_text,
+                    text_valid=valid,
+                )
+            s = self.tfm(t, g_m, **extra)
+            global_set = torch.stack([s + t, t, g_m], dim=1)
+        else:
+            global_set = t[:, None]
+        local_set = self.text_fc(text_tokens)
+        local_proj = self.text_projection_local or self.text_projection
+        attention = cfg.focus_projection
+        return torch.cat(
+            [self._pool(global_set, self.text_projection, attention), self._pool(local_set, local_proj, attention, valid)],
+            dim=1,
+        )
+
+    def _compose(self, visual_tokens, text_tokens) -> torch.Tensor:
+        if self.revision is None:  # ablation (7)
+            return visual_tokens + text_tokens
+        return self.revision(visual_tokens, text_tokens)
+
+    # ------------------------------------------------------------- public API
+    def _as_tokens(self, texts) -> torch.Tensor:
+        if isinstance(texts, torch.Tensor):
+            return texts.to(self.device)
+        return self.tokenize(texts)
+
+    def query_tokens(self, images, masks, texts, image_enc=None, mask_enc=None) -> torch.Tensor:
+        """F_c [B, K, D]: the composed token set before the mean (SPEC TGFR)."""
+        cfg = self.config
+        if image_enc is None:
+            need = self.query_needs_mask
+            self._check_masks(masks, need, "reference")
+            encs = self._encode_images([images, masks] if need else [images])
+            image_enc, mask_enc = encs[0], (encs[1] if need else None)
+        global_set, local_set = self._visual_sets(image_enc, mask_enc, cfg.reference_vfm)
+        visual = self._visual_tokens(global_set, local_set, cfg.focus_projection)
+        text = self._text_tokens(self._as_tokens(texts), mask_enc)
+        return self._compose(visual, text)
+
+    def target_tokens(self, images, masks, image_enc=None, mask_enc=None) -> torch.Tensor:
+        """F_t [B, K, D]: target through VFM and the shared visual MG-FP, no text (SPEC Target)."""
+        cfg = self.config
+        if image_enc is None:
+            need = self.target_needs_mask
+            self._check_masks(masks, need, "target")
+            encs = self._encode_images([images, masks] if need else [images])
+            image_enc, mask_enc = encs[0], (encs[1] if need else None)
+        global_set, local_set = self._visual_sets(image_enc, mask_enc, cfg.target_vfm)
+        return self._visual_tokens(global_set, local_set, cfg.focus_projection and cfg.target_focus_projection)
+
+    def encode_query(self, images, masks, texts) -> torch.Tensor:
+        return F.normalize(self.query_tokens(images, masks, texts).mean(dim=1), dim=-1)
+
+    def encode_target(self, images, masks=None) -> torch.Tensor:
+        return F.normalize(self.target_tokens(images, masks).mean(dim=1), dim=-1)
+
+    def forward(self, ref_images, ref_masks, texts, tgt_images, tgt_masks):
+        """(query features, target features, target tokens), encoding all images in one backbone call."""
+        need_q, need_t = self.query_needs_mask, self.target_needs_mask
+        self._check_masks(ref_masks, need_q, "reference")
+        self._check_masks(tgt_masks, need_t, "target")
+        batches = [ref_images] + ([ref_masks] if need_q else []) + [tgt_images] + ([tgt_masks] if need_t else [])
+        encs = iter(self._encode_images(batches))
+        ref_enc = next(encs)
+        ref_mask_enc = next(encs) if need_q else None
+        tgt_enc = next(encs)
+        tgt_mask_enc = next(encs) if need_t else None
+        f_c = self.query_tokens(None, None, texts, image_enc=ref_enc, mask_enc=ref_mask_enc)
+        f_t = self.target_tokens(None, None, image_enc=tgt_enc, mask_enc=tgt_mask_enc)
+        q = F.normalize(f_c.mean(dim=1), dim=-1)
+        k = F.normalize(f_t.mean(dim=1), dim=-1)
+        return q, k, f_t
+
+    def compute_loss(self, ref_images, ref_masks, texts, tgt_images, tgt_masks, gather: Gather | None = None) -> dict:
+        """{"total", "bbc", "fr"} for a batch of triplets (SPEC Losses). ``gather`` spans negatives over ranks."""
+        cfg = self.config
+        q, k, f_t = self(ref_images, ref_masks, texts, tgt_images, tgt_masks)
+        q, k = q.float(), k.float()
+        teacher = focus_teacher(f_t.float())
+        if gather is not None:
+            keys, offset = gather(k)
+            teacher_all, _ = gather(teacher)
+        else:
+            keys, offset, teacher_all = k, 0, teacher
+        labels = torch.arange(q.shape[0], device=q.device) + offset
+        zero = q.new_zeros(())
+        bbc = batch_based_classification(q, keys, self.logit_scale.float(), labels) if cfg.bbc_loss else zero
+        fr = focus_regularisation(q, keys, teacher, teacher_all, cfg.tau) if cfg.fr_loss else zero
+        total = (bbc if cfg.bbc_loss else zero) + (cfg.mu * fr if cfg.fr_loss else zero)
+        return {"total": total, "bbc": bbc, "fr": fr}
+
+    # -------------------------------------------------------- optimiser groups
+    def parameter_groups(self, backbone_lr: float = 1e-5, new_lr: float = 1e-4, weight_decay: float = 0.01) -> list[dict]:
+        """Backbone parameters (W_proj included) vs the new modules and the logit scale (SPEC section 5)."""
+        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        ids = {id(p) for p in backbone}
+        new = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
+        return [
+            {"params": backbone, "lr": backbone_lr, "weight_decay": weight_decay, "name": "backbone"},
+            {"params": new, "lr": new_lr, "weight_decay": weight_decay, "name": "new_modules"},
+        ]

@@ -1,0 +1,92 @@
+"""Load state dicts saved by the authors' OFFSET release (SPEC section 9) into this package's model.
+
+The file must be a plain state dict (``.safetensors``, or a torch file that loads with ``weights_only=True``);
+pickled modules are refused. Backbone keys (``backbone.clip.*``) keep OpenCLIP's names; the new modules are
+renamed below; 4-d 1x1 convolution kernels become this package's 1-d ones.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from offset_cir.errors import CheckpointError
+from offset_cir.model.backbone import load_weights_file
+from offset_cir.model.checkpoint import compare_state
+from offset_cir.model.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+# release prefix -> our prefix (longest first when matching)
+RENAMES: dict[str, str] = {
+    "loss_T": "logit_scale",
+    "backbone.fc.": "image_fc.",
+    "backbone.text_fc.": "text_fc.",
+    "backbone.chanel_score.": "visual_projection.score.",
+    "backbone.chanel_score_text.": "text_projection.score.",
+    "backbone.cross_attention.norm_A.": "vfm.norm_image.",
+    "backbone.cross_attention.norm_B.": "vfm.norm_mask.",
+    "backbone.cross_attention.qkv_A.": "vfm.qkv_image.",
+    "backbone.cross_attention.qkv_B.": "vfm.qkv_mask.",
+    "backbone.cross_attention.out_A.": "vfm.out_image.",
+    "backbone.cross_attention.out_B.": "vfm.out_mask.",
+    "backbone.seg_fusion.fusion_proj.": "vfm.fusion.",
+    "backbone.cross_attention_text.qkv_A.": "tfm.qkv_text.",
+    "backbone.cross_attention_text.qkv_B.": "tfm.qkv_mask.",
+    "backbone.cross_attention_text.out_A.": "tfm.out_text.",
+    "backbone.cross_attention_text.out_B.": "tfm.out_mask.",
+    "backbone.segText_fusion.": "tfm.fusion.",
+    "affine.MLP.": "revision.mlp.",
+    "backbone.clip.": "backbone.clip.",
+}
+# Present in the release's files but not part of the model (SPEC sections 4 and 9).
+IGNORED_PREFIXES = (
+    "local_weight",
+    "backbone.attention_spatial.",
+    "affine.cross_attention_text.",
+    "backbone.cross_attention_text.norm_A.",
+    "backbone.cross_attention_text.norm_B.",
+)
+
+
+def rename_release_key(key: str) -> str | None:
+    """Our name for a release key, or None when the key is ignored. Raises for an unknown key."""
+    if key.startswith("module."):  # saved from a DistributedDataParallel wrapper
+        key = key[len("module."):]
+    if key.startswith(IGNORED_PREFIXES):
+        return None
+    for old in sorted(RENAMES, key=len, reverse=True):
+        if key == old or key.startswith(old):
+            return RENAMES[old] + key[len(old):]
+    raise CheckpointError(f"release checkpoint key {key!r} is not part of OFFSET (SPEC section 9)")
+
+
+def map_release_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        new = rename_release_key(key)
+        if new is None:
+            continue
+        if new in expected and value.dim() == 4 and expected[new].dim() == 3 and value.shape[-2:] == (1, 1):
+            value = value[..., 0]  # 1x1 Conv2d kernel -> Conv1d kernel
+        if new in expected and value.shape != expected[new].shape and value.numel() == expected[new].numel():
+            value = value.reshape(expected[new].shape)  # e.g. a scalar logit scale saved as []
+        out[new] = value
+    return out
+
+
+def convert_release_checkpoint(state_dict_path: str | os.PathLike, config: ModelConfig):
+    """Build OFFSET for ``config`` and load a release state dict into it (``weights_only=True``)."""
+    import dataclasses
+
+    from offset_cir.model.offset import OFFSET
+
+    state = load_weights_file(state_dict_path)
+    model = OFFSET(dataclasses.replace(config, pretrained=None))
+    expected = model.state_dict()
+    mapped = map_release_state(state, expected)
+    compare_state(expected, mapped, f"{state_dict_path} (release layout)")
+    model.load_state_dict(mapped)
+    log.info("loaded %d release tensors into OFFSET(%s)", len(mapped), config.backbone)
+    return model

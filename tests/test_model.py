@@ -1,0 +1,309 @@
+"""OFFSET model: shapes, gradients, ablations, variants and the backbone contract (SPEC sections 2-4)."""
+from __future__ import annotations
+
+import dataclasses
+
+import open_clip
+import pytest
+import torch
+
+from offset_cir import ABLATIONS, ModelConfig, build_model
+from offset_cir.model.focus import FocusRevision, TextualFocusMapping
+
+BACKBONES = ["tiny", "small"]
+VARIANTS = {
+    "default": {},
+    "per_token": {"gate_split": "per_token"},
+    "separate_P": {"focus_channels": 3, "focus_channels_local": 5},
+    "tfm_tokens": {"tfm_attention": "tokens"},
+    "global_mean": {"global_token": "mean"},
+    "text_pad_mask": {"text_padding": "mask"},
+    "unbatched_encoder": {"batch_encoder_calls": False},
+}
+
+
+def _inputs(model, b=3):
+    s = model.preprocess.image_size
+    return dict(
+        ref_images=torch.randn(b, 3, s, s),
+        ref_masks=torch.randn(b, 3, s, s),
+        texts=["make it red", "same but striped and larger", ""][:b],
+        tgt_images=torch.randn(b, 3, s, s),
+        tgt_masks=torch.randn(b, 3, s, s),
+    )
+
+
+def _expected_tokens(cfg: ModelConfig, target: bool) -> int:
+    if not cfg.focus_projection or (target and not cfg.target_focus_projection):
+        return 2
+    return cfg.p_global + cfg.p_local
+
+
+@pytest.fixture(scope="module", params=BACKBONES)
+def backbone(request):
+    return request.param
+
+
+@pytest.mark.parametrize("name", ["none", *ABLATIONS])
+def test_ablation_shapes_and_losses(backbone, name):
+    cfg = ModelConfig(backbone=backbone)
+    if name != "none":
+        cfg = cfg.with_ablation(name)
+    model = build_model(cfg)
+    x = _inputs(model)
+    d = model.embed_dim
+    assert d == {"tiny": 32, "small": 48}[backbone]
+    q = model.encode_query(x["ref_images"], x["ref_masks"], x["texts"])
+    k = model.encode_target(x["tgt_images"], x["tgt_masks"])
+    assert q.shape == k.shape == (3, d)
+    torch.testing.assert_close(q.norm(dim=-1), torch.ones(3))
+    assert model.query_tokens(x["ref_images"], x["ref_masks"], x["texts"]).shape[1] == _expected_tokens(model.config, False)
+    assert model.target_tokens(x["tgt_images"], x["tgt_masks"]).shape[1] == _expected_tokens(model.config, True)
+    losses = model.compute_loss(**x)
+    assert set(losses) == {"total", "bbc", "fr"} and torch.isfinite(losses["total"])
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_shapes(backbone, variant):
+    model = build_model(ModelConfig(backbone=backbone, **VARIANTS[variant]))
+    x = _inputs(model)
+    out = model.compute_loss(**x)
+    out["total"].backward()
+    ft = model.target_tokens(x["tgt_images"], x["tgt_masks"])
+    assert ft.shape == (3, _expected_tokens(model.config, True), model.embed_dim)
+
+
+def test_wo_fm_needs_no_masks():
+    model = build_model(ModelConfig().with_ablation("wo_fm"))
+    assert not model.needs_masks
+    x = _inputs(model)
+    x["ref_masks"] = x["tgt_masks"] = None
+    model.compute_loss(**x)["total"].backward()
+    with pytest.raises(ValueError, match="masks are required"):
+        build_model(ModelConfig()).encode_target(x["tgt_images"], None)
+
+
+# Parameters of the backbone that OFFSET never uses (CLIP's own contrastive temperature).
+UNUSED_BACKBONE = ("backbone.clip.logit_scale", "backbone.clip.logit_bias")
+# Which new-module prefixes each ablation removes from the graph.
+REMOVED = {
+    "wo_fm": {"vfm.", "tfm."},
+    "wo_vfm": set(),  # the target branch still uses VFM
+    "wo_tfm": {"tfm."},
+    "wo_mgfp": {"visual_projection.", "text_projection."},
+    "wo_target_vfm": set(),
+    "wo_target_mgfp": set(),
+    "wo_revision": {"revision."},
+    "wo_bbc": {"logit_scale"},
+    "wo_fr": set(),
+}
+ALL_NEW = {"vfm.", "tfm.", "visual_projection.", "text_projection.", "revision.", "logit_scale", "image_fc.", "text_fc."}
+
+
+@pytest.mark.parametrize("name", ["none", *ABLATIONS])
+def test_every_parameter_gets_a_gradient(name):
+    cfg = ModelConfig() if name == "none" else ModelConfig().with_ablation(name)
+    model = build_model(cfg)
+    model.compute_loss(**_inputs(model))["total"].backward()
+    names = {n for n, _ in model.named_parameters()}
+    no_grad = sorted(n for n, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0))
+    assert [n for n in no_grad if not n.startswith(UNUSED_BACKBONE)] == []
+    present = {prefix for prefix in ALL_NEW if any(n.startswith(prefix) for n in names)}
+    assert present == ALL_NEW - REMOVED.get(name, set())
+
+
+def test_gradient_reaches_mask_only_where_used():
+    # w/o Target_VFM: the target mask must not influence the target feature at all.
+    model = build_model(ModelConfig().with_ablation("wo_target_vfm"))
+    x = _inputs(model)
+    k1 = model.encode_target(x["tgt_images"], None)
+    k2 = model.encode_target(x["tgt_images"], x["tgt_masks"])
+    torch.testing.assert_close(k1, k2)
+    # default: the target mask changes the target feature
+    model = build_model(ModelConfig())
+    k1 = model.encode_target(x["tgt_images"], x["tgt_masks"])
+    k2 = model.encode_target(x["tgt_images"], torch.randn_like(x["tgt_masks"]))
+    assert not torch.allclose(k1, k2)
+
+
+# ------------------------------------------------------------------ losses
+def _slow_bbc(q, k, s):
+    total = 0.0
+    for i in range(q.shape[0]):
+        logits = [float(s * (q[i] @ k[j])) for j in range(k.shape[0])]
+        m = max(logits)
+        lse = m + torch.log(torch.tensor([sum(float(torch.exp(torch.tensor(v - m))) for v in logits)])).item()
+        total += lse - logits[i]
+    return total / q.shape[0]
+
+
+def _slow_fr(q, k, ft, tau):
+    import math
+
+    b = q.shape[0]
+    teacher = []
+    for i in range(b):
+        toks = [ft[i, j] / ft[i, j].norm() for j in range(ft.shape[1])]
+        flat = torch.cat(toks)
+        teacher.append(flat / flat.norm())
+    total = 0.0
+    for i in range(b):
+        tp = [math.exp(float(teacher[i] @ teacher[j]) / tau) for j in range(b)]
+        tq = [math.exp(float(q[i] @ k[j]) / tau) for j in range(b)]
+        p = [v / sum(tp) for v in tp]
+        qq = [v / sum(tq) for v in tq]
+        total += sum(p[j] * (math.log(p[j]) - math.log(qq[j])) for j in range(b))
+    return total / b
+
+
+def test_losses_against_slow_reference(monkeypatch):
+    model = build_model(ModelConfig(mu=0.5, tau=0.1, logit_scale_init=7.0))
+    b, d = 4, model.embed_dim
+    q = torch.nn.functional.normalize(torch.randn(b, d, dtype=torch.float64), dim=-1).float()
+    k = torch.nn.functional.normalize(torch.randn(b, d, dtype=torch.float64), dim=-1).float()
+    ft = torch.randn(b, 8, d)
+    q.requires_grad_(True)
+    monkeypatch.setattr(type(model), "forward", lambda self, *a, **kw: (q, k, ft))
+    out = model.compute_loss(None, None, None, None, None)
+    assert abs(out["bbc"].item() - _slow_bbc(q.detach(), k, 7.0)) < 1e-4
+    assert abs(out["fr"].item() - _slow_fr(q.detach(), k, ft, 0.1)) < 1e-4
+    assert abs(float(out["total"]) - (float(out["bbc"]) + 0.5 * float(out["fr"]))) < 1e-5
+    # The teacher is a stop-gradient: the FR gradient flows through q and k only, never through F_t.
+    ft.requires_grad_(True)
+    model.compute_loss(None, None, None, None, None)["fr"].backward()
+    assert ft.grad is None and q.grad is not None
+    # The logit scale multiplies the logits: d L_BBC / d s is finite and nonzero.
+    model.logit_scale.grad = None
+    model.compute_loss(None, None, None, None, None)["bbc"].backward()
+    assert model.logit_scale.grad is not None and float(model.logit_scale.grad.abs()) > 0
+
+
+def test_wo_bbc_and_wo_fr_totals(monkeypatch):
+    for name, expect in (("wo_bbc", lambda o: 0.5 * o["fr"]), ("wo_fr", lambda o: o["bbc"])):
+        model = build_model(ModelConfig().with_ablation(name))
+        out = model.compute_loss(**_inputs(model))
+        torch.testing.assert_close(out["total"], expect(out))
+
+
+# ---------------------------------------------------------------- D4 gates
+def test_release_gate_split_index_by_index():
+    torch.manual_seed(1)
+    d, k, b = 6, 8, 2  # K = 2P tokens with P = 4
+    rev = FocusRevision(d, split="release")
+    fr, fm = torch.randn(b, k, d), torch.randn(b, k, d)
+    x = torch.cat([fr, fm], dim=-1).transpose(1, 2)
+    g = torch.sigmoid(rev.mlp(x)).transpose(1, 2)  # B, K, 2D
+    p = k // 2
+    expected = torch.empty(b, k, d)
+    for bi in range(b):
+        for i in range(k):
+            half = i % 2
+            gv = g[bi, i // 2, half * d:(half + 1) * d]
+            gt = g[bi, p + i // 2, half * d:(half + 1) * d]
+            expected[bi, i] = gv * fr[bi, i] + gt * fm[bi, i]
+    torch.testing.assert_close(rev(fr, fm), expected)
+
+    rev.split = "per_token"
+    plain = g[..., :d] * fr + g[..., d:] * fm
+    torch.testing.assert_close(rev(fr, fm), plain)
+
+
+def test_tfm_degenerate_depends_on_mask_only_through_fusion():
+    torch.manual_seed(2)
+    d = 16
+    tfm = TextualFocusMapping(d, heads=4)
+    t = torch.randn(3, d)
+    g_m = torch.randn(3, d, requires_grad=True)
+    s = tfm(t, g_m)
+    # Reference formula of SPEC section 3: the value part of each head only, a residual linear map.
+    def v_part(conv):
+        w = conv.weight[:, :, 0].view(4, 3, d // 4, d)[:, 2].reshape(d, d)
+        return w
+
+    u_t = t @ v_part(tfm.qkv_text).t() @ tfm.out_text.weight[:, :, 0].t() + tfm.out_text.bias + t
+    u_m = g_m @ v_part(tfm.qkv_mask).t() @ tfm.out_mask.weight[:, :, 0].t() + tfm.out_mask.bias + g_m
+    w_f = tfm.fusion.weight[:, :, 0]
+    expected = torch.cat([u_t, u_m], dim=-1) @ w_f.t() + tfm.fusion.bias
+    torch.testing.assert_close(s, expected)
+    # The query and key parts of both qkv maps receive no gradient: the softmax over one key is 1.
+    s.sum().backward()
+    for conv in (tfm.qkv_text, tfm.qkv_mask):
+        grad = conv.weight.grad[:, :, 0].view(4, 3, d // 4, d)
+        assert torch.all(grad[:, :2] == 0) and torch.any(grad[:, 2] != 0)
+    # Changing g_m changes s exactly by the fusion conv applied to the change in u_m (u_t is untouched).
+    delta = torch.randn(3, d)
+    s2 = tfm(t, g_m + delta)
+    du_m = delta @ v_part(tfm.qkv_mask).t() @ tfm.out_mask.weight[:, :, 0].t() + delta
+    torch.testing.assert_close(s2 - s, du_m @ w_f[:, d:].t(), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------- backbone contract
+def test_batched_encoding_equals_separate_calls():
+    model = build_model(ModelConfig(backbone="small")).eval()
+    x = _inputs(model)
+    with torch.no_grad():
+        both = model._encode_images([x["ref_images"], x["ref_masks"]])
+        one = model.backbone.encode_image(x["ref_images"])
+        two = model.backbone.encode_image(x["ref_masks"])
+    for (tok_b, g_b), (tok_s, g_s) in zip(both, [one, two]):
+        torch.testing.assert_close(tok_b, tok_s, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g_b, g_s, rtol=1e-5, atol=1e-5)
+    m2 = build_model(dataclasses.replace(model.config, batch_encoder_calls=False))
+    m2.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(m2.encode_query(x["ref_images"], x["ref_masks"], x["texts"]),
+                                   model.encode_query(x["ref_images"], x["ref_masks"], x["texts"]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["tiny", "small"])
+def test_global_features_match_openclip(name):
+    model = build_model(ModelConfig(backbone=name)).eval()
+    clip = model.backbone.clip
+    s = model.preprocess.image_size
+    images = torch.randn(4, 3, s, s)
+    # Distinct samples: a layout mix-up (batch vs sequence axis) would swap rows between samples.
+    tokens = model.tokenize(["a photo", "red striped dress with long sleeves", "x", ""])
+    with torch.no_grad():
+        patches, g = model.backbone.encode_image(images)
+        e, t = model.backbone.encode_text(tokens)
+        ref = clip.forward_intermediates(image=images, text=tokens, image_indices=1, text_indices=1,
+                                         normalize=False, normalize_intermediates=True)
+    torch.testing.assert_close(g, clip.encode_image(images), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(t, clip.encode_text(tokens), rtol=1e-5, atol=1e-5)
+    grid = model.backbone.dims.grid
+    assert patches.shape == (4, grid[0] * grid[1], model.backbone.dims.visual_width)
+    nchw = ref["image_intermediates"][-1]
+    torch.testing.assert_close(patches, nchw.flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(e, ref["text_intermediates"][-1], rtol=1e-5, atol=1e-5)
+    # Per-sample independence: encoding one sample alone gives the same row.
+    with torch.no_grad():
+        _, g1 = model.backbone.encode_image(images[2:3])
+    torch.testing.assert_close(g1[0], g[2], rtol=1e-5, atol=1e-5)
+
+
+def test_dims_read_from_openclip_vit():
+    # A real OpenCLIP architecture (random init, no download): widths and grid come from the backbone.
+    from offset_cir.model.backbone import Backbone
+
+    bb = Backbone("ViT-B-32", None)
+    assert (bb.dims.visual_width, bb.dims.embed_dim, bb.dims.text_width) == (768, 512, 512)
+    assert bb.dims.grid == (7, 7) and bb.dims.context_length == 77 and bb.dims.image_size == 224
+
+
+def test_parameter_groups_split_backbone_and_new_modules():
+    model = build_model(ModelConfig())
+    groups = model.parameter_groups(1e-5, 1e-4)
+    ids = [{id(p) for p in g["params"]} for g in groups]
+    assert not (ids[0] & ids[1])
+    assert id(model.backbone.visual_proj) in ids[0] and id(model.logit_scale) in ids[1]
+    assert sum(len(s) for s in ids) == len(list(model.parameters()))
+    assert [g["lr"] for g in groups] == [1e-5, 1e-4]
+
+
+def test_config_rejects_unknown_values():
+    with pytest.raises(ValueError, match="gate_split"):
+        ModelConfig(gate_split="sideways")
+    with pytest.raises(ValueError, match="unknown ablation"):
+        ModelConfig().with_ablation("wo_everything")
+    with pytest.raises(ValueError, match="unknown ModelConfig fields"):
+        ModelConfig.from_dict({"backbone": "tiny", "colour": 3})
