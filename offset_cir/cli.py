@@ -67,12 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except UserInputError as exc:  # bad input: one clear line, non-zero exit, no traceback
+    except OffsetError as exc:  # bad input or a stop: a clear message, non-zero exit, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
 
-from offset_cir.errors import UserInputError  # noqa: E402  (tiny module, no I/O)
+from offset_cir.errors import OffsetError  # noqa: E402  (tiny module, no I/O)
 
 if __name__ == "__main__":
     sys.exit(main())

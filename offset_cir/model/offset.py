@@ -78,6 +78,12 @@ class OFFSET(nn.Module):
         self.tokenizer = _make_tokenizer(cfg.backbone, dims.context_length)
         if cfg.grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
+        # CLIP's own contrastive temperature is not part of OFFSET: freeze it so every trainable parameter
+        # is used (DistributedDataParallel then needs no unused-parameter search).
+        for name in ("logit_scale", "logit_bias"):
+            p = getattr(self.backbone.clip, name, None)
+            if isinstance(p, nn.Parameter):
+                p.requires_grad_(False)
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -230,8 +236,12 @@ class OFFSET(nn.Module):
 
     def compute_loss(self, ref_images, ref_masks, texts, tgt_images, tgt_masks, gather: Gather | None = None) -> dict:
         """{"total", "bbc", "fr"} for a batch of triplets (SPEC Losses). ``gather`` spans negatives over ranks."""
-        cfg = self.config
         q, k, f_t = self(ref_images, ref_masks, texts, tgt_images, tgt_masks)
+        return self.loss_from_features(q, k, f_t, gather)
+
+    def loss_from_features(self, q, k, f_t, gather: Gather | None = None) -> dict:
+        """The losses from ``forward``'s outputs (the trainer calls the DDP-wrapped forward, then this)."""
+        cfg = self.config
         q, k = q.float(), k.float()
         teacher = focus_teacher(f_t.float())
         if gather is not None:

@@ -1,0 +1,215 @@
+"""Training configuration: typed dataclasses, YAML presets (``offset_cir/configs``) and ``key=value`` overrides.
+
+A preset names a dataset (``fashioniq``, ``shoes``, ``cirr``, ``fashion200k``, ``synthetic``); an experiment
+(``configs/experiment/<name>.yaml``) starts from a preset (``base:``) and changes a few keys, one per paper row.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from offset_cir.errors import UserInputError
+from offset_cir.model.config import ModelConfig
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "synthetic"
+    root: str = "data/synthetic"
+    train_split: str = "train"
+    val_split: str = "val"
+    protocol: str | None = None  # evaluation protocol during training (None: the dataset's default)
+    num_workers: int = 0
+    settings: dict[str, Any] = field(default_factory=dict)  # passed to offset_cir.data.get_dataset
+
+
+@dataclass
+class OptimConfig:
+    backbone_lr: float = 1e-5
+    new_lr: float = 1e-4
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    decay_epochs: list[int] = field(default_factory=lambda: [5, 10])  # x decay_factor at the start of these epochs
+    decay_factor: float = 0.1
+    grad_accum: int = 1
+    max_grad_norm: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch_size: int = 16  # per process; the global batch is batch_size x world size
+    epochs: int = 100
+    max_steps: int | None = None
+    time_budget_minutes: float | None = None
+    eval_every_epochs: int = 1
+    eval_every_steps: int | None = None
+    eval_batch_size: int = 64
+    early_stop_patience: int | None = 5  # evaluations without improvement
+    selection: list[str] = field(default_factory=list)  # result keys summed into the selection score
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 only on CUDA, with a grad scaler)
+    device: str = "auto"
+    seed: int = 42
+    out_dir: str = "runs/train"
+    save_every_steps: int | None = None
+    gather_features: bool = True  # in-batch negatives span the global batch under torchrun
+    log_every_steps: int = 10
+    tensorboard: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+PRESETS = ("fashioniq", "shoes", "cirr", "fashion200k", "synthetic")
+
+
+def preset_names() -> dict[str, list[str]]:
+    root = resources.files("offset_cir") / "configs"
+    return {
+        "presets": sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml")),
+        "experiments": sorted(p.name[:-5] for p in (root / "experiment").iterdir() if p.name.endswith(".yaml")),
+    }
+
+
+def _read_yaml(name_or_path: str) -> tuple[dict, str]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        text, where = path.read_text(), str(path)
+    else:
+        root = resources.files("offset_cir") / "configs"
+        for candidate in (root / f"{name_or_path}.yaml", root / "experiment" / f"{name_or_path}.yaml"):
+            if candidate.is_file():
+                text, where = candidate.read_text(), f"preset {name_or_path}"
+                break
+        else:
+            names = preset_names()
+            raise UserInputError(
+                f"config {name_or_path!r}: not a YAML file and not a preset; presets: {names['presets']}, "
+                f"experiments: {names['experiments']}"
+            )
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise UserInputError(f"{where}: invalid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise UserInputError(f"{where}: expected a mapping at the top level")
+    return data, where
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _resolve_yaml(name_or_path: str, seen: tuple = ()) -> dict:
+    data, where = _read_yaml(name_or_path)
+    base = data.pop("base", None)
+    if base:
+        if base in seen:
+            raise UserInputError(f"{where}: circular 'base: {base}'")
+        data = _merge(_resolve_yaml(base, seen + (name_or_path,)), data)
+    return data
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserInputError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserInputError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserInputError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise UserInputError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise UserInputError(f"{key}: expected a list, got {value!r}")
+        inner = typing.get_args(tp)[0] if typing.get_args(tp) else Any
+        items = [_coerce(v, inner, key) if inner is not Any else v for v in value]
+        return tuple(items) if origin is tuple else items
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise UserInputError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise UserInputError(f"unknown config keys {[prefix + k for k in unknown]}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, prefix + name)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UserInputError(f"{prefix or 'config'}: {exc}") from exc
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["model.backbone=tiny", "batch_size=8"]`` -> nested dict; values parsed as YAML scalars/lists."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise UserInputError(f"override {item!r}: expected key=value (e.g. model.backbone=tiny)")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> TrainConfig:
+    """A TrainConfig from a preset name, an experiment name or a YAML file, with ``key=value`` overrides."""
+    data = _merge(_resolve_yaml(name_or_path), parse_overrides(overrides or []))
+    ablations = (data.get("model") or {}).pop("ablate", None) if isinstance(data.get("model"), dict) else None
+    cfg = _build(TrainConfig, data)
+    if ablations:
+        cfg.model = cfg.model.with_ablation(*([ablations] if isinstance(ablations, str) else ablations))
+    return cfg
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    return _build(TrainConfig, data)

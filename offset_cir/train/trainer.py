@@ -1,0 +1,482 @@
+"""The trainer (SPEC section 5): AdamW with two parameter groups, step decay, accumulation, autocast,
+evaluation and early stopping, atomic resumable checkpoints, and DistributedDataParallel under torchrun.
+
+Data order and augmentation are deterministic: the sampler permutes indices with a generator seeded by
+(seed, epoch), and every item's random crop is drawn from an RNG seeded by (seed, epoch, index). So a run
+that is interrupted and resumed sees exactly the data an uninterrupted run sees, and N processes with batch B
+see the same triplets as one process with batch N*B.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from offset_cir.errors import TrainingError, UserInputError
+from offset_cir.model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_weights, save_checkpoint
+from offset_cir.train.config import TrainConfig, config_from_dict
+from offset_cir.train.distributed import DistInfo, all_reduce_mean, barrier, gather_with_grad, init_distributed
+
+log = logging.getLogger(__name__)
+
+STATE_TENSORS = "trainer_state.safetensors"
+STATE_JSON = "trainer_state.json"
+
+
+# ------------------------------------------------------------------ data order
+class EpochSampler(Sampler):
+    """Yields ``(epoch, index)``: a permutation seeded by (seed, epoch), cut to whole global batches,
+    this rank's share ``perm[rank::world]``, starting after ``skip`` items (resume)."""
+
+    def __init__(self, n: int, seed: int, global_batch: int, rank: int = 0, world: int = 1):
+        if n < global_batch:
+            raise UserInputError(f"the training split has {n} triplets, fewer than one global batch ({global_batch})")
+        self.n, self.seed, self.global_batch, self.rank, self.world = n, seed, global_batch, rank, world
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch, self.skip = epoch, skip
+
+    def per_rank(self) -> int:
+        return (self.n // self.global_batch) * self.global_batch // self.world
+
+    def __len__(self) -> int:
+        return self.per_rank() - self.skip
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)[: (self.n // self.global_batch) * self.global_batch]
+        mine = perm[self.rank:: self.world].tolist()
+        for i in mine[self.skip:]:
+            yield self.epoch, i
+
+
+class SeededItems(Dataset):
+    """Each item's augmentation drawn from an RNG seeded by (seed, epoch, index): independent of workers,
+    ranks and interruptions."""
+
+    def __init__(self, base: Dataset, seed: int):
+        self.base, self.seed = base, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key):
+        epoch, index = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + epoch * 10_007 + index) % (2**63))
+            return self.base[index]
+
+
+# -------------------------------------------------------------- state on disk
+def _atomic_dir_write(target: Path, write: Callable[[Path], None]) -> None:
+    """Write a folder completely under a temporary name, then swap it in (never a half-written checkpoint)."""
+    tmp = target.with_name(target.name + ".tmp")
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_resumable(run_dir: Path) -> Path | None:
+    for name in ("last", "last.old"):  # .old survives a crash between the two renames
+        cand = run_dir / name
+        if (cand / STATE_JSON).is_file() and (cand / WEIGHTS_NAME).is_file():
+            return cand
+    return None
+
+
+def _optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    sd = opt.state_dict()
+    tensors, meta = {}, {}
+    for pid, st in sd["state"].items():
+        meta[str(pid)] = {}
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
+            else:
+                meta[str(pid)][k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": meta}
+
+
+def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {int(pid): dict(v) for pid, v in meta["scalars"].items()}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+# --------------------------------------------------------------------- trainer
+class Trainer:
+    """``Trainer(cfg).fit()``; ``Trainer(cfg, resume=run_dir)`` continues an interrupted run."""
+
+    def __init__(self, cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: bool = True,
+                 stop_after_steps: int | None = None):
+        self.resume_from = None
+        if resume is not None:
+            self.resume_from = find_resumable(Path(resume))
+            if self.resume_from is None:
+                raise UserInputError(f"--resume {resume}: no complete checkpoint (last/{STATE_JSON}) found there")
+            saved = json.loads((self.resume_from / STATE_JSON).read_text())
+            cfg = config_from_dict(saved["config"])
+            if cfg.out_dir != str(resume):
+                cfg.out_dir = str(resume)
+        self.cfg = cfg
+        self.progress = progress
+        self.stop_after_steps = stop_after_steps  # tests: simulate an interruption after this many steps
+        self._stop_signal: int | None = None
+
+    # ........................................................ set-up helpers
+    def _device(self) -> torch.device:
+        if self.cfg.device != "auto":
+            return torch.device(self.cfg.device)
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cpu")
+
+    def _precision(self, device: torch.device) -> str:
+        p = self.cfg.precision
+        if p == "auto":
+            if device.type == "cuda":
+                return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "fp32"
+        if p == "fp16" and device.type != "cuda":
+            raise UserInputError("precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
+        if p not in ("fp32", "bf16", "fp16"):
+            raise UserInputError(f"precision={p!r}: expected auto, fp32, bf16 or fp16")
+        return p
+
+    def _autocast(self, device, precision):
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+    @staticmethod
+    def _seed_all(seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % (2**32))
+        torch.manual_seed(seed)
+
+    def _lr_factor(self, epoch: int) -> float:
+        o = self.cfg.optim
+        return o.decay_factor ** sum(1 for e in o.decay_epochs if epoch >= e)
+
+    def _install_signals(self):
+        def handler(signum, frame):
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            log.warning("signal %d: finishing the current step, then saving a checkpoint", signum)
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except ValueError:  # not in the main thread
+                pass
+        return previous
+
+    # ................................................................ saving
+    def _save_state(self, name: str, model, opt, scaler, st: dict) -> None:
+        if not self.dist.is_main:
+            return
+        from safetensors.torch import save_file
+
+        def write(folder: Path):
+            save_checkpoint(model, folder)
+            tensors, opt_meta = _optimizer_to_files(opt)
+            tensors["rng.torch"] = torch.get_rng_state()
+            save_file(tensors, str(folder / STATE_TENSORS))
+            np_state = np.random.get_state()
+            meta = {
+                "config": self.cfg.to_dict(),
+                "optimizer": opt_meta,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+                        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
+                **st,
+            }
+            (folder / STATE_JSON).write_text(json.dumps(meta, indent=1))
+
+        _atomic_dir_write(self.run_dir / name, write)
+
+    def _load_state(self, model, opt, scaler) -> dict:
+        from safetensors.torch import load_file
+
+        folder = self.resume_from
+        load_weights(model, folder)
+        meta = json.loads((folder / STATE_JSON).read_text())
+        tensors = load_file(str(folder / STATE_TENSORS))
+        opt.load_state_dict(_optimizer_from_files(tensors, meta["optimizer"]))
+        if scaler is not None and meta.get("scaler"):
+            scaler.load_state_dict(meta["scaler"])
+        torch.set_rng_state(tensors["rng.torch"])
+        py = meta["rng"]["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+        npst = meta["rng"]["numpy"]
+        np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", folder, meta["step"], meta["epoch"], meta["batch_in_epoch"])
+        return meta
+
+    # .............................................................. evaluate
+    def _evaluate(self, model, bench) -> dict | None:
+        from offset_cir.eval.evaluate import evaluate
+
+        if not self.dist.is_main:
+            return None
+        cfg = self.cfg
+        result = evaluate(model, bench, cfg.data.protocol, split=cfg.data.val_split, batch_size=cfg.eval_batch_size,
+                          num_workers=cfg.data.num_workers, progress=False)
+        if cfg.selection:
+            result["selection_score"] = sum(result["metrics"][k] for k in cfg.selection)
+            result["selection_rule"] = " + ".join(cfg.selection)
+        return result
+
+    # ................................................................... fit
+    def fit(self) -> dict:
+        from offset_cir.data import collate, get_dataset
+        from offset_cir.model.offset import OFFSET
+
+        cfg = self.cfg
+        device = self._device()
+        self.dist = dist = init_distributed(device.type)
+        precision = self._precision(device)
+        self.run_dir = Path(cfg.out_dir)
+        if dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(_to_yaml(cfg.to_dict()))
+        self._seed_all(cfg.seed)
+        model_cfg = cfg.model if self.resume_from is None else dataclasses.replace(cfg.model, pretrained=None)
+        model = OFFSET(model_cfg).to(device)
+        model.config = cfg.model
+        groups = model.parameter_groups(cfg.optim.backbone_lr, cfg.optim.new_lr, cfg.optim.weight_decay)
+        for g in groups:
+            g["initial_lr"] = g["lr"]
+        opt = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_score": None, "best_step": None,
+              "evals_since_best": 0, "history": [], "elapsed_s": 0.0}
+        if self.resume_from is not None:
+            meta = self._load_state(model, opt, scaler)
+            st.update({k: meta[k] for k in st if k in meta})
+
+        bench = get_dataset(cfg.data.dataset, cfg.data.root, **cfg.data.settings)
+        train_set = bench.triplets(cfg.data.train_split, model.preprocess, train=True, load_masks=model.needs_masks)
+        sampler = EpochSampler(len(train_set), cfg.seed, cfg.batch_size * dist.world_size, dist.rank, dist.world_size)
+        loader_kw = dict(batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
+                         persistent_workers=False, pin_memory=device.type == "cuda")
+        steps_per_epoch = sampler.per_rank() // cfg.batch_size // cfg.optim.grad_accum
+        if steps_per_epoch < 1:
+            raise UserInputError("fewer training batches than optim.grad_accum: lower grad_accum or batch_size")
+
+        train_model = model
+        if dist.enabled:
+            train_model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        gather = gather_with_grad if (dist.enabled and cfg.gather_features) else None
+        writer = self._tensorboard() if dist.is_main else None
+        metrics_path = self.run_dir / "metrics.jsonl"
+        previous_handlers = self._install_signals()
+        started = time.monotonic() - st["elapsed_s"]
+        budget_s = cfg.time_budget_minutes * 60 if cfg.time_budget_minutes else None
+        stop_reason = None
+        if dist.is_main:
+            log.info("training %s: %s on %s (%s), %d triplets, %d steps/epoch, global batch %d, %d process(es)",
+                     cfg.name, cfg.model.backbone, device, precision, len(train_set), steps_per_epoch,
+                     cfg.batch_size * dist.world_size, dist.world_size)
+
+        def log_row(row: dict) -> None:
+            if dist.is_main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+
+        def do_eval() -> bool:
+            """Evaluate, keep the best; True when early stopping says stop."""
+            result = self._evaluate(model, bench)
+            stop = False
+            if dist.is_main and result is not None:
+                score = result["selection_score"]
+                row = {"step": st["step"], "epoch": st["epoch"], "eval": result["metrics"], "selection": score}
+                st["history"].append(row)
+                log_row(row)
+                if writer:
+                    for k, v in result["metrics"].items():
+                        writer.add_scalar(f"val/{k}", v, st["step"])
+                if st["best_score"] is None or score > st["best_score"]:
+                    st.update(best_score=score, best_step=st["step"], evals_since_best=0)
+                    save_checkpoint(model, self.run_dir / "best", extra={"selection_score": score, "step": st["step"],
+                                                                        "result": result})
+                    (self.run_dir / "best_result.json").write_text(json.dumps(result, indent=2))
+                else:
+                    st["evals_since_best"] += 1
+                log.info("eval step %d: selection %.2f (best %.2f at step %s)", st["step"], score, st["best_score"], st["best_step"])
+                p = cfg.early_stop_patience
+                stop = p is not None and st["evals_since_best"] >= p
+            if dist.enabled:
+                flag = torch.tensor([1.0 if stop else 0.0])
+                torch.distributed.broadcast(flag, 0)
+                stop = bool(flag.item())
+            return stop
+
+        model.train()
+        try:
+            while st["epoch"] < cfg.epochs and stop_reason is None:
+                epoch = st["epoch"]
+                factor = self._lr_factor(epoch)
+                for g in opt.param_groups:
+                    g["lr"] = g["initial_lr"] * factor
+                sampler.set_epoch(epoch, skip=st["batch_in_epoch"] * cfg.batch_size)
+                loader = DataLoader(SeededItems(train_set, cfg.seed), **loader_kw)
+                bar = None
+                if self.progress and dist.is_main:
+                    from tqdm import tqdm
+
+                    bar = tqdm(total=steps_per_epoch, initial=st["batch_in_epoch"] // cfg.optim.grad_accum,
+                               desc=f"{cfg.name} epoch {epoch}", unit="step", leave=False, dynamic_ncols=True)
+                t_last, n_last = time.monotonic(), 0
+                micro = 0
+                opt.zero_grad(set_to_none=True)
+                for batch in loader:
+                    with self._autocast(device, precision):
+                        q, k, f_t = train_model(
+                            batch["ref_image"].to(device, non_blocking=True), _masks(batch["ref_mask"], device),
+                            batch["text"], batch["tgt_image"].to(device, non_blocking=True), _masks(batch["tgt_mask"], device))
+                    losses = model.loss_from_features(q, k, f_t, gather)
+                    loss = losses["total"] / cfg.optim.grad_accum
+                    finite = bool(torch.isfinite(losses["total"]).item())
+                    if dist.enabled:
+                        flag = torch.tensor([0.0 if finite else 1.0], device=device)
+                        torch.distributed.all_reduce(flag)
+                        finite = flag.item() == 0
+                    if not finite:
+                        raise TrainingError(
+                            f"non-finite loss at step {st['step']} (epoch {epoch}): total={losses['total'].item()}, "
+                            f"bbc={losses['bbc'].item()}, fr={losses['fr'].item()}. Training stopped; the last good "
+                            f"checkpoint in {self.run_dir / 'last'} is kept. Lower the learning rates or use fp32.")
+                    if scaler is not None:
+                        scaler.scale(loss).backward()
+                    else:
+                        loss.backward()
+                    micro += 1
+                    st["batch_in_epoch"] += 1
+                    n_last += batch["ref_image"].shape[0]
+                    if micro < cfg.optim.grad_accum:
+                        continue
+                    micro = 0
+                    if cfg.optim.max_grad_norm:
+                        if scaler is not None:
+                            scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                    if scaler is not None:
+                        scaler.step(opt)
+                        scaler.update()
+                    else:
+                        opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    st["step"] += 1
+                    st["elapsed_s"] = time.monotonic() - started
+                    if bar is not None:
+                        bar.update(1)
+                    if st["step"] % cfg.log_every_steps == 0 or st["step"] == 1:
+                        now = time.monotonic()
+                        speed = n_last * dist.world_size / max(now - t_last, 1e-9)
+                        t_last, n_last = now, 0
+                        row = {"step": st["step"], "epoch": epoch, "loss": losses["total"].item(),
+                               "bbc": losses["bbc"].item(), "fr": losses["fr"].item(),
+                               "lr_backbone": opt.param_groups[0]["lr"], "lr_new": opt.param_groups[1]["lr"],
+                               "triplets_per_s": speed, "elapsed_s": st["elapsed_s"]}
+                        log_row(row)
+                        if writer:
+                            for key in ("loss", "bbc", "fr", "triplets_per_s"):
+                                writer.add_scalar(f"train/{key}", row[key], st["step"])
+                        if bar is not None:
+                            bar.set_postfix(loss=f"{row['loss']:.3f}", trip_s=f"{speed:.0f}")
+                    if cfg.save_every_steps and st["step"] % cfg.save_every_steps == 0:
+                        self._save_state("last", model, opt, scaler, st)
+                    if cfg.eval_every_steps and st["step"] % cfg.eval_every_steps == 0 and do_eval():
+                        stop_reason = "early stop"
+                    if cfg.max_steps and st["step"] >= cfg.max_steps:
+                        stop_reason = stop_reason or "max_steps"
+                    if budget_s and time.monotonic() - started >= budget_s:
+                        stop_reason = stop_reason or "time budget"
+                    if self._stop_signal is not None:
+                        stop_reason = "interrupted"
+                    if self.stop_after_steps is not None and st["step"] >= self.stop_after_steps:
+                        stop_reason = "interrupted"
+                    if stop_reason:
+                        break
+                if bar is not None:
+                    bar.close()
+                if stop_reason == "interrupted":
+                    break
+                end_of_epoch = stop_reason is None
+                if end_of_epoch:
+                    st["epoch"] += 1
+                    st["batch_in_epoch"] = 0
+                    if cfg.eval_every_epochs and st["epoch"] % cfg.eval_every_epochs == 0 and do_eval():
+                        stop_reason = "early stop"
+                    self._save_state("last", model, opt, scaler, st)
+            if stop_reason is None:
+                stop_reason = "epochs done"
+            if stop_reason in ("max_steps", "time budget") and not cfg.eval_every_steps:
+                do_eval()  # the run ends mid-epoch: evaluate what it reached
+            self._save_state("last", model, opt, scaler, st)
+            barrier(dist)
+        finally:
+            for sig, h in previous_handlers.items():
+                signal.signal(sig, h)
+            if writer:
+                writer.close()
+        summary = {"name": cfg.name, "stopped": stop_reason, "steps": st["step"], "epochs": st["epoch"],
+                   "best_score": st["best_score"], "best_step": st["best_step"], "history": st["history"],
+                   "seconds": time.monotonic() - started, "run_dir": str(self.run_dir)}
+        if dist.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            if stop_reason == "interrupted":
+                log.warning("interrupted at step %d: checkpoint saved; continue with `offset train --resume %s`",
+                            st["step"], self.run_dir)
+        return summary
+
+    def _tensorboard(self):
+        if not self.cfg.tensorboard:
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except Exception as exc:  # tensorboard missing: JSONL still has everything
+            log.warning("TensorBoard logging off (%s)", exc)
+            return None
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+
+def _masks(t: torch.Tensor, device) -> torch.Tensor | None:
+    return None if t.numel() == 0 else t.to(device, non_blocking=True)
+
+
+def _to_yaml(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=False)
+
+
+def train(cfg: TrainConfig, resume=None, progress: bool = True) -> dict:
+    return Trainer(cfg, resume=resume, progress=progress).fit()
