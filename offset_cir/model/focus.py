@@ -1,8 +1,9 @@
 """OFFSET's new modules (SPEC section 3): Visual and Textual Focus Mapping, Multi-Grained Focus Projection,
 Textually Guided Focus Revision.
 
-Token sets are [B, N, C]; 1x1 convolutions are kept as ``Conv1d(kernel_size=1)`` over [B, C, N] (a 1x1 Conv2d
-on an h x w map is the same map on its hw positions), so one attention routine serves both focus mappings.
+Token sets are [B, N, C]. The 1x1 convolutions are stored as ``Conv1d(kernel_size=1)`` parameters (a 1x1 Conv2d
+on an h x w map is the same map on its hw positions) and applied as linear maps over channels, so one
+attention routine serves both focus mappings.
 """
 from __future__ import annotations
 
@@ -13,26 +14,30 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def pointwise(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """A 1x1 convolution applied to tokens [B, N, C_in] -> [B, N, C_out] (a linear map over channels;
+    much faster on CPUs than the convolution kernel, same weights and result)."""
+    return F.linear(x, conv.weight[:, :, 0], conv.bias)
+
+
 def split_heads_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[B, 3C, N] -> q, k, v each [B, heads, N, C/heads].
+    """[B, N, 3C] -> q, k, v each [B, heads, N, C/heads].
 
     The release lays the qkv output channels out per head: head h owns channels [h*3d, (h+1)*3d) as
     [q | k | v] blocks of head width d (SPEC section 9).
     """
-    b, c3, n = qkv.shape
+    b, n, c3 = qkv.shape
     d = c3 // (3 * heads)
-    q, k, v = qkv.view(b, heads, 3 * d, n).transpose(2, 3).split(d, dim=-1)
+    q, k, v = qkv.view(b, n, heads, 3 * d).transpose(1, 2).split(d, dim=-1)
     return q, k, v
 
 
 def attend(q, k, v, scale: float, key_valid: torch.Tensor | None = None) -> torch.Tensor:
-    """softmax(q k^T * scale) v per head; q [B,H,Nq,d], k/v [B,H,Nk,d] -> [B, H*d, Nq]."""
-    logits = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if key_valid is not None:
-        logits = logits.masked_fill(~key_valid[:, None, None, :], float("-inf"))
-    out = torch.matmul(logits.softmax(dim=-1), v)  # B, H, Nq, d
+    """softmax(q k^T * scale) v per head; q [B,H,Nq,d], k/v [B,H,Nk,d] -> [B, Nq, H*d]."""
+    mask = None if key_valid is None else key_valid[:, None, None, :]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # B, H, Nq, d
     b, h, n, d = out.shape
-    return out.permute(0, 1, 3, 2).reshape(b, h * d, n)
+    return out.transpose(1, 2).reshape(b, n, h * d)
 
 
 class VisualFocusMapping(nn.Module):
@@ -58,13 +63,13 @@ class VisualFocusMapping(nn.Module):
 
     def forward(self, image_tokens: torch.Tensor, mask_tokens: torch.Tensor) -> torch.Tensor:
         """Patch tokens A0, S0 [B, hw, C_v] -> fused mask-aware map F_l' [B, hw, C_v]."""
-        a = self.norm_image(image_tokens.transpose(1, 2))  # B, C, hw
-        s = self.norm_mask(mask_tokens.transpose(1, 2))
-        q_a, k_a, v_a = split_heads_qkv(self.qkv_image(a), self.heads)
-        q_s, k_s, v_s = split_heads_qkv(self.qkv_mask(s), self.heads)
-        o_a = self.out_image(attend(q_s, k_a, v_a, self.scale)) + a
-        o_s = self.out_mask(attend(q_a, k_s, v_s, self.scale)) + s
-        return self.fusion(torch.cat([o_a, o_s], dim=1)).transpose(1, 2)
+        a = self.norm_image(image_tokens.transpose(1, 2)).transpose(1, 2)  # B, hw, C
+        s = self.norm_mask(mask_tokens.transpose(1, 2)).transpose(1, 2)
+        q_a, k_a, v_a = split_heads_qkv(pointwise(self.qkv_image, a), self.heads)
+        q_s, k_s, v_s = split_heads_qkv(pointwise(self.qkv_mask, s), self.heads)
+        o_a = pointwise(self.out_image, attend(q_s, k_a, v_a, self.scale)) + a
+        o_s = pointwise(self.out_mask, attend(q_a, k_s, v_s, self.scale)) + s
+        return pointwise(self.fusion, torch.cat([o_a, o_s], dim=-1))
 
 
 class TextualFocusMapping(nn.Module):
@@ -89,21 +94,21 @@ class TextualFocusMapping(nn.Module):
 
     def forward(self, text_global, mask_global, mask_tokens=None, text_tokens=None, text_valid=None) -> torch.Tensor:
         """t, g_m [B, D] (and, for "tokens", mask patch tokens [B, hw, D], text tokens [B, L, D]) -> s [B, D]."""
-        t, m = text_global[:, :, None], mask_global[:, :, None]  # B, D, 1
+        t, m = text_global[:, None], mask_global[:, None]  # B, 1, D
         if self.attention == "degenerate":
             # Keys and values of each stream come from its own single token (queries from the other one).
-            q_t, k_t, v_t = split_heads_qkv(self.qkv_text(t), self.heads)
-            q_m, k_m, v_m = split_heads_qkv(self.qkv_mask(m), self.heads)
-            u_t = self.out_text(attend(q_m, k_t, v_t, self.scale)) + t
-            u_m = self.out_mask(attend(q_t, k_m, v_m, self.scale)) + m
+            q_t, k_t, v_t = split_heads_qkv(pointwise(self.qkv_text, t), self.heads)
+            q_m, k_m, v_m = split_heads_qkv(pointwise(self.qkv_mask, m), self.heads)
+            u_t = pointwise(self.out_text, attend(q_m, k_t, v_t, self.scale)) + t
+            u_m = pointwise(self.out_mask, attend(q_t, k_m, v_m, self.scale)) + m
         else:
-            q_t, _, _ = split_heads_qkv(self.qkv_text(t), self.heads)
-            _, k_mt, v_mt = split_heads_qkv(self.qkv_mask(mask_tokens.transpose(1, 2)), self.heads)
-            q_m, _, _ = split_heads_qkv(self.qkv_mask(m), self.heads)
-            _, k_tt, v_tt = split_heads_qkv(self.qkv_text(text_tokens.transpose(1, 2)), self.heads)
-            u_t = self.out_text(attend(q_t, k_mt, v_mt, self.scale)) + t
-            u_m = self.out_mask(attend(q_m, k_tt, v_tt, self.scale, key_valid=text_valid)) + m
-        return self.fusion(torch.cat([u_t, u_m], dim=1))[:, :, 0]
+            q_t, _, _ = split_heads_qkv(pointwise(self.qkv_text, t), self.heads)
+            _, k_mt, v_mt = split_heads_qkv(pointwise(self.qkv_mask, mask_tokens), self.heads)
+            q_m, _, _ = split_heads_qkv(pointwise(self.qkv_mask, m), self.heads)
+            _, k_tt, v_tt = split_heads_qkv(pointwise(self.qkv_text, text_tokens), self.heads)
+            u_t = pointwise(self.out_text, attend(q_t, k_mt, v_mt, self.scale)) + t
+            u_m = pointwise(self.out_mask, attend(q_m, k_tt, v_tt, self.scale, key_valid=text_valid)) + m
+        return pointwise(self.fusion, torch.cat([u_t, u_m], dim=-1))[:, 0]
 
 
 class FocusProjection(nn.Module):
@@ -120,7 +125,8 @@ class FocusProjection(nn.Module):
         )
 
     def forward(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self.score(tokens.transpose(1, 2))  # B, P, N
+        conv_in, _, conv_out = self.score
+        logits = pointwise(conv_out, torch.tanh(pointwise(conv_in, tokens))).transpose(1, 2)  # B, P, N
         if valid is not None:
             logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
         return torch.matmul(logits.softmax(dim=-1), tokens)
@@ -149,8 +155,8 @@ class FocusRevision(nn.Module):
         self.mlp = nn.Sequential(nn.Conv1d(2 * dim, dim, 1), nn.LeakyReLU(), nn.Conv1d(dim, 2 * dim, 1))
 
     def gates(self, visual: torch.Tensor, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.cat([visual, text], dim=-1).transpose(1, 2)  # B, 2D, K
-        g = torch.sigmoid(self.mlp(x)).transpose(1, 2)  # B, K, 2D
+        conv_in, act, conv_out = self.mlp
+        g = torch.sigmoid(pointwise(conv_out, act(pointwise(conv_in, torch.cat([visual, text], dim=-1)))))  # B, K, 2D
         b, k, d2 = g.shape
         if self.split == "per_token":
             return g[..., : d2 // 2], g[..., d2 // 2 :]

@@ -1,0 +1,289 @@
+"""Write masks for many images: resumable, atomic, failures reported and skipped (SPEC sections 1 and 6).
+
+A mask that already exists, opens and has its image's size is kept (unless ``overwrite``).  Each mask is written
+to a temporary name in its folder and renamed into place, so an interrupted run never leaves a partial file.
+Captions used are kept in a JSON file (image name relative to the root -> caption) that is saved as the run goes
+and read back on the next run, so a repeated or resumed run prompts CLIPSeg with the same text.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from PIL import Image
+
+from offset_cir.errors import UserInputError
+from offset_cir.masks.layout import MaskLayout, relative_name
+
+logger = logging.getLogger(__name__)
+
+CAPTIONS_FILE = "segmask-captions.json"
+
+
+@dataclass(frozen=True)
+class MaskJob:
+    image: Path
+    mask: Path
+    key: str  # image path relative to the root, POSIX (the captions file key)
+    category: str = ""
+
+
+@dataclass
+class MaskReport:
+    total: int = 0
+    written: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    captions_file: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def summary(self, limit: int = 50) -> str:
+        lines = [f"masks: {self.total} images, {self.written} written, {self.skipped} skipped (already valid), "
+                 f"{len(self.failed)} failed, {self.seconds:.1f} s"]
+        for path, reason in self.failed[:limit]:
+            lines.append(f"  failed: {path}: {reason}")
+        if len(self.failed) > limit:
+            lines.append(f"  ... and {len(self.failed) - limit} more failures")
+        if self.captions_file:
+            lines.append(f"captions used: {self.captions_file}")
+        return "\n".join(lines)
+
+
+def plan(images: Sequence[Path], root: str | os.PathLike, layout: MaskLayout,
+         out: str | os.PathLike | None = None) -> list[MaskJob]:
+    """One job per image; refuses two images that would share a mask file."""
+    root = Path(root)
+    jobs, seen = [], {}
+    for image in images:
+        image = Path(image)
+        mask = layout.mask_path(image, root, out)
+        if mask in seen:
+            raise UserInputError(f"{image} and {seen[mask]} would both write {mask}; use --mask-pattern with "
+                                 "{rel_parent} or {name} to tell them apart")
+        if mask == image:
+            raise UserInputError(f"--mask-pattern {layout.pattern!r} maps {image} onto itself")
+        seen[mask] = image
+        jobs.append(MaskJob(image, mask, relative_name(image, root), layout.category(image, root)))
+    return jobs
+
+
+# ------------------------------------------------------------------------------------------- captions files
+def read_captions(path: str | os.PathLike) -> dict[str, str]:
+    """A JSON object name -> caption (names: relative path, file name or stem of an image)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise UserInputError(f"--captions {path}: file not found") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserInputError(f"--captions {path}: not a readable JSON file ({exc})") from exc
+    if not isinstance(data, dict):
+        raise UserInputError(f"--captions {path}: expected a JSON object {{image name: caption}}, got {type(data).__name__}")
+    for key, value in data.items():
+        if not isinstance(value, str):
+            raise UserInputError(f"--captions {path}: entry {key!r} must be a string caption, got {type(value).__name__}")
+    return data
+
+
+def lookup_caption(captions: dict[str, str], job: MaskJob) -> str | None:
+    for key in (job.key, job.image.name, job.image.stem):
+        if key in captions:
+            return captions[key]
+    return None
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_name(path)
+    try:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+# ------------------------------------------------------------------------------------------- files
+def mask_is_valid(mask: Path, size: tuple[int, int]) -> bool:
+    """The mask file opens, decodes, is single-channel and has ``size`` (width, height)."""
+    try:
+        with Image.open(mask) as im:
+            if im.size != tuple(size) or im.mode not in ("L", "1", "P", "I", "I;16"):
+                return False
+            im.load()
+        return True
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
+def _temp_name(path: Path) -> Path:
+    """Hidden temporary name beside ``path``; fixed, so a resumed run overwrites what a killed one left."""
+    return path.with_name(f".{path.name}.tmp")
+
+
+def save_mask_atomic(mask_image: Image.Image, path: Path) -> None:
+    """Write to a temporary file in the same folder, then rename: never a partial mask under the real name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    options = {"quality": 95} if fmt == "JPEG" else {"compress_level": 3}  # level 6 is 3x slower, 10% smaller
+    tmp = _temp_name(path)
+    try:
+        with open(tmp, "wb") as fh:
+            mask_image.save(fh, format=fmt, **options)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _load_image(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as im:
+        return im.size
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if not text.startswith(type(exc).__name__) else text
+
+
+# ------------------------------------------------------------------------------------------- the run
+def run_masks(jobs: Sequence[MaskJob], generator, captions_out: str | os.PathLike | None = None,
+              captions: dict[str, str] | None = None, overwrite: bool = False, workers: int = 4,
+              progress: bool = True, save_every_s: float = 30.0) -> MaskReport:
+    """Make the masks of ``jobs`` with ``generator`` (a :class:`~offset_cir.masks.MaskGenerator`).
+
+    ``captions`` (e.g. from ``--captions FILE``) take precedence over those already in ``captions_out``; images
+    without one are captioned (the captioner is built only then).  Failures (unreadable image, unwritable mask)
+    are recorded with a reason and the run goes on.
+    """
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    report = MaskReport(total=len(jobs))
+    out_path = Path(captions_out) if captions_out is not None else None
+    used: dict[str, str] = {}
+    if out_path is not None and out_path.exists():
+        try:
+            used.update(read_captions(out_path))
+        except UserInputError as exc:
+            logger.warning("ignoring unreadable captions file %s (%s); it will be rewritten", out_path, exc)
+    given = {} if overwrite else dict(used)  # --overwrite redoes captions too, unless given by the user
+    given.update(captions or {})
+
+    pool = ThreadPoolExecutor(max(1, int(workers)))
+    pending: list = []  # (job, caption, future of the file write)
+    try:
+        # 1. which masks are missing (or invalid)?
+        def check(job: MaskJob):
+            try:
+                size = _image_size(job.image)
+            except (OSError, ValueError, SyntaxError) as exc:
+                return job, "failed", _reason(exc)
+            if not overwrite and job.mask.exists() and mask_is_valid(job.mask, size):
+                return job, "skip", None
+            return job, "todo", None
+
+        todo: list[MaskJob] = []
+        for job, state, reason in pool.map(check, jobs):
+            if state == "failed":
+                report.failed.append((str(job.image), reason))
+            elif state == "skip":
+                report.skipped += 1
+            else:
+                todo.append(job)
+        if report.skipped:
+            logger.info("%d of %d masks already exist and are valid: skipped", report.skipped, len(jobs))
+        if not todo:
+            return report
+
+        # 2. build the back-ends before the loop, so a missing model fails now, not after the first batch
+        known = {job.key: lookup_caption(given, job) for job in todo}
+        needs_captioner = generator.needs_captions and any(c is None for c in known.values())
+        generator.load(captioner=needs_captioner)
+        if generator.needs_captions and not needs_captioner:
+            logger.info("every caption is given: no captioner is built")
+
+        # 3. batches
+        last_save = time.monotonic()
+        bar = tqdm(total=len(todo), unit="img", desc="masks", disable=not progress)
+        step = generator.batch_size
+        next_batch = pool.map(_try_load, todo[0:step])
+        for start in range(0, len(todo), step):
+            batch = todo[start : start + step]
+            loaded = list(next_batch)
+            if start + step < len(todo):  # decode the next batch while this one runs
+                next_batch = pool.map(_try_load, todo[start + step : start + 2 * step])
+            good = []
+            for job, (image, reason) in zip(batch, loaded):
+                if image is None:
+                    report.failed.append((str(job.image), reason))
+                    logger.warning("skipping %s: %s", job.image, reason)
+                else:
+                    good.append((job, image))
+            if good:
+                caps = [known[j.key] for j, _ in good]
+                missing = [i for i, c in enumerate(caps) if c is None] if generator.needs_captions else []
+                if missing:  # caption first and keep the captions, so a resumed run reuses them
+                    for i, text in zip(missing, generator.caption([good[i][1] for i in missing])):
+                        caps[i] = known[good[i][0].key] = used[good[i][0].key] = text
+                masks, _ = generator.generate(
+                    [im for _, im in good], caps,
+                    categories=[j.category for j, _ in good], stems=[j.image.stem for j, _ in good])
+                _drain(pending, report, used)  # the previous batch's files, encoded while this batch ran
+                for (job, image), mask, cap in zip(good, masks, caps):
+                    if mask.size != image.size:
+                        raise RuntimeError(f"mask size {mask.size} != image size {image.size} for {job.image}")
+                    pending.append((job, cap, pool.submit(save_mask_atomic, mask, job.mask)))
+            bar.update(len(batch))
+            if out_path is not None and time.monotonic() - last_save > save_every_s:
+                write_json_atomic(out_path, used)
+                last_save = time.monotonic()
+        _drain(pending, report, used)
+        bar.close()
+    finally:
+        try:
+            _drain(pending, report, used)  # masks already computed are still written, even when interrupted
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        if out_path is not None and used:
+            write_json_atomic(out_path, used)
+            report.captions_file = str(out_path)
+        report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _drain(pending: list, report: MaskReport, used: dict) -> None:
+    """Wait for submitted mask writes; count them, record their captions or their failures."""
+    while pending:
+        job, cap, future = pending.pop(0)
+        try:
+            future.result()
+        except OSError as exc:
+            report.failed.append((str(job.mask), _reason(exc)))
+            continue
+        report.written += 1
+        if cap is not None:
+            used[job.key] = cap
+
+
+def _try_load(job: MaskJob):
+    try:
+        return _load_image(job.image), None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        return None, _reason(exc)
