@@ -1,0 +1,53 @@
+"""``offset doctor DATASET --root DIR``: counts, missing files, unreadable images, manifest (SPEC section 6)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from offset_cir.commands.eval import add_dataset_arguments, dataset_settings
+from offset_cir.errors import UserInputError
+
+NAME = "doctor"
+HELP = "check a dataset folder: counts, missing files, manifest"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", help="fashioniq, shoes, cirr, fashion200k or synthetic")
+    add_dataset_arguments(parser, dataset_flag=False)
+    parser.add_argument("--split", action="append", help="check only this split (repeatable)")
+    parser.add_argument("--manifest", help="manifest file to write (default: <dataset>-manifest.json here)")
+    parser.add_argument("--compare", help="a manifest from another copy: list files that differ")
+    parser.add_argument("--no-masks", action="store_true", help="masks are not required (models without masks)")
+    parser.add_argument("--no-open", action="store_true", help="skip opening every image")
+    parser.add_argument("--no-hash", action="store_true", help="manifest without sha256 (faster)")
+
+
+def run(args) -> int:
+    from offset_cir.data import get_dataset
+    from offset_cir.data.doctor import SHOW, check, compare_manifests, write_manifest
+
+    settings = dataset_settings(args)
+    if args.no_masks:
+        settings["use_masks"] = False
+    bench = get_dataset(args.dataset, args.root, **settings)
+    report = check(bench, args.split, open_images=not args.no_open, hashes=not args.no_hash)
+    for line in report.lines():
+        print(line)
+    path = write_manifest(report.manifest, args.manifest or f"{bench.name}-manifest.json")
+    print(f"manifest: {path} ({len(report.manifest.get('files', []))} files)")
+    differs = False
+    if args.compare:
+        other = Path(args.compare)
+        try:
+            theirs = json.loads(other.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise UserInputError(f"cannot read manifest {other}: {exc}") from None
+        diff = compare_manifests(report.manifest, theirs)
+        for key, names in diff.items():
+            if names:
+                differs = True
+                more = f" ... ({len(names)} in all)" if len(names) > SHOW else ""
+                print(f"  {key}: {', '.join(names[:SHOW])}{more}")
+        print("copies match" if not differs else f"copies differ from {other}")
+    return 0 if report.ok and not differs else 1

@@ -1,0 +1,400 @@
+"""Shared pieces of the benchmark loaders (SPEC section 6).
+
+- caption normalisation with the correction dictionaries (FashionIQ, Shoes),
+- reading annotation files with errors that name the file, record and field,
+- opening images (RGB) and masks ("L") lazily, one item at a time,
+- the record types (:class:`Query`, :class:`EvalSet`) and the torch Datasets built on them
+  (:class:`TripletDataset`, :class:`QueryDataset`, :class:`ImageDataset`) and :func:`collate`,
+- :class:`Benchmark`, the base class of every loader.
+
+Nothing here reads a file at import time; a benchmark reads its annotation files on first use and
+never reads an image before a Dataset item is requested.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from offset_cir.errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+_PUNCT_TO_SPACE = str.maketrans({c: " " for c in string.punctuation})
+
+
+# --------------------------------------------------------------------------------------------- captions
+def normalize_caption(text: str, corrections: dict[str, str] | None = None) -> str:
+    """SPEC section 6: lowercase; every ASCII punctuation character becomes a space; split on whitespace;
+    map each token through the correction dictionary; join with single spaces.
+
+    An empty (or punctuation-only) caption becomes the empty string ``""``. A correction may expand to
+    several words ("vneck" -> "v neck"); the result is re-split so spaces stay single.
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"caption must be a str, got {type(text).__name__}")
+    tokens = text.lower().translate(_PUNCT_TO_SPACE).split()
+    if corrections:
+        tokens = [corrections.get(t, t) for t in tokens]
+    return " ".join(" ".join(tokens).split())
+
+
+def join_captions(captions: Sequence[str]) -> str:
+    """FashionIQ text: normalised captions joined with " and " in file order (SPEC section 6).
+
+    Defined behaviour for empty captions (16 in the release): an empty caption is left out of the join, so
+    ``["", "is red"]`` gives ``"is red"``; two empty captions give ``""`` (the model then sees an empty text).
+    """
+    return " and ".join(c for c in captions if c)
+
+
+def load_correction_dict(path: Path) -> dict[str, str]:
+    """A ``correction_dict_<name>.json`` file: a JSON object mapping a typo token to its fix."""
+    data = load_json(path, "correction dictionary")
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise DatasetError(f"{path}: expected a JSON object mapping a word to its correction (str -> str)")
+    return {k.lower(): v.lower() for k, v in data.items()}
+
+
+def find_correction_dict(setting: str | Path | None, candidates: Iterable[Path], name: str) -> dict[str, str]:
+    """Load ``correction_dict_<name>.json``.
+
+    ``setting``: a folder (must hold the file), ``False``/``"none"`` for no corrections, or ``None`` (auto: the
+    first of ``candidates`` that holds the file; when none does, a warning and no corrections).
+    """
+    fname = f"correction_dict_{name}.json"
+    if setting is False or (isinstance(setting, str) and setting.lower() == "none"):
+        return {}
+    if setting is not None:
+        path = Path(setting) / fname
+        if not path.is_file():
+            raise DatasetError(f"correction dictionary not found: {path} (setting correction_dicts={setting})")
+        return load_correction_dict(path)
+    for folder in candidates:
+        if (Path(folder) / fname).is_file():
+            return load_correction_dict(Path(folder) / fname)
+    log.warning("no %s found (looked in %s); captions are normalised without corrections",
+                fname, ", ".join(str(c) for c in candidates))
+    return {}
+
+
+# --------------------------------------------------------------------------------------------- files
+def load_json(path: Path, what: str) -> Any:
+    """Read a JSON file; a missing or malformed file raises DatasetError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path}: not valid JSON ({exc}); expected the {what}") from None
+
+
+def read_lines(path: Path, what: str) -> list[str]:
+    """Non-empty stripped lines of a text file; a missing file raises DatasetError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{what} not found: {path}")
+    with open(path, encoding="utf-8") as fh:
+        return [line.strip() for line in fh if line.strip()]
+
+
+def field_of(record: Any, key: str, kind: type | tuple, path: Path, i: int) -> Any:
+    """``record[key]`` checked for type; errors name the file, the record number and the field."""
+    if not isinstance(record, dict):
+        raise DatasetError(f"{path}: record {i} is a {type(record).__name__}, expected a JSON object")
+    if key not in record:
+        raise DatasetError(f"{path}: record {i} has no field {key!r}")
+    value = record[key]
+    if not isinstance(value, kind):
+        want = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
+        raise DatasetError(f"{path}: record {i} field {key!r} is {type(value).__name__}, expected {want}")
+    return value
+
+
+def open_image(path: Path, mode: str = "RGB", what: str = "image"):
+    """Open an image file as a PIL image in ``mode`` ("RGB" for images, "L" for masks), fully decoded."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert(mode)
+    except FileNotFoundError:
+        raise DatasetError(f"{what} not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DatasetError(f"{what} cannot be read (corrupt or not an image): {path} ({exc})") from None
+
+
+def mask_beside(image_path: Path, image_root: Path, mask_root: Path | None, suffix: str) -> Path:
+    """Mask path ``<stem><suffix>`` beside the image, or at the same relative place under ``mask_root``."""
+    name = Path(image_path).stem + suffix
+    if mask_root is None:
+        return Path(image_path).with_name(name)
+    try:
+        rel = Path(image_path).parent.relative_to(image_root)
+    except ValueError:
+        rel = Path()
+    return Path(mask_root) / rel / name
+
+
+# --------------------------------------------------------------------------------------------- records
+@dataclass(frozen=True)
+class Query:
+    """One composed query (SPEC section 6): reference id, text, and what evaluation needs.
+
+    ``target`` is None where the split has no targets (CIRR test1, FashionIQ test). ``members`` are the
+    CIRR image-set members (for R_subset). ``pairid`` is the CIRR pair id. ``target_key`` is what a hit
+    must match when it is not the target id (Fashion200K: the target's description).
+    """
+
+    index: int
+    reference: str
+    text: str
+    target: str | None = None
+    members: tuple[str, ...] = ()
+    pairid: int | None = None
+    group: str = ""
+    target_key: str | None = None
+
+
+@dataclass
+class EvalSet:
+    """Queries and galleries of one evaluation unit (a split, or one FashionIQ category of it).
+
+    ``galleries`` maps a gallery name (``union``, ``full``, ``all``) to its image ids; ``keys`` maps
+    a gallery id to its match key (Fashion200K descriptions), None elsewhere.
+    """
+
+    name: str
+    queries: list[Query]
+    galleries: dict[str, list[str]]
+    image_path: Callable[[str], Path]
+    mask_path: Callable[[str], Path]
+    keys: dict[str, str] | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def query_dataset(self, preprocess, load_masks: bool, train: bool = False) -> "QueryDataset":
+        return QueryDataset(self.queries, self.image_path, self.mask_path, preprocess, load_masks, train)
+
+    def gallery_dataset(self, ids: Sequence[str], preprocess, load_masks: bool) -> "ImageDataset":
+        return ImageDataset(ids, self.image_path, self.mask_path, preprocess, load_masks)
+
+
+# --------------------------------------------------------------------------------------------- datasets
+def _empty() -> torch.Tensor:
+    return torch.zeros(0)
+
+
+class _Loader:
+    """Opens image and mask of an id and runs ``preprocess.pair`` (shared by the Datasets)."""
+
+    def __init__(self, image_path, mask_path, preprocess, load_masks: bool, train: bool):
+        self.image_path, self.mask_path = image_path, mask_path
+        self.preprocess, self.load_masks, self.train = preprocess, bool(load_masks), bool(train)
+
+    def load(self, image_id: str) -> tuple[torch.Tensor, torch.Tensor]:
+        img = open_image(self.image_path(image_id), "RGB", "image")
+        mask = None
+        if self.load_masks:
+            mpath = self.mask_path(image_id)
+            if not Path(mpath).is_file():
+                raise DatasetError(
+                    f"mask not found: {mpath} (image {image_id}); make masks with `offset masks`, "
+                    "or use a model configured without masks (ablation w/o FM)")
+            mask = open_image(mpath, "L", "mask")
+        img_t, mask_t = self.preprocess.pair(img, mask, self.train)
+        return img_t, (mask_t if mask_t is not None else _empty())
+
+
+class TripletDataset(Dataset):
+    """Training/eval triplets: items ``{"ref_image","ref_mask","text","tgt_image","tgt_mask","index"}``.
+
+    Images are read from disk when an item is requested; masks hold ``torch.zeros(0)`` when
+    ``load_masks`` is False.
+    """
+
+    def __init__(self, queries: list[Query], image_path, mask_path, preprocess, train: bool, load_masks: bool):
+        missing = [q for q in queries if q.target is None]
+        if missing:
+            raise DatasetError(f"triplets need targets; query {missing[0].index} (reference {missing[0].reference}) has none")
+        self.queries = queries
+        self._loader = _Loader(image_path, mask_path, preprocess, load_masks, train)
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def __getitem__(self, i: int) -> dict:
+        q = self.queries[i]
+        ref, ref_m = self._loader.load(q.reference)
+        tgt, tgt_m = self._loader.load(q.target)
+        return {"ref_image": ref, "ref_mask": ref_m, "text": q.text, "tgt_image": tgt, "tgt_mask": tgt_m, "index": i}
+
+
+class QueryDataset(Dataset):
+    """Evaluation queries: ``{"ref_image","ref_mask","text","index"}`` (evaluation transform)."""
+
+    def __init__(self, queries: list[Query], image_path, mask_path, preprocess, load_masks: bool, train: bool = False):
+        self.queries = queries
+        self._loader = _Loader(image_path, mask_path, preprocess, load_masks, train)
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+    def __getitem__(self, i: int) -> dict:
+        q = self.queries[i]
+        ref, ref_m = self._loader.load(q.reference)
+        return {"ref_image": ref, "ref_mask": ref_m, "text": q.text, "index": i}
+
+
+class ImageDataset(Dataset):
+    """Gallery images: ``{"image","mask","index"}`` (evaluation transform)."""
+
+    def __init__(self, ids: Sequence[str], image_path, mask_path, preprocess, load_masks: bool):
+        self.ids = list(ids)
+        self._loader = _Loader(image_path, mask_path, preprocess, load_masks, False)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        img, mask = self._loader.load(self.ids[i])
+        return {"image": img, "mask": mask, "index": i}
+
+
+def collate(batch: list[dict]) -> dict:
+    """DataLoader collate: tensors stacked, ``text`` kept a list of str, ``index`` a LongTensor.
+
+    Empty masks (``torch.zeros(0)``, masks not loaded) stack to a ``[B, 0]`` tensor.
+    """
+    if not batch:
+        raise ValueError("collate got an empty batch")
+    out: dict[str, Any] = {}
+    for key in batch[0]:
+        values = [item[key] for item in batch]
+        if key == "text":
+            out[key] = list(values)
+        elif key == "index":
+            out[key] = torch.as_tensor(values, dtype=torch.long)
+        elif isinstance(values[0], torch.Tensor):
+            out[key] = torch.stack(values)
+        else:
+            out[key] = values
+    return out
+
+
+# --------------------------------------------------------------------------------------------- base class
+class Benchmark:
+    """Base of every loader. Subclasses implement :meth:`_queries`, :meth:`eval_sets`, :meth:`image_path`,
+    :meth:`mask_path`, :meth:`splits`, and :meth:`inventory` (for ``offset doctor``).
+
+    Settings common to all: ``root``, ``use_masks`` (False: this copy has no masks; only models without masks
+    may use it).
+    """
+
+    name = "benchmark"
+    default_protocol = ""
+    split_aliases: dict[str, str] = {}
+
+    def __init__(self, root: str | Path, use_masks: bool = True):
+        self.root = Path(root).expanduser()
+        self.use_masks = bool(use_masks)
+        if not self.root.is_dir():
+            raise DatasetError(f"{self.name} root is not a folder: {self.root}")
+
+    # -- to implement
+    def splits(self) -> list[str]:
+        raise NotImplementedError
+
+    def _queries(self, split: str) -> list[Query]:
+        raise NotImplementedError
+
+    def image_path(self, image_id: str) -> Path:
+        raise NotImplementedError
+
+    def mask_path(self, image_id: str) -> Path:
+        raise NotImplementedError
+
+    def eval_sets(self, split: str) -> list[EvalSet]:
+        raise NotImplementedError
+
+    def annotation_files(self, split: str) -> list[Path]:
+        raise NotImplementedError
+
+    def split_images(self, split: str) -> list[str]:
+        """Every image id a split's protocol needs (queries, targets, galleries)."""
+        ids: dict[str, None] = {}
+        for es in self.eval_sets(split):
+            for q in es.queries:
+                ids[q.reference] = None
+                if q.target is not None:
+                    ids[q.target] = None
+            for g in es.galleries.values():
+                ids.update(dict.fromkeys(g))
+        return list(ids)
+
+    # -- shared
+    def canonical_split(self, split: str) -> str:
+        split = self.split_aliases.get(split, split)
+        if split not in self.splits():
+            raise DatasetError(f"{self.name}: unknown split {split!r}; this copy has {', '.join(self.splits()) or 'none'}")
+        return split
+
+    def queries(self, split: str) -> list[Query]:
+        """The composed queries (triplets) of a split, in file order."""
+        return self._queries(self.canonical_split(split))
+
+    def _check_masks(self, load_masks: bool) -> bool:
+        if load_masks and not self.use_masks:
+            raise DatasetError(f"{self.name} was set up with use_masks=False but the model needs masks; "
+                               "give use_masks=True and the mask location, or use a model without masks (w/o FM)")
+        return bool(load_masks)
+
+    def triplets(self, split: str, preprocess, train: bool = True, load_masks: bool = True) -> TripletDataset:
+        """Triplets of a split as a lazily loading torch Dataset (architecture: data contract)."""
+        load_masks = self._check_masks(load_masks)
+        return TripletDataset(self.queries(split), self.image_path, self.mask_path, preprocess, train, load_masks)
+
+    def query_dataset(self, split: str, preprocess, load_masks: bool = True) -> QueryDataset:
+        """All queries of a split (evaluation transform); targets may be absent."""
+        load_masks = self._check_masks(load_masks)
+        return QueryDataset(self.queries(split), self.image_path, self.mask_path, preprocess, load_masks)
+
+    def gallery_dataset(self, split: str, preprocess, load_masks: bool = True, gallery: str | None = None,
+                        group: str | None = None) -> ImageDataset:
+        """The gallery images of a split (first evaluation unit unless ``group`` names one)."""
+        load_masks = self._check_masks(load_masks)
+        sets = self.eval_sets(self.canonical_split(split))
+        es = next((s for s in sets if group in (None, s.name)), None)
+        if es is None:
+            raise DatasetError(f"{self.name}: no evaluation unit {group!r} in split {split}")
+        name = gallery or next(iter(es.galleries))
+        if name not in es.galleries:
+            raise DatasetError(f"{self.name}: unknown gallery {name!r}; choose from {', '.join(es.galleries)}")
+        return es.gallery_dataset(es.galleries[name], preprocess, load_masks)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(root={str(self.root)!r})"
+
+
+def cached(method):
+    """Cache a zero/one-argument method's result on the instance (annotation files read once)."""
+    attr = f"_cache_{method.__name__}"
+
+    @functools.wraps(method)
+    def wrapper(self, *args):
+        store = self.__dict__.setdefault(attr, {})
+        if args not in store:
+            store[args] = method(self, *args)
+        return store[args]
+
+    return wrapper

@@ -1,0 +1,172 @@
+"""``offset doctor``: check a benchmark copy (SPEC section 6).
+
+Per split: triplet count, images and masks the split's protocol needs, which are missing (first 20 names and
+the total), which images do not open; then a manifest (relative path, size, sha256 of every annotation
+file, image and mask found) so that two people can compare their copies (:func:`compare_manifests`).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from offset_cir.errors import DatasetError
+
+SHOW = 20
+
+
+@dataclass
+class SplitReport:
+    split: str
+    triplets: int = 0
+    with_target: int = 0
+    images_needed: int = 0
+    images_found: int = 0
+    masks_found: int = 0
+    missing_images: list[str] = field(default_factory=list)
+    missing_masks: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+    annotation_files: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def problems(self, masks: bool) -> bool:
+        return bool(self.error or self.missing_images or self.unreadable or (masks and self.missing_masks))
+
+
+@dataclass
+class Report:
+    dataset: str
+    root: str
+    masks_required: bool
+    splits: list[SplitReport]
+    manifest: dict
+
+    @property
+    def ok(self) -> bool:
+        return not any(s.problems(self.masks_required) for s in self.splits) and bool(self.splits)
+
+    def lines(self) -> list[str]:
+        out = [f"{self.dataset} at {self.root}"]
+        if not self.splits:
+            out.append("  no split found: the annotation files are missing")
+        for s in self.splits:
+            if s.error:
+                out.append(f"  {s.split}: ERROR {s.error}")
+                continue
+            out.append(f"  {s.split}: {s.triplets} triplets ({s.with_target} with target), images "
+                       f"{s.images_found}/{s.images_needed}, masks {s.masks_found}/{s.images_needed}")
+            for label, names in (("missing images", s.missing_images), ("missing masks", s.missing_masks),
+                                 ("unreadable images", s.unreadable)):
+                if names:
+                    shown = ", ".join(names[:SHOW])
+                    more = f" ... ({len(names)} in all)" if len(names) > SHOW else f" ({len(names)})"
+                    out.append(f"    {label}: {shown}{more}")
+        out.append("OK: everything the protocols need is present" if self.ok
+                   else "PROBLEMS: something a protocol needs is missing or unreadable")
+        return out
+
+
+def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _opens(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except Exception:  # noqa: BLE001  any failure means the file is not a readable image
+        return False
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return Path(os.path.relpath(path, root)).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def check(bench, splits: list[str] | None = None, masks: bool | None = None, open_images: bool = True,
+          hashes: bool = True, progress: bool = True) -> Report:
+    """Inspect ``bench`` (see module doc). ``masks``: whether masks are required (default: ``bench.use_masks``)."""
+    masks = bench.use_masks if masks is None else bool(masks)
+    try:
+        available = bench.splits()
+    except DatasetError as exc:
+        return Report(bench.name, str(bench.root), masks, [SplitReport("-", error=str(exc))], {})
+    wanted = [bench.canonical_split(s) for s in splits] if splits else available
+    reports, files = [], {}
+    for split in wanted:
+        rep = SplitReport(split)
+        reports.append(rep)
+        try:
+            for f in bench.annotation_files(split):
+                rep.annotation_files.append(str(f))
+                if Path(f).is_file():
+                    files[Path(f)] = "annotation"
+            queries = bench.queries(split)
+            ids = bench.split_images(split)
+        except DatasetError as exc:
+            rep.error = str(exc)
+            continue
+        rep.triplets = len(queries)
+        rep.with_target = sum(q.target is not None for q in queries)
+        rep.images_needed = len(ids)
+        it = ids
+        if progress:
+            from tqdm import tqdm
+
+            it = tqdm(ids, desc=f"{bench.name} {split}", unit="img", leave=False)
+        for image_id in it:
+            try:
+                img = bench.image_path(image_id)
+            except DatasetError:
+                rep.missing_images.append(image_id)
+                continue
+            if Path(img).is_file():
+                rep.images_found += 1
+                files[Path(img)] = "image"
+                if open_images and not _opens(img):
+                    rep.unreadable.append(image_id)
+            else:
+                rep.missing_images.append(image_id)
+            mask = bench.mask_path(image_id)
+            if Path(mask).is_file():
+                rep.masks_found += 1
+                files[Path(mask)] = "mask"
+            else:
+                rep.missing_masks.append(image_id)
+    manifest = {
+        "dataset": bench.name,
+        "root": str(bench.root),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "files": [{"path": _rel(p, bench.root), "kind": kind, "size": p.stat().st_size,
+                   **({"sha256": sha256_of(p)} if hashes else {})}
+                  for p, kind in sorted(files.items(), key=lambda kv: str(kv[0]))],
+    }
+    return Report(bench.name, str(bench.root), masks, reports, manifest)
+
+
+def write_manifest(manifest: dict, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    return path
+
+
+def compare_manifests(mine: dict, theirs: dict) -> dict[str, list[str]]:
+    """Paths only in ``mine``, only in ``theirs``, and present in both with different size or sha256."""
+    a = {f["path"]: f for f in mine.get("files", [])}
+    b = {f["path"]: f for f in theirs.get("files", [])}
+    differ = [p for p in sorted(a.keys() & b.keys())
+              if a[p].get("size") != b[p].get("size") or a[p].get("sha256") != b[p].get("sha256")]
+    return {"only_here": sorted(a.keys() - b.keys()), "only_there": sorted(b.keys() - a.keys()), "differ": differ}

@@ -1,0 +1,117 @@
+"""``offset doctor``: counts, missing files, unreadable images, manifest and comparison."""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+
+from offset_cir.cli import main
+from offset_cir.data import get_dataset
+from offset_cir.data.doctor import check, compare_manifests
+from offset_cir.data.placeholders import write_benchmark_placeholders
+
+
+def _mini_cirr(root, n_sets=5):
+    """A CIRR-layout copy: n_sets sets of 6 images, one query per set, split val."""
+    (root / "captions").mkdir(parents=True)
+    (root / "image_splits").mkdir()
+    names = {f"dev-{s}-{i}-img0": f"./dev/dev-{s}-{i}-img0.png" for s in range(n_sets) for i in range(6)}
+    recs = [{"pairid": s, "reference": f"dev-{s}-0-img0", "target_hard": f"dev-{s}-1-img0",
+             "target_soft": {f"dev-{s}-1-img0": 1.0}, "caption": "make it red",
+             "img_set": {"id": s, "members": [f"dev-{s}-{i}-img0" for i in range(6)], "reference_rank": 0,
+                         "target_rank": 1}} for s in range(n_sets)]
+    (root / "captions/cap.rc2.val.json").write_text(json.dumps(recs))
+    (root / "image_splits/split.rc2.val.json").write_text(json.dumps(names))
+    bench = get_dataset("cirr", root)
+    write_benchmark_placeholders(bench, "val")
+    return bench
+
+
+def test_all_present(tmp_path):
+    bench = _mini_cirr(tmp_path)
+    rep = check(bench, progress=False)
+    assert rep.ok
+    (s,) = rep.splits
+    assert (s.split, s.triplets, s.with_target, s.images_needed, s.images_found, s.masks_found) == ("val", 5, 5, 30, 30, 30)
+    files = {f["path"]: f for f in rep.manifest["files"]}
+    assert len(files) == 2 + 30 + 30
+    f = files["dev/dev-0-0-img0.png"]
+    data = (tmp_path / "dev/dev-0-0-img0.png").read_bytes()
+    assert f["size"] == len(data) and f["sha256"] == hashlib.sha256(data).hexdigest() and f["kind"] == "image"
+    assert files["captions/cap.rc2.val.json"]["kind"] == "annotation"
+
+
+def test_missing_unreadable_and_masks(tmp_path):
+    bench = _mini_cirr(tmp_path)
+    (tmp_path / "dev/dev-1-1-img0.png").unlink()
+    (tmp_path / "dev/dev-2-3-img0-segmask.png").unlink()
+    (tmp_path / "dev/dev-4-0-img0.png").write_bytes(b"garbage")
+    rep = check(bench, progress=False)
+    (s,) = rep.splits
+    assert s.missing_images == ["dev-1-1-img0"] and s.missing_masks == ["dev-2-3-img0"]
+    assert s.unreadable == ["dev-4-0-img0"]
+    assert not rep.ok
+    text = "\n".join(rep.lines())
+    assert "missing images: dev-1-1-img0 (1)" in text and "unreadable images: dev-4-0-img0" in text
+    assert text.endswith("PROBLEMS: something a protocol needs is missing or unreadable")
+    # masks not required: the missing mask alone is fine, the image problems remain
+    (tmp_path / "dev/dev-1-1-img0.png").write_bytes((tmp_path / "dev/dev-1-0-img0.png").read_bytes())
+    (tmp_path / "dev/dev-4-0-img0.png").write_bytes((tmp_path / "dev/dev-1-0-img0.png").read_bytes())
+    assert not check(bench, progress=False).ok
+    assert check(bench, masks=False, progress=False).ok
+
+
+def test_manifest_comparison(tmp_path):
+    a = _mini_cirr(tmp_path / "a")
+    b = _mini_cirr(tmp_path / "b")
+    (tmp_path / "b/dev/dev-0-2-img0.png").write_bytes((tmp_path / "b/dev/dev-0-3-img0.png").read_bytes())
+    (tmp_path / "b/dev/dev-0-4-img0-segmask.png").unlink()
+    diff = compare_manifests(check(a, progress=False).manifest, check(b, progress=False).manifest)
+    assert diff == {"only_here": ["dev/dev-0-4-img0-segmask.png"], "only_there": [], "differ": ["dev/dev-0-2-img0.png"]}
+
+
+def test_real_annotations_without_images(shared_data, tmp_path, capsys):
+    rc = main(["doctor", "cirr", "--root", str(shared_data / "cirr"), "--split", "val", "--no-open",
+               "--manifest", str(tmp_path / "m.json")])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "val: 4181 triplets (4181 with target), images 0/2297, masks 0/2297" in out
+    assert "(2297 in all)" in out and out.count(", dev-") >= 19
+    manifest = json.loads((tmp_path / "m.json").read_text())
+    assert [f["path"] for f in manifest["files"]] == ["captions/cap.rc2.val.json", "image_splits/split.rc2.val.json"]
+
+
+def test_cli_ok_and_compare(tmp_path, capsys):
+    _mini_cirr(tmp_path / "a")
+    _mini_cirr(tmp_path / "b")
+    assert main(["doctor", "cirr", "--root", str(tmp_path / "a"), "--manifest", str(tmp_path / "a.json")]) == 0
+    assert main(["doctor", "cirr", "--root", str(tmp_path / "b"), "--manifest", str(tmp_path / "b.json"),
+                 "--compare", str(tmp_path / "a.json")]) == 0
+    assert "copies match" in capsys.readouterr().out
+    (tmp_path / "b/dev/dev-0-2-img0.png").write_bytes((tmp_path / "b/dev/dev-0-3-img0.png").read_bytes())
+    assert main(["doctor", "cirr", "--root", str(tmp_path / "b"), "--manifest", str(tmp_path / "b.json"),
+                 "--compare", str(tmp_path / "a.json")]) == 1
+    assert "differ: dev/dev-0-2-img0.png" in capsys.readouterr().out
+
+
+def test_wrong_root(tmp_path, capsys):
+    assert main(["doctor", "fashioniq", "--root", str(tmp_path), "--manifest", str(tmp_path / "m.json")]) == 1
+    assert "no captions folder" in capsys.readouterr().out
+    assert main(["doctor", "shoes", "--root", str(tmp_path / "nope")]) == 2
+    assert "root is not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["fashioniq", "shoes"])
+def test_doctor_on_real_annotations(name, shared_data, tmp_path):
+    settings = {"fashioniq": dict(annotations=shared_data / "fashioniq", correction_dicts="none"),
+                "shoes": dict(annotations=shared_data / "shoes", correction_dicts="none")}[name]
+    bench = get_dataset(name, tmp_path, **settings)
+    rep = check(bench, open_images=False, hashes=False, progress=False)
+    counts = {s.split: (s.triplets, s.images_needed) for s in rep.splits}
+    if name == "fashioniq":
+        assert counts == {"train": (18000, 11452 + 19036 + 16121), "val": (6016, 3817 + 6346 + 5373),
+                          "test": (6118, 3818 + 6346 + 5374)}
+    else:
+        assert counts == {"train": (8990, 10000), "eval": (1761, 4658)}
+    assert not rep.ok
