@@ -85,11 +85,18 @@ def test_pickled_module_refused(tmp_path):
 
 
 def test_pretrained_tag_offline_fails_fast(monkeypatch):
+    # Fails at once: no network connection attempted, no retry loop sleeping between attempts.
+    import socket
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.monotonic()
+    calls = []
+    monkeypatch.setattr(time, "sleep", lambda s: calls.append(("sleep", s)))
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: calls.append(("connect", a)) or (_ for _ in ()).throw(OSError("offline")))
     with pytest.raises(OfflineError, match="local file"):
         Backbone("ViT-B-32", "laion2b_s34b_b79k")
-    assert time.monotonic() - start < 30
+    assert calls == []
+    with pytest.raises(Exception, match="neither a local file nor an OpenCLIP tag"):
+        Backbone("ViT-B-32", "no_such_tag")
 
 
 # ------------------------------------------------------------ release converter

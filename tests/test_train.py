@@ -181,3 +181,42 @@ def _initial():
         torch.manual_seed(42)
         _INIT.update(build_model(ModelConfig(backbone="tiny")).state_dict())
     return _INIT
+
+
+def test_sigint_saves_and_resume_finishes(synth_root, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "sig"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "offset_cir.cli", "train", "--config", "synthetic", "--no-progress",
+                             f"data.root={synth_root}", f"out_dir={out}", "batch_size=8", "max_steps=400",
+                             "eval_every_epochs=0", "tensorboard=false", "log_every_steps=1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for _ in range(600):  # bounded wait (at most 120 s) for the first logged step
+            if (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip():
+                break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in err
+    state = json.loads((out / "last" / "trainer_state.json").read_text())
+    assert 1 <= state["step"] < 400
+    assert not (out / "last.tmp").exists()
+    cfg_steps = 2 + state["step"]
+    # resume (with the saved config) and run a little further
+    from offset_cir.train.config import config_from_dict
+
+    saved = config_from_dict(state["config"])
+    assert saved.max_steps == 400 and saved.out_dir == str(out)
+    trainer = Trainer(None, resume=out, progress=False)
+    trainer.cfg.max_steps = cfg_steps
+    summary = trainer.fit()
+    assert summary["steps"] == cfg_steps
