@@ -203,7 +203,7 @@ def plot_retrievals(rankings: Path, bench, path: Path, n_queries: int = 6, k: in
     from PIL import Image
 
     rows = [json.loads(line) for line in rankings.read_text().splitlines()][:: max(1, 40)][:n_queries]
-    fig, axes = plt.subplots(len(rows), k + 2, figsize=(1.6 * (k + 2), 1.8 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), k + 3, figsize=(1.6 * (k + 3), 1.8 * len(rows)), squeeze=False)
     for r, row in enumerate(rows):
         ax = axes[r][0]
         ax.imshow(Image.open(bench.image_path(row["reference"])).convert("RGB"))
@@ -218,11 +218,16 @@ def plot_retrievals(rankings: Path, bench, path: Path, n_queries: int = 6, k: in
                 for spine in ax.spines.values():
                     spine.set_edgecolor("green")
                     spine.set_linewidth(3)
+        ax = axes[r][k + 2]
+        ax.imshow(Image.open(bench.image_path(row["target"])).convert("RGB"))
+        rank = row["top"].index(row["target"]) + 1 if row["target"] in row["top"] else None
+        ax.set_title(f"target (rank {rank})" if rank else "target (rank > 50)", fontsize=7, color="green")
         for ax in axes[r]:
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r][1].axis("off")
-    fig.suptitle("OFFSET on the synthetic test split: reference, modification text, top-5 (target in green)", fontsize=9)
+    fig.suptitle("OFFSET on the synthetic test split (every 40th query): reference, text, top-5, and the true target",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
