@@ -11,7 +11,6 @@ export PYTHONUNBUFFERED := 1
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip==25.3
 	$(PY) -m pip install -q -e '.[dev,segment,search]'
 	touch $(STAMP)
 

@@ -1,0 +1,53 @@
+"""``offset index``: encode a folder of images into a search index (see ``offset_cir.search.index``)."""
+from __future__ import annotations
+
+import argparse
+
+NAME = "index"
+HELP = "encode a folder of images into a search index"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="trained OFFSET checkpoint (file or folder)")
+    parser.add_argument("--images", required=True, help="folder of gallery images (searched recursively)")
+    parser.add_argument("--out", required=True, help="index folder to create or update")
+    parser.add_argument("--masks", default=None,
+                        help="folder with <stem>-segmask.png masks (default: beside each image)")
+    parser.add_argument("--captioner", default=None, help="mask pipeline: local captioner model folder")
+    parser.add_argument("--segmenter", default=None, help="mask pipeline: local CLIPSeg model folder")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per encoder call")
+    parser.add_argument("--workers", type=int, default=2, help="image decoding processes")
+    parser.add_argument("--shard-size", type=int, default=1024, help="images per resumable shard")
+    parser.add_argument("--dtype", choices=["float16", "float32"], default=None,
+                        help="feature storage (default: the existing index's, else float16)")
+    parser.add_argument("--exact-max", type=int, default=None,
+                        help="galleries below this size are searched exactly (default 100000)")
+    parser.add_argument("--hnsw-max", type=int, default=None,
+                        help="galleries below this size use HNSW, larger ones IVF (default 1000000)")
+    parser.add_argument("--prune", action="store_true", help="drop indexed images that left the folder")
+    parser.add_argument("--limit", type=int, default=None, help="encode at most this many new images now")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from offset_cir.search import ann
+    from offset_cir.search.index import build_index, make_mask_generator
+
+    gen = make_mask_generator(args.captioner, args.segmenter, args.device)
+    rep = build_index(
+        args.out, args.images, checkpoint=args.checkpoint, masks_dir=args.masks, mask_generator=gen,
+        batch_size=args.batch_size, num_workers=args.workers, shard_size=args.shard_size, dtype=args.dtype,
+        exact_max=args.exact_max if args.exact_max is not None else ann.EXACT_MAX,
+        hnsw_max=args.hnsw_max if args.hnsw_max is not None else ann.HNSW_MAX,
+        prune=args.prune, limit=args.limit, device=args.device,
+    )
+    if rep is not None:  # rank 0
+        s = rep.search
+        extra = ""
+        if s["kind"] != "exact":
+            extra = f", {s['param_name']}={s['param']}, recall@{s['k']} vs exact {s['recall_at_k']:.4f}"
+        print(f"index {rep.path}: {rep.count} images ({rep.encoded} encoded now, {rep.removed} removed, "
+              f"{len(rep.skipped)} unreadable); search: {s['kind']}{extra}")
+        for sk in rep.skipped[:10]:
+            print(f"  unreadable: {sk['path']}: {sk.get('error', '')}")
+    return 0

@@ -1,0 +1,54 @@
+"""``offset search``: query a search index with a reference image (or a gallery id) and a modification text."""
+from __future__ import annotations
+
+import argparse
+import json
+
+NAME = "search"
+HELP = "query a search index with an image and a text"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--index", required=True, help="index folder made by `offset index`")
+    ref = parser.add_mutually_exclusive_group(required=True)
+    ref.add_argument("--image", help="reference image file")
+    ref.add_argument("--ref-id", help="a gallery image id as reference (uses its stored mask, excluded from results)")
+    parser.add_argument("--text", required=True, help="modification text, e.g. 'make it red'")
+    parser.add_argument("-k", type=int, default=10, help="number of results")
+    parser.add_argument("--mask", default=None, help="mask of the reference image (grayscale, white = dominant part)")
+    parser.add_argument("--checkpoint", default=None, help="override the checkpoint recorded in the index")
+    parser.add_argument("--captioner", default=None, help="mask pipeline: local captioner model folder")
+    parser.add_argument("--segmenter", default=None, help="mask pipeline: local CLIPSeg model folder")
+    parser.add_argument("--exact", action="store_true", help="exact search even when the index has FAISS")
+    parser.add_argument("--out", default=None, help="draw a contact sheet (reference, text, results) to this PNG")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--device", default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from offset_cir.errors import UserInputError
+    from offset_cir.search.index import Index, make_mask_generator
+
+    if args.k < 1:
+        raise UserInputError(f"-k must be at least 1, got {args.k}")
+    index = Index.open(args.index, checkpoint=args.checkpoint, device=args.device,
+                       mask_generator=make_mask_generator(args.captioner, args.segmenter, args.device))
+    if args.ref_id is not None:
+        hits = index.search_id(args.ref_id, args.text, args.k, exact=args.exact)
+        reference = index.item(args.ref_id)["path"]
+    else:
+        hits = index.search(args.image, args.text, args.k, mask=args.mask, exact=args.exact)
+        reference = args.image
+    if args.json:
+        print(json.dumps([{"rank": i + 1, "id": h.id, "path": h.path, "score": h.score}
+                          for i, h in enumerate(hits)], indent=1))
+    else:
+        w = max([2] + [len(h.id) for h in hits])
+        print(f"{'rank':>4}  {'id':<{w}}  {'score':>8}  path")
+        for i, h in enumerate(hits, 1):
+            print(f"{i:>4}  {h.id:<{w}}  {h.score:8.4f}  {h.path}")
+    if args.out:
+        from offset_cir.search.sheet import contact_sheet
+
+        print(f"contact sheet: {contact_sheet(reference, args.text, hits, args.out)}")
+    return 0

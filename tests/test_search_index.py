@@ -1,0 +1,318 @@
+"""Index storage, updates, resume and exact search (offset_cir.search.index), with a small stand-in model."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_search_support import FakeModel, copy_items, make_gallery, reference_features  # noqa: E402
+
+from offset_cir.errors import CheckpointError, DatasetError, UserInputError  # noqa: E402
+from offset_cir.search import Index, MaskRequiredError, build_index, scan_images  # noqa: E402
+
+torch.set_num_threads(1)
+KW = dict(progress=False, device="cpu", distributed=False)
+
+
+def _ids_of(paths, root):
+    return [p.relative_to(root).with_suffix("").as_posix() for p in paths]
+
+
+def test_scan_images_ids_masks_and_collisions(tmp_path):
+    paths = make_gallery(tmp_path / "g", n=6)
+    Image.new("RGB", (4, 4)).save(tmp_path / "g" / "img001.jpg")  # same stem as img001.png
+    (tmp_path / "g" / "notes.txt").write_text("not an image")
+    (tmp_path / "g" / ".hidden.png").write_bytes(b"")
+    got = scan_images(tmp_path / "g")
+    ids = [i for i, _ in got]
+    assert ids == sorted(ids)
+    expected = set(_ids_of(paths, tmp_path / "g")) - {"img001"} | {"img001.png", "img001.jpg"}
+    assert set(ids) == expected  # masks, text files and hidden files are not gallery images
+    assert "sub/img000" in ids
+    with pytest.raises(DatasetError, match="does not exist"):
+        scan_images(tmp_path / "missing")
+
+
+def test_build_and_exact_search_match_brute_force(tmp_path):
+    root = tmp_path / "g"
+    paths = make_gallery(root, n=24)
+    model = FakeModel()
+    rep = build_index(tmp_path / "idx", root, model=model, batch_size=5, dtype="float32", **KW)
+    assert rep.count == 24 and rep.encoded == 24 and rep.search["kind"] == "exact"
+    index = Index.open(tmp_path / "idx", model=model)
+    ids = _ids_of(paths, root)
+    feats = reference_features(model, paths)
+    order = np.argsort(ids)
+    # stored rows are sorted by id and equal the one-at-a-time features
+    assert index.ids == [ids[i] for i in order]
+    np.testing.assert_allclose(index.features, feats[order], atol=1e-5)
+
+    ref = tmp_path / "query.png"
+    Image.fromarray(np.random.default_rng(5).integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(ref)
+    qmask = Image.fromarray(np.full((30, 30), 255, np.uint8), "L")
+    hits = index.search(ref, "make it red", k=7, mask=qmask)
+    with torch.inference_mode():
+        q = model.encode_query(model.preprocess.image(Image.open(ref))[None], model.preprocess.mask(qmask)[None],
+                               ["make it red"])[0].numpy()
+    scores = feats @ q
+    want = np.argsort(-scores)[:7]
+    assert [h.id for h in hits] == [ids[i] for i in want]
+    np.testing.assert_allclose([h.score for h in hits], scores[want], atol=1e-5)
+    hid, hpath, hscore = hits[0]  # a hit unpacks as (id, path, score)
+    assert Path(hpath) == paths[want[0]].resolve() and hid == ids[want[0]]
+    # k larger than the gallery returns the whole gallery once
+    assert len(index.search(ref, "x", k=100, mask=qmask)) == 24
+
+
+def test_manifest_float16_and_model_config(tmp_path):
+    make_gallery(tmp_path / "g", n=8)
+    model = FakeModel(dim=12)
+    build_index(tmp_path / "idx", tmp_path / "g", model=model, **KW)
+    man = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert man["format"] == "offset-cir-index" and man["count"] == 8 and man["dim"] == 12
+    assert man["dtype"] == "float16" and man["checkpoint"]["hash"].startswith("state:")
+    feats = np.load(tmp_path / "idx" / man["features"])
+    assert feats.dtype == np.float16 and feats.shape == (8, 12)
+    items = [json.loads(x) for x in (tmp_path / "idx" / man["items"]).read_text().splitlines()]
+    assert [it["id"] for it in items] == sorted(it["id"] for it in items)
+    assert all(it["mask"].endswith("-segmask.png") for it in items)
+    assert json.loads((tmp_path / "idx" / "model_config.json").read_text()) == {
+        "backbone": "fake", "dim": 12, "needs_masks": True, "seed": 0}
+    assert not list((tmp_path / "idx" / "shards").iterdir())  # merged shards are removed
+
+
+def test_two_halves_equal_one_build_and_only_new_images_are_encoded(tmp_path):
+    src = tmp_path / "src"
+    paths = make_gallery(src, n=20)
+    once = FakeModel()
+    build_index(tmp_path / "once", src, model=once, batch_size=4, **KW)
+
+    live = tmp_path / "live"
+    copy_items(paths[:11], src, live)
+    m = FakeModel()
+    rep1 = build_index(tmp_path / "halves", live, model=m, batch_size=3, shard_size=4, **KW)
+    assert rep1.count == 11 and m.encoded == 11
+    copy_items(paths[11:], src, live)
+    rep2 = build_index(tmp_path / "halves", live, model=m, batch_size=3, shard_size=4, **KW)
+    assert rep2.encoded == 9 and rep2.count == 20 and m.encoded == 20  # the first half was not re-encoded
+    a = Index.open(tmp_path / "once", model=once)
+    b = Index.open(tmp_path / "halves", model=m)
+    assert a.ids == b.ids
+    np.testing.assert_allclose(np.asarray(a.features, np.float32), np.asarray(b.features, np.float32), atol=2e-3)
+    # nothing new: nothing encoded, nothing rewritten
+    gen = json.loads((tmp_path / "halves" / "manifest.json").read_text())["generation"]
+    rep3 = build_index(tmp_path / "halves", live, model=m, **KW)
+    assert rep3.encoded == 0 and rep3.count == 20 and m.encoded == 20
+    assert json.loads((tmp_path / "halves" / "manifest.json").read_text())["generation"] == gen
+
+
+def test_changed_and_removed_images(tmp_path):
+    root = tmp_path / "g"
+    paths = make_gallery(root, n=10)
+    m = FakeModel()
+    build_index(tmp_path / "idx", root, model=m, dtype="float32", **KW)
+    # change one image (new content, new mtime), delete another
+    Image.new("RGB", (24, 24), (255, 0, 0)).save(paths[3])
+    os.utime(paths[3], ns=(time.time_ns(), time.time_ns() + 10**9))
+    paths[5].unlink()
+    rep = build_index(tmp_path / "idx", root, model=m, dtype="float32", **KW)
+    assert rep.encoded == 1 and rep.count == 10  # kept without --prune
+    idx = Index.open(tmp_path / "idx", model=m)
+    row = idx.row_of[_ids_of([paths[3]], root)[0]]
+    np.testing.assert_allclose(idx.features[row], reference_features(m, [paths[3]])[0], atol=1e-5)
+    rep = build_index(tmp_path / "idx", root, model=m, dtype="float32", prune=True, **KW)
+    assert rep.removed == 1 and rep.count == 9
+    assert _ids_of([paths[5]], root)[0] not in Index.open(tmp_path / "idx", model=m).row_of
+
+
+def test_crash_mid_run_resumes_without_redoing_shards(tmp_path):
+    root = tmp_path / "g"
+    make_gallery(root, n=20)
+    ref = FakeModel()
+    build_index(tmp_path / "ref", root, model=ref, batch_size=4, **KW)
+    crashing = FakeModel(fail_after=3)  # 3 batches of 4 = 12 images, shards of 4 -> 3 complete shards
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_index(tmp_path / "idx", root, model=crashing, batch_size=4, shard_size=4, **KW)
+    assert not (tmp_path / "idx" / "manifest.json").exists()
+    assert len(list((tmp_path / "idx" / "shards").glob("shard-*.json"))) == 3
+    again = FakeModel()
+    rep = build_index(tmp_path / "idx", root, model=again, batch_size=4, shard_size=4, **KW)
+    assert again.encoded == 8 and rep.count == 20 and rep.encoded == 20
+    a, b = Index.open(tmp_path / "ref", model=ref), Index.open(tmp_path / "idx", model=again)
+    assert a.ids == b.ids
+    np.testing.assert_allclose(np.asarray(a.features, np.float32), np.asarray(b.features, np.float32), atol=2e-3)
+
+
+KILL_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+from test_search_support import FakeModel
+from offset_cir.search import build_index
+build_index({out!r}, {root!r}, model=FakeModel(delay=0.15), batch_size=2, shard_size=2, progress=False,
+            device="cpu", distributed=False)
+print("finished")
+"""
+
+
+def test_killed_process_resumes(tmp_path):
+    """SIGKILL an indexing process after its first shards; a new run encodes only the rest."""
+    root = tmp_path / "g"
+    make_gallery(root, n=24)
+    out = tmp_path / "idx"
+    script = tmp_path / "run.py"
+    script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).resolve().parent), out=str(out), root=str(root)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 40
+        while time.time() < deadline:
+            if len(list((out / "shards").glob("shard-*.json"))) >= 2 or proc.poll() is not None:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    done = len(list((out / "shards").glob("shard-*.json")))
+    assert 2 <= done < 12 and not (out / "manifest.json").exists()
+    m = FakeModel()
+    rep = build_index(out, root, model=m, batch_size=2, shard_size=2, **KW)
+    assert m.encoded == 24 - 2 * done and rep.count == 24
+    ref = FakeModel()
+    build_index(tmp_path / "ref", root, model=ref, **KW)
+    a, b = Index.open(tmp_path / "ref", model=ref), Index.open(out, model=m)
+    assert a.ids == b.ids
+    np.testing.assert_allclose(np.asarray(a.features, np.float32), np.asarray(b.features, np.float32), atol=2e-3)
+
+
+def test_masks_required_missing_or_unused(tmp_path):
+    root = tmp_path / "g"
+    make_gallery(root, n=6, masks=False)
+    with pytest.raises(DatasetError, match=r"needs_masks=True.*6 of 6.*segmask"):
+        build_index(tmp_path / "idx", root, model=FakeModel(), **KW)
+    # a model trained without masks indexes the same folder
+    rep = build_index(tmp_path / "idx2", root, model=FakeModel(needs_masks=False), **KW)
+    assert rep.count == 6
+    # masks from --masks DIR (flat)
+    mdir = tmp_path / "masks"
+    mdir.mkdir()
+    for p in root.rglob("img*.png"):
+        Image.new("L", (24, 24), 255).save(mdir / f"{p.stem}-segmask.png")
+    rep = build_index(tmp_path / "idx3", root, model=FakeModel(), masks_dir=mdir, **KW)
+    assert rep.count == 6
+    idx = Index.open(tmp_path / "idx3", model=FakeModel())
+    assert all(Path(it["mask"]).parent == mdir.resolve() for it in idx.items)
+
+
+def test_mask_pipeline_at_build_and_query_time(tmp_path):
+    root = tmp_path / "g"
+    make_gallery(root, n=5, masks=False)
+    calls = []
+
+    def generator(pils):  # stands in for offset_cir.masks.MaskGenerator
+        calls.append(len(pils))
+        return [Image.new("L", p.size, 200) for p in pils]
+
+    m = FakeModel()
+    build_index(tmp_path / "idx", root, model=m, mask_generator=generator, **KW)
+    assert sum(calls) == 5
+    idx = Index.open(tmp_path / "idx", model=m)
+    assert all(Path(it["mask"]).is_relative_to(tmp_path / "idx" / "masks") for it in idx.items)
+    # query without mask and without pipeline: a clear error
+    ref = next(root.rglob("img*.png"))
+    with pytest.raises(MaskRequiredError, match="trained with masks"):
+        idx.search(ref, "red", k=3)
+    idx.mask_generator = generator
+    hits = idx.search(ref, "red", k=3)
+    assert len(hits) == 3 and sum(calls) == 6
+    # same as giving that mask explicitly
+    assert hits == idx.search(ref, "red", k=3, mask=Image.new("L", (24, 24), 200))
+
+
+def test_gallery_reference_uses_stored_mask_and_is_excluded(tmp_path):
+    root = tmp_path / "g"
+    paths = make_gallery(root, n=12)
+    m = FakeModel()
+    build_index(tmp_path / "idx", root, model=m, dtype="float32", **KW)
+    idx = Index.open(tmp_path / "idx", model=m)
+    ref_id = "img005"
+    hits = idx.search_id(ref_id, "more blue", k=11)
+    assert ref_id not in [h.id for h in hits] and len(hits) == 11
+    p = paths[5]
+    direct = idx.search(p, "more blue", k=12, mask=p.with_name("img005-segmask.png"))
+    assert [h for h in direct if h.id != ref_id] == hits
+    with pytest.raises(UserInputError, match="no image with id"):
+        idx.search_id("../../etc/passwd", "x", k=3)
+
+
+def test_unreadable_image_is_skipped_and_reported(tmp_path):
+    root = tmp_path / "g"
+    make_gallery(root, n=6)
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    Image.new("L", (4, 4), 255).save(root / "broken-segmask.png")
+    m = FakeModel()
+    rep = build_index(tmp_path / "idx", root, model=m, **KW)
+    assert rep.count == 6 and [s["id"] for s in rep.skipped] == ["broken"]
+    assert "broken.png" in rep.skipped[0]["error"] and m.encoded == 6
+    # not retried while unchanged; retried (and indexed) once the file is fixed
+    again = build_index(tmp_path / "idx", root, model=m, **KW)
+    assert again.encoded == 0 and [s["id"] for s in again.skipped] == ["broken"]
+    Image.new("RGB", (24, 24), (0, 0, 255)).save(root / "broken.png")
+    os.utime(root / "broken.png", ns=(time.time_ns(), time.time_ns() + 10**9))
+    fixed = build_index(tmp_path / "idx", root, model=m, **KW)
+    assert fixed.count == 7 and fixed.skipped == [] and m.encoded == 7
+
+
+def test_changed_mask_is_re_encoded(tmp_path):
+    root = tmp_path / "g"
+    paths = make_gallery(root, n=5, sub_every=0)
+    m = FakeModel()
+    build_index(tmp_path / "idx", root, model=m, dtype="float32", **KW)
+    mask = paths[2].with_name("img002-segmask.png")
+    Image.new("L", (24, 24), 255).save(mask)
+    os.utime(mask, ns=(time.time_ns(), time.time_ns() + 10**9))
+    rep = build_index(tmp_path / "idx", root, model=m, **KW)  # an update keeps the index's float32 storage
+    assert rep.encoded == 1 and m.encoded == 6
+    assert json.loads((tmp_path / "idx" / "manifest.json").read_text())["dtype"] == "float32"
+    idx = Index.open(tmp_path / "idx", model=m)
+    np.testing.assert_allclose(idx.features[idx.row_of["img002"]], reference_features(m, [paths[2]])[0], atol=1e-5)
+
+
+def test_checkpoint_mismatch_and_bad_arguments(tmp_path):
+    root = tmp_path / "g"
+    make_gallery(root, n=4)
+    build_index(tmp_path / "idx", root, model=FakeModel(seed=0), **KW)
+    with pytest.raises(CheckpointError, match="cannot be mixed"):
+        build_index(tmp_path / "idx", root, model=FakeModel(seed=1), **KW)
+    with pytest.raises(CheckpointError, match="not the one"):
+        Index.open(tmp_path / "idx", model=FakeModel(seed=1))
+    with pytest.raises(CheckpointError, match="dimensions"):
+        Index.open(tmp_path / "idx", model=FakeModel(dim=8))
+    with pytest.raises(UserInputError, match="not an index"):
+        Index.open(tmp_path / "g")
+    idx = Index.open(tmp_path / "idx", model=FakeModel(seed=0))
+    ref = root / "img001.png"
+    with pytest.raises(UserInputError, match="text is empty"):
+        idx.search(ref, "  ", k=3, mask=Image.new("L", (4, 4), 255))
+    with pytest.raises(UserInputError, match="positive whole number"):
+        idx.search(ref, "x", k=0)
+    with pytest.raises(UserInputError, match="does not exist"):
+        idx.search(tmp_path / "nope.png", "x", k=3, mask=Image.new("L", (4, 4), 255))
+    with pytest.raises(DatasetError, match="no images"):
+        (tmp_path / "empty").mkdir()
+        build_index(tmp_path / "idx4", tmp_path / "empty", model=FakeModel(), **KW)

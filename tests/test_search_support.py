@@ -1,0 +1,132 @@
+"""Helpers for the search tests: a small deterministic stand-in for OFFSET and a generated image gallery.
+
+The stand-in implements the model contract the index relies on (docs/architecture.md, "Model contract"):
+encode_query / encode_target (L2-normalised), needs_masks, preprocess.image / preprocess.mask, config,
+embed_dim. It is not OFFSET; the end-to-end tests (test_search_e2e.py) use the real tiny model.
+"""
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+SIZE = 16
+
+
+@dataclasses.dataclass
+class FakeConfig:
+    backbone: str = "fake"
+    dim: int = 16
+    needs_masks: bool = True
+    seed: int = 0
+
+
+class FakePreprocess:
+    image_size = SIZE
+
+    def image(self, pil, train=False):
+        pil = pil.convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)
+        return torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+    def mask(self, pil, train=False):
+        pil = pil.convert("L").resize((SIZE, SIZE), Image.BILINEAR)
+        return torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0)[None].repeat(3, 1, 1).contiguous()
+
+
+class FakeModel(torch.nn.Module):
+    """Linear projection of (mask-weighted) pixels; the text adds a bag-of-words vector."""
+
+    def __init__(self, dim=16, needs_masks=True, seed=0, delay=0.0, fail_after=None):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.proj = torch.nn.Linear(3 * SIZE * SIZE, dim, bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.randn(dim, 3 * SIZE * SIZE, generator=g))
+        self.register_buffer("words", torch.randn(97, dim, generator=g))
+        self.needs_masks = needs_masks
+        self.embed_dim = dim
+        self.preprocess = FakePreprocess()
+        self.config = FakeConfig(dim=dim, needs_masks=needs_masks, seed=seed)
+        self.encoded = 0  # images passed to encode_target
+        self.delay = delay
+        self.fail_after = fail_after  # raise after this many encode_target batches
+
+    def _visual(self, images, masks):
+        x = images
+        if self.needs_masks:
+            assert masks is not None and masks.shape == images.shape
+            x = x * (0.25 + 0.75 * masks)
+        return self.proj(x.flatten(1))
+
+    def encode_target(self, images, masks=None):
+        if self.fail_after is not None:
+            if self.fail_after <= 0:
+                raise RuntimeError("simulated crash")
+            self.fail_after -= 1
+        if self.delay:
+            time.sleep(self.delay)
+        self.encoded += images.shape[0]
+        return F.normalize(self._visual(images, masks), dim=-1)
+
+    def text_vec(self, texts):
+        rows = []
+        for t in texts:
+            v = torch.zeros(self.words.shape[1])
+            for w in t.lower().split():
+                v = v + self.words[zlib.crc32(w.encode()) % self.words.shape[0]]
+            rows.append(v)
+        return torch.stack(rows)
+
+    def encode_query(self, images, masks, texts):
+        v = F.normalize(self._visual(images, masks), dim=-1)
+        return F.normalize(v + 0.7 * F.normalize(self.text_vec(texts), dim=-1), dim=-1)
+
+
+def make_gallery(root: Path, n: int = 30, seed: int = 0, masks: bool = True, size: int = 24, sub_every: int = 4):
+    """``n`` random block images (every ``sub_every``-th in sub/), each with ``<stem>-segmask.png`` beside it."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        folder = root / "sub" if sub_every and i % sub_every == 0 else root
+        folder.mkdir(exist_ok=True)
+        blocks = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+        img = Image.fromarray(np.kron(blocks, np.ones((size // 4, size // 4, 1), dtype=np.uint8)))
+        p = folder / f"img{i:03d}.png"
+        img.save(p)
+        if masks:
+            m = np.zeros((size, size), dtype=np.uint8)
+            y0, x0 = rng.integers(0, size // 2, size=2)
+            m[y0:y0 + size // 2, x0:x0 + size // 2] = 255
+            Image.fromarray(m, "L").save(folder / f"img{i:03d}-segmask.png")
+        paths.append(p)
+    return paths
+
+
+def copy_items(paths, src_root: Path, dst_root: Path):
+    """Copy images (and their masks) keeping sub-folders and modification times."""
+    for p in paths:
+        rel = p.relative_to(src_root)
+        (dst_root / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(p, dst_root / rel)
+        m = p.with_name(p.stem + "-segmask.png")
+        if m.exists():
+            shutil.copy2(m, dst_root / rel.parent / m.name)
+
+
+def reference_features(model, paths, masks=True):
+    """Gallery features computed directly with the model, one image at a time (independent of the index)."""
+    out = []
+    with torch.inference_mode():
+        for p in paths:
+            img = model.preprocess.image(Image.open(p))[None]
+            m = model.preprocess.mask(Image.open(p.with_name(p.stem + "-segmask.png")))[None] if masks else None
+            out.append(model.encode_target(img, m)[0].numpy())
+    return np.stack(out)
