@@ -244,3 +244,21 @@ def test_no_grad_eval_mode_and_public_name(tmp_path):
     model.train()
     evaluate(model, bench, "fashioniq", batch_size=8, progress=False)
     assert seen and set(seen) == {(False, False)} and model.training
+
+
+def test_non_finite_features_are_refused(tmp_path):
+    # NaN scores compare false with everything: ranked naively, every target would come first (R@K = 100).
+    _mini_fashioniq(tmp_path)
+    bench = get_dataset("fashioniq", tmp_path, correction_dicts="none")
+    codes = write_benchmark_placeholders(bench, "val")
+    model = oracle_for(bench, "val", codes)
+    real = model.encode_target
+
+    def nan_target(images, masks=None):
+        out = real(images, masks).clone()
+        out[0] = float("nan")
+        return out
+
+    model.encode_target = nan_target
+    with pytest.raises(UserInputError, match="non-finite values"):
+        evaluate(model, bench, "fashioniq", batch_size=4, progress=False)

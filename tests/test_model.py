@@ -169,7 +169,7 @@ def test_losses_against_slow_reference(monkeypatch):
     out = model.compute_loss(None, None, None, None, None)
     assert abs(out["bbc"].item() - _slow_bbc(q.detach(), k, 7.0)) < 1e-4
     assert abs(out["fr"].item() - _slow_fr(q.detach(), k, ft, 0.1)) < 1e-4
-    assert abs(float(out["total"]) - (float(out["bbc"]) + 0.5 * float(out["fr"]))) < 1e-5
+    assert abs(out["total"].item() - (out["bbc"].item() + 0.5 * out["fr"].item())) < 1e-5
     # The teacher is a stop-gradient: the FR gradient flows through q and k only, never through F_t.
     ft.requires_grad_(True)
     model.compute_loss(None, None, None, None, None)["fr"].backward()
@@ -270,7 +270,7 @@ def test_global_features_match_openclip(name):
         e, t = model.backbone.encode_text(tokens)
         ref = clip.forward_intermediates(image=images, text=tokens, image_indices=1, text_indices=1,
                                          normalize=False, normalize_intermediates=True)
-    torch.testing.assert_close(g, clip.encode_image(images), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(g, clip.encode_image(images)[0], rtol=1e-5, atol=1e-5)  # (pooled, tokens)
     torch.testing.assert_close(t, clip.encode_text(tokens), rtol=1e-5, atol=1e-5)
     grid = model.backbone.dims.grid
     assert patches.shape == (4, grid[0] * grid[1], model.backbone.dims.visual_width)
@@ -305,6 +305,9 @@ def test_parameter_groups_split_backbone_and_new_modules():
 def test_config_rejects_unknown_values():
     with pytest.raises(ValueError, match="gate_split"):
         ModelConfig(gate_split="sideways")
+    with pytest.raises(ValueError, match="even token count"):
+        ModelConfig(focus_channels=3, focus_channels_local=4)
+    ModelConfig(focus_channels=3, focus_channels_local=4, gate_split="per_token")
     with pytest.raises(ValueError, match="unknown ablation"):
         ModelConfig().with_ablation("wo_everything")
     with pytest.raises(ValueError, match="unknown ModelConfig fields"):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 
-from offset_cir.data.common import collate, normalize_caption  # noqa: F401  (light: torch only)
 from offset_cir.errors import DatasetError
 
 DATASETS: dict[str, tuple[str, str]] = {
@@ -35,3 +34,12 @@ def get_dataset(name: str, root, **settings):
 
 
 __all__ = ["DATASETS", "get_dataset", "collate", "normalize_caption"]
+
+
+def __getattr__(name: str):
+    # Imported on first use: `offset synth` (PIL + numpy only) then never imports torch.
+    if name in ("collate", "normalize_caption"):
+        from offset_cir.data import common
+
+        return getattr(common, name)
+    raise AttributeError(f"module 'offset_cir.data' has no attribute {name!r}")

@@ -126,6 +126,7 @@ class _Encoder:
         out = []
         for batch in _progress(loader, len(loader), f"gallery {es.name}", self.progress):
             feats = self.model.encode_target(batch["image"].to(self.device), self._masks(batch, "mask"))
+            _check_finite(feats, f"gallery features of {es.name}", batch["index"])
             out.append(feats.float())
         if not out:
             raise DatasetError(f"evaluation unit {es.name}: the gallery is empty")
@@ -144,7 +145,17 @@ class _Encoder:
             for batch in _progress(loader, len(loader), f"queries {es.name}", self.progress):
                 feats = self.model.encode_query(batch["ref_image"].to(self.device), self._masks(batch, "ref_mask"),
                                                 batch["text"])
+                _check_finite(feats, f"query features of {es.name}", batch["index"])
                 yield batch["index"], feats.float()
+
+
+def _check_finite(feats: torch.Tensor, what: str, index) -> None:
+    """NaN scores compare false with everything and would rank every target first: refuse them."""
+    bad = ~torch.isfinite(feats).all(dim=-1)
+    if bool(bad.any()):
+        rows = [int(i) for i in torch.as_tensor(index)[bad.cpu()][:5]]
+        raise UserInputError(f"{what}: non-finite values (NaN/inf) for items {rows}; the model diverged or overflowed "
+                             "(evaluate in fp32, or check the checkpoint)")
 
 
 @dataclass

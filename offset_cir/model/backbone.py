@@ -177,6 +177,13 @@ class Backbone(nn.Module):
             image_size=int(image_size),
         )
         self.eos_token_id = getattr(clip, "text_eos_id", None)
+        # OpenCLIP's own forwards, asked once for tokens as well as pooled features: they handle the batch-first
+        # or sequence-first layout of each release internally (SPEC section 2 warns against assuming one). The
+        # Backbone owns this CLIP; a per-call toggle would not be thread-safe (the search service encodes in threads),
+        # so ``self.clip.visual(x)`` (and ``encode_image``) return (pooled, tokens) from here on.
+        visual.output_tokens = True
+        if self._text_is_tower:
+            clip.text.output_tokens = True
     @property
     def visual_proj(self) -> nn.Parameter:
         """W_proj, the backbone's visual projection C_v -> D."""
@@ -187,26 +194,14 @@ class Backbone(nn.Module):
 
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch tokens Z[:,1:] (B x hw x C_v) after the final LN, and g = Z[:,0] @ W_proj (B x D)."""
-        # OpenCLIP's own forward, asked for tokens as well as the pooled feature: it handles the batch-first or
-        # sequence-first layout of each release internally (SPEC section 2 warns against assuming one).
-        visual = self.clip.visual
-        before = visual.output_tokens
-        visual.output_tokens = True
-        try:
-            pooled, tokens = visual(images)
-        finally:
-            visual.output_tokens = before
+        pooled, tokens = self.clip.visual(images)
         return tokens, pooled
 
     def encode_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token features E (B x L x C_t) after the final LN, and t = E[EOT] @ W_text (B x D)."""
         clip = self.clip
         if self._text_is_tower:  # CustomTextCLIP: OpenCLIP's TextTransformer returns both
-            before, clip.text.output_tokens = clip.text.output_tokens, True
-            try:
-                pooled, x = clip.text(tokens)
-            finally:
-                clip.text.output_tokens = before
+            pooled, x = clip.text(tokens)
             return x, pooled
         length = tokens.shape[1]
         x = clip.token_embedding(tokens).to(clip.transformer.get_cast_dtype())

@@ -66,6 +66,11 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
         if self.focus_channels < 1 or (self.focus_channels_local is not None and self.focus_channels_local < 1):
             raise ValueError("ModelConfig.focus_channels must be >= 1")
+        if self.gate_split == "release" and self.focus_projection and (self.p_global + self.p_local) % 2:
+            raise ValueError(
+                f"ModelConfig: gate_split='release' (D4) pairs tokens two by two and needs an even token count; "
+                f"focus_channels + focus_channels_local = {self.p_global + self.p_local} is odd (use gate_split='per_token')"
+            )
         if not (self.bbc_loss or self.fr_loss):
             raise ValueError("ModelConfig: at least one of bbc_loss and fr_loss must be on")
         for name in self.ablations:

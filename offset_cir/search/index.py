@@ -552,11 +552,17 @@ def build_index(out: str | os.PathLike, images: str | os.PathLike, *, model=None
                 raise err
             raise RuntimeError("another rank failed while encoding; its shards so far are kept, run again to resume")
 
-        report = None
+        report, err = None, None
         if dist.rank == 0:
-            report = _merge(out, images, masks_dir, model, checkpoint, ckpt_hash, dim, dtype, man, scanned,
-                            prune, exact_max, hnsw_max, progress)
-        dist.barrier()
+            try:
+                report = _merge(out, images, masks_dir, model, checkpoint, ckpt_hash, dim, dtype, man, scanned,
+                                prune, exact_max, hnsw_max, progress)
+            except BaseException as exc:  # the other ranks must not wait for a merge that will not come
+                err = exc
+        if not dist.all_ok(err is None):
+            if err is not None:
+                raise err
+            raise RuntimeError("rank 0 failed while merging the shards; they are kept, run again to resume")
         return report
     finally:
         dist.close()

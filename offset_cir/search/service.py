@@ -211,10 +211,14 @@ def create_app(index: Index, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pi
                     raise HTTPException(404, f"no gallery image with id {ref_id!r}")
                 if mask_up is not None:
                     raise HTTPException(422, "a gallery reference uses its stored mask; do not upload a 'mask'")
-                pil = mask = None
+                image_bytes = mask_bytes = None
             else:
-                pil = decode_upload(await upload.read(), "image", max_pixels)
-                mask = decode_upload(await mask_up.read(), "mask", max_pixels, mode="L") if mask_up else None
+                # decoded later, in a worker thread under the concurrency limit (never on the event loop)
+                image_bytes = await upload.read()
+                mask_bytes = await mask_up.read() if mask_up else None
+                for field, data in (("image", image_bytes), ("mask", mask_bytes)):
+                    if data is not None and not data:
+                        raise HTTPException(422, f"field '{field}' is an empty file")
         finally:
             await form.close()
 
@@ -224,8 +228,8 @@ def create_app(index: Index, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pi
             mask_used = "stored" if needs and has else ("generated" if needs else "not used by this model")
         else:
             reference = {"kind": "upload"}
-            mask_used = ("uploaded" if mask is not None else "generated") if needs else "not used by this model"
-            if needs and mask is None and index.mask_generator is None:
+            mask_used = ("uploaded" if mask_bytes is not None else "generated") if needs else "not used by this model"
+            if needs and mask_bytes is None and index.mask_generator is None:
                 raise HTTPException(
                     422, "this model was trained with masks and no 'mask' was uploaded; upload one (grayscale, "
                          "white = the part that matters) or pick a gallery reference (it has a stored mask); the "
@@ -234,6 +238,8 @@ def create_app(index: Index, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pi
         def work():
             if ref_id is not None:
                 return index.search_id(ref_id, text, k)
+            pil = decode_upload(image_bytes, "image", max_pixels)
+            mask = decode_upload(mask_bytes, "mask", max_pixels, mode="L") if mask_bytes is not None else None
             return index.search(pil, text, k, mask=mask)
 
         try:

@@ -1,6 +1,7 @@
 """torchrun support: process-group set-up, rank helpers and a feature gather that keeps gradients."""
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -28,9 +29,23 @@ def init_distributed(device_type: str) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)  # one GPU per process, before any CUDA context exists
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+        # Rank 0 evaluates alone while the others wait in a collective: allow long evaluations.
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=3))
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank)
+
+
+def any_rank(flag: bool, info: DistInfo, device) -> bool:
+    """True when the flag is set on any rank (so every rank takes the same branch)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -48,11 +63,3 @@ def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()
-
-
-def all_reduce_mean(value: float, info: DistInfo, device) -> float:
-    if not info.enabled:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return float(t) / info.world_size

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from offset_cir.errors import TrainingError, UserInputError
+from offset_cir.errors import CheckpointError, TrainingError, UserInputError
 from offset_cir.model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_weights, save_checkpoint
 from offset_cir.train.config import TrainConfig, config_from_dict
-from offset_cir.train.distributed import DistInfo, all_reduce_mean, barrier, gather_with_grad, init_distributed
+from offset_cir.train.distributed import DistInfo, any_rank, barrier, gather_with_grad, init_distributed
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class Trainer:
             self.resume_from = find_resumable(Path(resume))
             if self.resume_from is None:
                 raise UserInputError(f"--resume {resume}: no complete checkpoint (last/{STATE_JSON}) found there")
-            saved = json.loads((self.resume_from / STATE_JSON).read_text())
+            saved = _read_state_json(self.resume_from)
             cfg = config_from_dict(saved["config"])
             if cfg.out_dir != str(resume):
                 cfg.out_dir = str(resume)
@@ -148,18 +148,19 @@ class Trainer:
 
     # ........................................................ set-up helpers
     def _device(self) -> torch.device:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         if self.cfg.device != "auto":
-            return torch.device(self.cfg.device)
+            device = torch.device(self.cfg.device)
+            # a bare "cuda" under torchrun means this process's own GPU
+            return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            return torch.device("cuda", local_rank)
         return torch.device("cpu")
 
     def _precision(self, device: torch.device) -> str:
         p = self.cfg.precision
-        if p == "auto":
-            if device.type == "cuda":
-                return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-            return "fp32"
+        if p == "auto":  # the release's fp16 autocast with a grad scaler on GPUs (SPEC section 5)
+            return "fp16" if device.type == "cuda" else "fp32"
         if p == "fp16" and device.type != "cuda":
             raise UserInputError("precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
         if p not in ("fp32", "bf16", "fp16"):
@@ -216,6 +217,7 @@ class Trainer:
                         "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
                 **st,
             }
+            meta["world_size"] = self.dist.world_size
             (folder / STATE_JSON).write_text(json.dumps(meta, indent=1))
 
         _atomic_dir_write(self.run_dir / name, write)
@@ -225,9 +227,16 @@ class Trainer:
 
         folder = self.resume_from
         load_weights(model, folder)
-        meta = json.loads((folder / STATE_JSON).read_text())
-        tensors = load_file(str(folder / STATE_TENSORS))
-        opt.load_state_dict(_optimizer_from_files(tensors, meta["optimizer"]))
+        meta = _read_state_json(folder)
+        if meta.get("world_size", 1) != self.dist.world_size:
+            raise UserInputError(
+                f"{folder}: the run was saved with {meta.get('world_size', 1)} process(es); resume it with the same "
+                f"number (now {self.dist.world_size}) so that the data order continues exactly")
+        try:
+            tensors = load_file(str(folder / STATE_TENSORS))
+            opt.load_state_dict(_optimizer_from_files(tensors, meta["optimizer"]))
+        except Exception as exc:
+            raise CheckpointError(f"{folder / STATE_TENSORS}: optimiser state unreadable or of another model ({exc})") from exc
         if scaler is not None and meta.get("scaler"):
             scaler.load_state_dict(meta["scaler"])
         torch.set_rng_state(tensors["rng.torch"])
@@ -324,19 +333,20 @@ class Trainer:
                         writer.add_scalar(f"val/{k}", v, st["step"])
                 if st["best_score"] is None or score > st["best_score"]:
                     st.update(best_score=score, best_step=st["step"], evals_since_best=0)
-                    save_checkpoint(model, self.run_dir / "best", extra={"selection_score": score, "step": st["step"],
-                                                                        "result": result})
-                    (self.run_dir / "best_result.json").write_text(json.dumps(result, indent=2))
+
+                    def write_best(folder: Path) -> None:
+                        save_checkpoint(model, folder, extra={"selection_score": score, "step": st["step"], "result": result})
+
+                    _atomic_dir_write(self.run_dir / "best", write_best)
+                    tmp = self.run_dir / ".best_result.json.tmp"
+                    tmp.write_text(json.dumps(result, indent=2))
+                    os.replace(tmp, self.run_dir / "best_result.json")
                 else:
                     st["evals_since_best"] += 1
                 log.info("eval step %d: selection %.2f (best %.2f at step %s)", st["step"], score, st["best_score"], st["best_step"])
                 p = cfg.early_stop_patience
                 stop = p is not None and st["evals_since_best"] >= p
-            if dist.enabled:
-                flag = torch.tensor([1.0 if stop else 0.0])
-                torch.distributed.broadcast(flag, 0)
-                stop = bool(flag.item())
-            return stop
+            return any_rank(stop, dist, device)  # only rank 0 evaluates: share its decision
 
         model.train()
         try:
@@ -363,11 +373,7 @@ class Trainer:
                             batch["text"], batch["tgt_image"].to(device, non_blocking=True), _masks(batch["tgt_mask"], device))
                     losses = model.loss_from_features(q, k, f_t, gather)
                     loss = losses["total"] / cfg.optim.grad_accum
-                    finite = bool(torch.isfinite(losses["total"]).item())
-                    if dist.enabled:
-                        flag = torch.tensor([0.0 if finite else 1.0], device=device)
-                        torch.distributed.all_reduce(flag)
-                        finite = flag.item() == 0
+                    finite = not any_rank(not bool(torch.isfinite(losses["total"]).item()), dist, device)
                     if not finite:
                         raise TrainingError(
                             f"non-finite loss at step {st['step']} (epoch {epoch}): total={losses['total'].item()}, "
@@ -417,9 +423,11 @@ class Trainer:
                         stop_reason = "early stop"
                     if cfg.max_steps and st["step"] >= cfg.max_steps:
                         stop_reason = stop_reason or "max_steps"
-                    if budget_s and time.monotonic() - started >= budget_s:
+                    # Clocks and signals differ between ranks: every rank must take the same decision.
+                    out_of_time = any_rank(bool(budget_s) and time.monotonic() - started >= budget_s, dist, device)
+                    if out_of_time:
                         stop_reason = stop_reason or "time budget"
-                    if self._stop_signal is not None:
+                    if any_rank(self._stop_signal is not None, dist, device):
                         stop_reason = "interrupted"
                     if self.stop_after_steps is not None and st["step"] >= self.stop_after_steps:
                         stop_reason = "interrupted"
@@ -466,6 +474,19 @@ class Trainer:
             log.warning("TensorBoard logging off (%s)", exc)
             return None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
+
+
+def _read_state_json(folder: Path) -> dict:
+    path = folder / STATE_JSON
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: unreadable trainer state ({exc}); the weights in {folder} are still usable "
+                              "with `offset eval --checkpoint`") from exc
+    missing = [k for k in ("config", "optimizer", "rng", "step", "epoch", "batch_in_epoch") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: trainer state lacks the fields {missing}")
+    return meta
 
 
 def _masks(t: torch.Tensor, device) -> torch.Tensor | None:
