@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import statistics
 import time
 from pathlib import Path
@@ -243,6 +242,3 @@ def format_table(results: dict) -> str:
                  f"{'':>13}{results['chance']['R_subset@1']:>13.2f}")
     return "\n".join(lines)
 
-
-def _isfinite(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

@@ -1,8 +1,6 @@
 """Checkpoints, pretrained weights from local files, and the release converter (SPEC section 9)."""
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import time
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import open_clip
 import pytest
 import torch
 

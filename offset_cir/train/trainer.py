@@ -12,7 +12,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import math
 import os
 import random
 import shutil
@@ -26,9 +25,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from offset_cir.errors import CheckpointError, TrainingError, UserInputError
-from offset_cir.model.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_weights, save_checkpoint
+from offset_cir.model.checkpoint import WEIGHTS_NAME, load_weights, save_checkpoint
 from offset_cir.train.config import TrainConfig, config_from_dict
-from offset_cir.train.distributed import DistInfo, any_rank, barrier, gather_with_grad, init_distributed
+from offset_cir.train.distributed import any_rank, barrier, gather_with_grad, init_distributed
 
 log = logging.getLogger(__name__)
 
