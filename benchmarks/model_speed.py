@@ -8,12 +8,10 @@ Prints one table; every ratio in it is measured in this one run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 
 import torch
-
-from offset_cir import ModelConfig, build_model
+from _workload import make_workload  # benchmarks/ is on sys.path when a script in it runs
 
 
 def _time(fn, repeats: int) -> float:
@@ -27,31 +25,19 @@ def _time(fn, repeats: int) -> float:
 
 
 def measure(backbone: str, batch: int, precision: str, batched: bool, repeats: int) -> dict:
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone=backbone, batch_encoder_calls=batched))
-    s = model.preprocess.image_size
-    x, m, tx, tm = (torch.randn(batch, 3, s, s) for _ in range(4))
-    texts = ["make it red and striped, keep the shape"] * batch
-    opt = torch.optim.AdamW(model.parameter_groups(1e-5, 1e-4))
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
-
-    def step():
-        with ctx():
-            loss = model.compute_loss(x, m, texts, tx, tm)["total"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    w = make_workload(backbone, batch, precision, batch_encoder_calls=batched)
+    model, ctx = w.model, w.autocast
 
     def query():
         with torch.no_grad(), ctx():
-            model.encode_query(x, m, texts)
+            model.encode_query(w.images, w.masks, w.texts)
 
     def target():
         with torch.no_grad(), ctx():
-            model.encode_target(tx, tm)
+            model.encode_target(w.tgt_images, w.tgt_masks)
 
     model.train()
-    t_step = _time(step, repeats)
+    t_step = _time(w.step, repeats)
     model.eval()
     return {"step": t_step, "query": _time(query, repeats) / batch, "target": _time(target, repeats) / batch}
 

@@ -10,30 +10,14 @@ H100 SXM) that the measured rate represents (FLOPs counted with torch.utils.flop
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 
 import torch
-
-from offset_cir import ModelConfig, build_model
+from _workload import make_workload  # benchmarks/ is on sys.path when a script in it runs
 
 
 def run(backbone: str, batch: int, precision: str, steps: int, device: str, grad_ckpt: bool = False) -> dict:
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(backbone=backbone, grad_checkpointing=grad_ckpt)).to(device).train()
-    s = model.preprocess.image_size
-    x, m, tx, tm = (torch.randn(batch, 3, s, s, device=device) for _ in range(4))
-    texts = ["replace the red circle by a blue striped star"] * batch
-    opt = torch.optim.AdamW(model.parameter_groups(1e-5, 1e-4))
-    ctx = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
-
-    def step():
-        with ctx():
-            loss = model.compute_loss(x, m, texts, tx, tm)["total"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = make_workload(backbone, batch, precision, device, grad_checkpointing=grad_ckpt).step
     step()
     flops = None
     if device == "cuda":

@@ -3,11 +3,7 @@ the CLI (`offset index`, `offset search`), the Python API and the REST service r
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +15,9 @@ torch.set_num_threads(1)
 offset_cir = pytest.importorskip("offset_cir")
 pytest.importorskip("offset_cir.model.offset", reason="the OFFSET model module is not available")
 synthetic = pytest.importorskip("offset_cir.data.synthetic", reason="the synthetic benchmark is not available")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_search_support import kill_after_shards  # noqa: E402
 
 from offset_cir.cli import main as cli_main  # noqa: E402
 from offset_cir.errors import CheckpointError  # noqa: E402
@@ -181,22 +180,7 @@ def test_killed_indexing_run_resumes(trained, tmp_path, monkeypatch):
     out = tmp_path / "idx"
     script = tmp_path / "run.py"
     script.write_text(KILL_SCRIPT.format(out=str(out), images=str(root / "test"), ckpt=str(ckpt)))
-    proc = subprocess.Popen([sys.executable, str(script)], env=dict(os.environ, OMP_NUM_THREADS="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 50
-        while time.time() < deadline and proc.poll() is None:
-            if len(list((out / "shards").glob("shard-*.json"))) >= 2:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, proc.communicate()
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    done = len(list((out / "shards").glob("shard-*.json")))
+    done = kill_after_shards(script, out)
     assert 2 <= done < 12 and not (out / "manifest.json").exists()
     seen = []
     real = OFFSET.encode_target

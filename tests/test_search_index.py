@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,7 +13,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_search_support import FakeModel, copy_items, make_gallery, reference_features  # noqa: E402
+from test_search_support import FakeModel, copy_items, kill_after_shards, make_gallery, reference_features  # noqa: E402
 
 from offset_cir.errors import CheckpointError, DatasetError, UserInputError  # noqa: E402
 from offset_cir.search import Index, MaskRequiredError, build_index, scan_images  # noqa: E402
@@ -173,22 +171,7 @@ def test_killed_process_resumes(tmp_path):
     out = tmp_path / "idx"
     script = tmp_path / "run.py"
     script.write_text(KILL_SCRIPT.format(tests=str(Path(__file__).resolve().parent), out=str(out), root=str(root)))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        deadline = time.time() + 40
-        while time.time() < deadline:
-            if len(list((out / "shards").glob("shard-*.json"))) >= 2 or proc.poll() is not None:
-                break
-            time.sleep(0.02)
-        assert proc.poll() is None, proc.communicate()
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    done = len(list((out / "shards").glob("shard-*.json")))
+    done = kill_after_shards(script, out)
     assert 2 <= done < 12 and not (out / "manifest.json").exists()
     m = FakeModel()
     rep = build_index(out, root, model=m, batch_size=2, shard_size=2, **KW)

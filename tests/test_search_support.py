@@ -130,3 +130,29 @@ def reference_features(model, paths, masks=True):
             m = model.preprocess.mask(Image.open(p.with_name(p.stem + "-segmask.png")))[None] if masks else None
             out.append(model.encode_target(img, m)[0].numpy())
     return np.stack(out)
+
+
+def kill_after_shards(script: Path, out: Path, min_shards: int = 2, timeout: float = 50.0) -> int:
+    """Run an indexing ``script`` in a subprocess, SIGKILL it once ``min_shards`` shards exist under ``out``;
+    returns the number of finished shards it left behind (bounded wait of ``timeout`` seconds)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, str(script)], env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None:
+            if len(list((out / "shards").glob("shard-*.json"))) >= min_shards:
+                break
+            time.sleep(0.02)
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    return len(list((out / "shards").glob("shard-*.json")))

@@ -120,18 +120,36 @@ def field_of(record: Any, key: str, kind: type | tuple, path: Path, i: int) -> A
     return value
 
 
-def open_image(path: Path, mode: str = "RGB", what: str = "image"):
-    """Open an image file as a PIL image in ``mode`` ("RGB" for images, "L" for masks), fully decoded."""
+class ImageReadError(Exception):
+    """A file exists but does not decode as an image (corrupt, not an image, or a decompression bomb)."""
+
+
+def decode_image(source, mode: str = "RGB"):
+    """Fully decode ``source`` (a path or a file object) as a PIL image in ``mode``.
+
+    Raises FileNotFoundError for a missing file and ImageReadError for anything that does not decode; callers
+    turn these into their own messages.
+    """
     from PIL import Image, UnidentifiedImageError
 
-    path = Path(path)
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()
             return im.convert(mode)
     except FileNotFoundError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageReadError(str(exc)) from exc
+
+
+def open_image(path: Path, mode: str = "RGB", what: str = "image"):
+    """Open an image file as a PIL image in ``mode`` ("RGB" for images, "L" for masks), fully decoded."""
+    path = Path(path)
+    try:
+        return decode_image(path, mode)
+    except FileNotFoundError:
         raise DatasetError(f"{what} not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except ImageReadError as exc:
         raise DatasetError(f"{what} cannot be read (corrupt or not an image): {path} ({exc})") from None
 
 

@@ -185,15 +185,15 @@ def load_pil(source, what: str = "image", mode: str = "RGB"):
     """Open ``source`` (PIL image, path or file object) as a PIL image in ``mode``; a clear error otherwise."""
     from PIL import Image
 
+    from offset_cir.data.common import ImageReadError, decode_image
+
     if isinstance(source, Image.Image):
         return source.convert(mode)
     try:
-        with Image.open(source) as im:
-            im.load()
-            return im.convert(mode)
+        return decode_image(source, mode)
     except FileNotFoundError:
         raise UserInputError(f"{what} {source} does not exist") from None
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+    except ImageReadError as exc:
         raise UserInputError(f"{what} {source} could not be read as an image: {exc}") from None
 
 
