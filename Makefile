@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo demo-seeds test test-slow test-all bench browser clean
+.PHONY: demo demo-seeds test test-slow test-all bench browser clean docker
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,11 @@ bench: $(STAMP)  ## every benchmark script, each prints a table
 
 browser:  ## Debian chromium + chromedriver for the web-page test
 	apt-get update -q && apt-get install -y -q chromium chromium-driver
+
+DOCKER_VARIANT ?= cpu
+DOCKER_TAG     ?= offset-cir:$(DOCKER_VARIANT)
+docker:  ## the search-service image (docs/deploy.md); DOCKER_VARIANT=cuda for the CUDA one
+	docker build --build-arg VARIANT=$(DOCKER_VARIANT) -t $(DOCKER_TAG) .
 
 clean:
 	rm -rf runs .pytest_cache

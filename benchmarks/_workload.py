@@ -30,13 +30,23 @@ def make_workload(backbone: str, batch: int, precision: str, device: str = "cpu"
     x, m, tx, tm = (torch.randn(batch, 3, s, s, device=device) for _ in range(4))
     texts = ["replace the red circle by a blue striped star, keep the size"] * batch
     opt = torch.optim.AdamW(model.parameter_groups(1e-5, 1e-4))
-    ctx = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in ("fp32", *dtypes):
+        raise ValueError(f"precision {precision!r}: expected fp32, bf16 or fp16")
+    ctx = (lambda: torch.autocast(device, dtype=dtypes[precision])) if precision in dtypes else contextlib.nullcontext
+    # fp16 as the release trains on GPUs: autocast with a grad scaler (SPEC section 5)
+    scaler = torch.amp.GradScaler(device) if precision == "fp16" else None
 
     def step() -> None:
         with ctx():
             loss = model.compute_loss(x, m, texts, tx, tm)["total"]
-        loss.backward()
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         opt.zero_grad(set_to_none=True)
 
     return Workload(model, x, m, texts, tx, tm, ctx, step)

@@ -2,8 +2,13 @@
 batch 8 and 32, measured on random tensors (the model's cost alone, no image decoding).
 
     python benchmarks/train_speed.py [--backbones tiny ViT-B-16] [--batches 8 32] [--steps 3]
+    python benchmarks/train_speed.py --families [BACKBONE ...]   # ms/step at batch 2, one row per tower family
+    python benchmarks/train_speed.py --small-compute   # efficientnet-lite0-minilm: fine-tuned / frozen / cached
 
-On a CUDA machine it also reports ViT-H-14 at batch 16 in bf16, with and without gradient checkpointing:
+    python benchmarks/train_speed.py --device cuda [--cuda-backbone ViT-H-14]   # the GPU table only
+
+On a CUDA machine it also reports ViT-H-14 at batch 16 in bf16 and fp16 (with a grad scaler), with and without
+gradient checkpointing:
 triplets/s, peak memory, and the fraction of the GPU's peak bf16 FLOP rate (--peak-tflops, default 989 for an
 H100 SXM) that the measured rate represents (FLOPs counted with torch.utils.flop_counter on one step).
 """
@@ -41,33 +46,158 @@ def run(backbone: str, batch: int, precision: str, steps: int, device: str, grad
     return out
 
 
+# One representative per tower family (issue 10): random init, fp32, CPU, batch 2.
+FAMILY_ROWS = [
+    ("OpenCLIP ViT (reference)", "ViT-B-16"),
+    ("timm ViT, map pool (SigLIP2)", "ViT-B-16-SigLIP2"),
+    ("timm ViT, class token (EVA02)", "EVA02-B-16"),
+    ("timm ViT, rope + map (PE)", "PE-Core-B-16"),
+    ("OpenCLIP ModifiedResNet", "RN50"),
+    ("timm CNN (ConvNeXt)", "convnext_base"),
+    ("timm CNN (FastViT, MobileCLIP2)", "MobileCLIP2-S0"),
+    ("timm CNN + HF text (packaged)", "efficientnet-lite0-minilm"),
+]
+
+
+def family_rows(steps: int, names: list[str] | None = None) -> None:
+    """ms per OFFSET training step (AdamW) at batch 2 for one backbone of each tower family."""
+    import gc
+
+    rows = [r for r in FAMILY_ROWS if not names or r[1] in names]
+    print(f"tower families: batch 2, fp32, CPU, random init, {steps} timed step(s) after a warm-up")
+    head = f"{'family':<34}{'backbone':<28}{'px':>5}{'tokens':>8}{'params M':>10}{'ms/step':>10}"
+    print(head)
+    print("-" * len(head))
+    for family, backbone in rows:
+        work = make_workload(backbone, 2, "fp32", "cpu")
+        dims = work.model.backbone.dims
+        params = sum(p.numel() for p in work.model.parameters()) / 1e6
+        work.step()
+        t = time.perf_counter()
+        for _ in range(steps):
+            work.step()
+        ms = (time.perf_counter() - t) / steps * 1e3
+        print(f"{family:<34}{backbone:<28}{dims.image_size:>5}{dims.grid[0] * dims.grid[1]:>8}{params:>10.1f}{ms:>10.0f}",
+              flush=True)
+        del work
+        gc.collect()
+
+
+def small_compute_rows(steps: int, batch: int, image_sizes: list[int], image_blocks: int) -> None:
+    """efficientnet-lite0-minilm (packaged pretrained): triplets/s fine-tuned, frozen, and frozen + cached
+    (offset_cir.train.freeze / .cache). The cached rows read real cache entries of random images (disk + memory)."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from offset_cir import ModelConfig, build_model
+    from offset_cir.train.cache import cached_model
+    from offset_cir.train.freeze import freeze_backbone
+
+    name = "efficientnet-lite0-minilm"
+    print(f"{name}: batch {batch} triplets (4 images each), fp32, CPU, {steps} timed steps after a warm-up; "
+          f"'last N' = the image tower's last N blocks train")
+    head = f"{'mode':<34}{'px':>5}{'triplets/s':>12}{'s/step':>9}{'vs fine-tuned':>15}"
+    print(head)
+    print("-" * len(head))
+    rng = np.random.default_rng(0)
+    texts = [f"replace the red circle by a blue striped star number {i}" for i in range(batch)]
+    for size in image_sizes:
+        pils = [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(4 * batch)]
+        base = None
+        for mode in ("fine-tuned", "frozen", f"frozen, last {image_blocks}", "frozen + cached",
+                     f"frozen, last {image_blocks} + cached"):
+            import dataclasses
+
+            from offset_cir.model import packaged
+
+            spec = packaged.PACKAGED_BACKBONES[name]
+            packaged.PACKAGED_BACKBONES[name] = dataclasses.replace(spec, image_size=size)
+            try:
+                torch.manual_seed(0)
+                model = build_model(ModelConfig(backbone=name, pretrained="packaged")).train()
+            finally:
+                packaged.PACKAGED_BACKBONES[name] = spec
+            blocks = image_blocks if "last" in mode else 0
+            if mode != "fine-tuned":
+                freeze_backbone(model, image_blocks=blocks)
+            tmp = tempfile.TemporaryDirectory()
+            if "cached" in mode:
+                cached_model(model, tmp.name, image_blocks=blocks)
+            opt = torch.optim.AdamW(model.parameter_groups(1e-5, 1e-4))
+
+            def step() -> None:
+                x = torch.stack([model.preprocess.image(p) for p in pils])
+                ref, ref_m, tgt, tgt_m = x.split(batch)
+                model.compute_loss(ref, ref_m, texts, tgt, tgt_m)["total"].backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            step()  # warm-up (fills the cache in the cached modes)
+            t = time.perf_counter()
+            for _ in range(steps):
+                step()
+            dt = (time.perf_counter() - t) / steps
+            base = base or dt
+            print(f"{mode:<34}{size:>5}{batch / dt:>12.2f}{dt:>9.3f}{base / dt:>14.1f}x", flush=True)
+            tmp.cleanup()
+            del model, opt
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbones", nargs="+", default=["tiny", "ViT-B-16"])
     ap.add_argument("--batches", nargs="+", type=int, default=[8, 32])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--families", nargs="*", default=None, metavar="BACKBONE",
+                    help="only the tower-family table (batch 2, ms/step): all families, or the backbones named")
+    ap.add_argument("--family-steps", type=int, default=1)
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="cpu: the CPU table only; cuda: the GPU table only; auto: the CPU table, then the GPU one if any")
+    ap.add_argument("--cuda-backbone", default="ViT-H-14", help="backbone of the GPU table (random init)")
+    ap.add_argument("--cuda-batch", type=int, default=16)
+    ap.add_argument("--small-compute", action="store_true",
+                    help="only the efficientnet-lite0-minilm table: fine-tuned vs frozen vs frozen + cached")
+    ap.add_argument("--small-compute-sizes", nargs="+", type=int, default=[64, 128])
+    ap.add_argument("--small-compute-blocks", type=int, default=2)
     args = ap.parse_args()
+    if args.small_compute:
+        small_compute_rows(args.steps, 32, args.small_compute_sizes, args.small_compute_blocks)
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: torch.cuda.is_available() is False on this machine")
+    if args.families is not None:
+        family_rows(args.family_steps, args.families)
+        return
     print(f"torch {torch.__version__}, CPU threads {torch.get_num_threads()}, {args.steps} timed steps after a warm-up")
     head = f"{'device':<7}{'backbone':<10}{'batch':>6}{'precision':>10}{'triplets/s':>12}{'s/step':>9}{'bf16 vs fp32':>14}"
-    print(head)
-    print("-" * len(head))
-    for backbone in args.backbones:
+    if args.device != "cuda":
+        print(head)
+        print("-" * len(head))
+    for backbone in (args.backbones if args.device != "cuda" else []):
         for batch in args.batches:
             res = {p: run(backbone, batch, p, args.steps, "cpu") for p in ("fp32", "bf16")}
             for p, r in res.items():
                 ratio = r["triplets_s"] / res["fp32"]["triplets_s"]
                 print(f"{'cpu':<7}{backbone:<10}{batch:>6}{p:>10}{r['triplets_s']:>12.2f}{r['step_s']:>9.3f}{ratio:>13.2f}x")
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and args.device != "cpu":
         print()
-        head = f"{'device':<7}{'backbone':<10}{'batch':>6}{'grad ckpt':>10}{'triplets/s':>12}{'peak GiB':>10}{'TFLOP/s':>9}{'of peak':>9}"
+        print(f"GPU {torch.cuda.get_device_name()}, {args.cuda_backbone} random init, batch {args.cuda_batch}; "
+              f"'of peak' against --peak-tflops {args.peak_tflops:g}")
+        head = (f"{'device':<7}{'backbone':<10}{'batch':>6}{'precision':>10}{'grad ckpt':>10}{'triplets/s':>12}"
+                f"{'peak GiB':>10}{'TFLOP/s':>9}{'of peak':>9}")
         print(head)
         print("-" * len(head))
-        for ckpt in (False, True):
-            r = run("ViT-H-14", 16, "bf16", args.steps, "cuda", grad_ckpt=ckpt)
-            tflops = r["flops_per_step"] / r["step_s"] / 1e12
-            print(f"{'cuda':<7}{'ViT-H-14':<10}{16:>6}{str(ckpt):>10}{r['triplets_s']:>12.2f}{r['peak_gib']:>10.1f}"
-                  f"{tflops:>9.1f}{tflops / args.peak_tflops:>8.1%}")
+        for precision in ("bf16", "fp16"):
+            for ckpt in (False, True):
+                r = run(args.cuda_backbone, args.cuda_batch, precision, args.steps, "cuda", grad_ckpt=ckpt)
+                tflops = r["flops_per_step"] / r["step_s"] / 1e12
+                print(f"{'cuda':<7}{args.cuda_backbone:<10}{args.cuda_batch:>6}{precision:>10}{str(ckpt):>10}"
+                      f"{r['triplets_s']:>12.2f}{r['peak_gib']:>10.1f}{tflops:>9.1f}{tflops / args.peak_tflops:>8.1%}",
+                      flush=True)
+                torch.cuda.empty_cache()
 
 
 if __name__ == "__main__":

@@ -25,8 +25,23 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("index", "index", "encode a folder of images into a search index"),
     ("search", "search", "query a search index with an image and a text"),
     ("serve", "serve", "REST service and web page over a search index"),
+    ("export", "export", "export a checkpoint to ONNX (query and target graphs, optional int8)"),
     ("info", "info", "versions, registered backbones and presets"),
 ]
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to a flag's help when X says something: not for None, an empty list, the
+    False of an on/off flag, or a help text that already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or default is None or default is argparse.SUPPRESS or default == []
+                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))
+                or "default" in text.lower()):
+            return text
+        return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
 def _load(module: str):
@@ -34,14 +49,15 @@ def _load(module: str):
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="offset", description="OFFSET composed image retrieval toolkit")
+    parser = argparse.ArgumentParser(prog="offset", description="OFFSET composed image retrieval toolkit",
+                                     formatter_class=HelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     wanted = None
     if argv:
         wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, module, help_text in COMMANDS:
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         # Only the command being run imports its module (and its heavy dependencies).
         if name == wanted:
             mod = _load(module)

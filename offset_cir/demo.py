@@ -1,14 +1,21 @@
 """The embedded default (``offset demo`` / ``make demo``): on the synthetic cluttered-scene benchmark, train
 OFFSET, OFFSET without masks (ablation w/o FM) and a late-fusion baseline (w/o FM + w/o MG-FP + w/o Revision)
-for the same number of steps, evaluate them on the test split, and write ``results.json``, ``report.md``,
-``curves.png`` and ``retrievals.png``.
+for the same fixed number of steps, evaluate them on the test split, build a search index of the test images with
+OFFSET's best checkpoint, and write ``results.json``, ``report.md``, ``curves.png`` and ``retrievals.png``.
+
+Everything the runs do comes from a preset (``offset_cir/configs/demo.yaml``: the packaged pretrained backbone
+``efficientnet-lite0-minilm``, frozen but for its last image blocks, its frozen part cached on disk, the release's
+learning rates, a fixed step count), so a rerun on the same data writes the same metrics however busy the machine
+is. The benchmark's generator settings come from the preset's ``demo:`` section.
 """
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import statistics
 import time
+from importlib import resources
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -20,33 +27,93 @@ RUNS: dict[str, list[str]] = {
 }
 LABELS = {"offset": "OFFSET", "offset_wo_fm": "OFFSET w/o FM (no masks)", "late_fusion": "late fusion baseline"}
 METRICS = ["R@1", "R@5", "R@10", "R@50", "R_subset@1", "unseen_R@10"]
-# Relative cost of a step without masks (2 encoder passes per triplet instead of 4), used to plan the budget.
-NO_MASK_STEP_COST = 0.6
-TEST_EVAL_RESERVE_S = 75.0
+DEFAULT_PRESET = "demo"
+# Keys of a demo preset's ``demo:`` section (everything else is a training config, `offset train --config`).
+DEMO_KEYS = {"synthetic", "test_batch_size", "index"}
 
 
-def _train_cfg(name: str, ablations: list[str], data: Path, out: Path, seed: int, overrides: list[str]):
+def load_demo_preset(preset: str = DEFAULT_PRESET) -> tuple[dict, str]:
+    """(the ``demo:`` section, the training config YAML without it) of a demo preset (a name or a YAML file)."""
+    import yaml
+
+    from offset_cir.errors import UserInputError
+
+    path = Path(preset)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        text = path.read_text()
+    else:
+        candidate = resources.files("offset_cir") / "configs" / f"{preset}.yaml"
+        if not candidate.is_file():
+            raise UserInputError(f"demo preset {preset!r}: no such YAML file or packaged preset")
+        text = candidate.read_text()
+    data = yaml.safe_load(text) or {}
+    section = data.pop("demo", None) or {}
+    unknown = sorted(set(section) - DEMO_KEYS)
+    if unknown:
+        raise UserInputError(f"demo preset {preset!r}: unknown keys {unknown} in its demo: section "
+                             f"(known: {sorted(DEMO_KEYS)})")
+    return section, yaml.safe_dump(data, sort_keys=False)
+
+
+def _train_cfg(config_yaml: Path, name: str, ablations: list[str], data: Path, out: Path, seed: int,
+               cache: Path | None, overrides: list[str]):
     from offset_cir.train.config import load_config
 
     extra = [f"model.ablate=[{','.join(ablations)}]"] if ablations else []
-    return load_config("synthetic", [
-        f"name={name}", f"data.root={data}", f"out_dir={out}", f"seed={seed}", "epochs=1000",
-        "early_stop_patience=null", "eval_every_epochs=1", *extra, *overrides])
+    if cache is not None:
+        extra.append(f"feature_cache={cache}")
+    return load_config(str(config_yaml), [f"name={name}", f"data.root={data}", f"out_dir={out}", f"seed={seed}",
+                                          *extra, *overrides])
 
 
-def _test_metrics(run_dir: Path, bench, rankings: Path | None) -> tuple[dict, dict]:
-    from offset_cir.eval.evaluate import evaluate
+def _best_model(run_dir: Path, cfg):
+    """The run's best checkpoint (else its last), reading through the run's feature cache when it had one."""
     from offset_cir.model.checkpoint import load_checkpoint
+    from offset_cir.train.cache import setup_small_compute
 
     ckpt = run_dir / "best" if (run_dir / "best").is_dir() else run_dir / "last"
     model = load_checkpoint(ckpt)
-    result = evaluate(model, bench, "synthetic", split="test", batch_size=128, save_rankings=rankings, progress=False)
+    cache = setup_small_compute(cfg, model)  # freezes as in training; attaches the cache (None without one)
+    return model, ckpt, cache
+
+
+def _test_metrics(model, cache, bench, rankings: Path | None, batch_size: int, progress: bool) -> tuple[dict, dict]:
+    from offset_cir.eval.evaluate import evaluate
+    from offset_cir.train.cache import warm_benchmark
+
+    if cache is not None:
+        warm_benchmark(cache, bench, ["test"], masks=model.needs_masks, progress=progress)
+    result = evaluate(model, bench, "synthetic", split="test", batch_size=batch_size, save_rankings=rankings,
+                      progress=False)
     return {k: round(result["metrics"][k], 2) for k in METRICS if k in result["metrics"]}, result
 
 
-def run_demo(out_dir="runs/demo", data_dir="data/synthetic", budget_minutes: float = 12.0, seeds=(0,),
-             overrides: list[str] | None = None, progress: bool = True, synth_kwargs: dict | None = None) -> dict:
-    """Run the whole demo within ``budget_minutes`` (per seed); returns the results dict also written to disk."""
+def _build_demo_index(index_dir: Path, images: Path, model, ckpt: Path, progress: bool) -> dict:
+    """The search index of the test images with OFFSET's best checkpoint (rebuilt when the checkpoint changed)."""
+    from offset_cir.search.index import build_index
+
+    manifest = index_dir / "manifest.json"
+    if manifest.is_file():
+        try:
+            return _index_summary(build_index(index_dir, images, model=model, checkpoint=ckpt, progress=progress))
+        except Exception as exc:  # the demo's own index of an earlier checkpoint: the demo rebuilds its outputs
+            log.info("rebuilding the demo's index %s (%s)", index_dir, exc)
+            shutil.rmtree(index_dir)
+    return _index_summary(build_index(index_dir, images, model=model, checkpoint=ckpt, progress=progress))
+
+
+def _index_summary(report) -> dict:
+    return {"path": report.path, "images": report.count, "encoded": report.encoded}
+
+
+def run_demo(out_dir="runs/demo", data_dir="data/synthetic-demo", seeds=(0,), overrides: list[str] | None = None,
+             progress: bool = True, synth_kwargs: dict | None = None, preset: str = DEFAULT_PRESET,
+             build_search_index: bool = True) -> dict:
+    """Run the demo for each seed; returns the results dict also written to ``out_dir/results.json``.
+
+    ``overrides`` (``key=value``) change the preset's training config for all runs; ``synth_kwargs`` the
+    generator settings of its ``demo.synthetic`` section.
+    """
     from offset_cir.data import get_dataset
     from offset_cir.data.synthetic import generate
     from offset_cir.train.trainer import Trainer
@@ -54,57 +121,72 @@ def run_demo(out_dir="runs/demo", data_dir="data/synthetic", budget_minutes: flo
     started = time.monotonic()
     out, data = Path(out_dir), Path(data_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not (data / "synthetic_meta.json").is_file():
-        log.info("generating the synthetic benchmark in %s", data)
-        generate(data, seed=0, **(synth_kwargs or {}))
+    section, config_text = load_demo_preset(preset)
+    config_yaml = out / "demo_config.yaml"  # the preset's training config, as the runs read it
+    config_yaml.write_text(config_text)
+    synth = {"seed": 0, **(section.get("synthetic") or {}), **(synth_kwargs or {})}
+    log.info("synthetic benchmark in %s (%s)", data, ", ".join(f"{k}={v}" for k, v in synth.items()))
+    generate(data, progress=progress, **synth)  # reused as is when it exists with these settings
     bench = get_dataset("synthetic", data)
+    overrides = list(overrides or [])
+    probe = _train_cfg(config_yaml, "probe", [], data, out, 0, None, overrides)
+    cache_dir = (out / "feature_cache") if probe.freeze_backbone and probe.feature_cache else None
+    test_batch = int(section.get("test_batch_size", 128))
     per_seed: dict[int, dict] = {}
     curves: dict[str, dict] = {}
     train_info: dict[str, dict] = {}
-    overrides = list(overrides or [])
+    index_info = None
     for si, seed in enumerate(seeds):
-        seed_start = time.monotonic()
-        spent = seed_start - started if si == 0 else 0.0
-        available = max(budget_minutes * 60 - spent - TEST_EVAL_RESERVE_S, 60.0)
-        offset_budget = available / (1 + 2 * NO_MASK_STEP_COST) / 1.1
         per_seed[seed] = {}
-        steps = None
         for name, ablations in RUNS.items():
             run_dir = out / f"seed{seed}" / name
-            limit = [f"time_budget_minutes={offset_budget / 60:.4f}"] if steps is None else \
-                [f"max_steps={steps}", f"time_budget_minutes={offset_budget / 60:.4f}"]
-            cfg = _train_cfg(name, ablations, data, run_dir, seed, overrides + limit)
-            if run_dir.exists():
-                import shutil
-
+            cfg = _train_cfg(config_yaml, name, ablations, data, run_dir, seed, cache_dir, overrides)
+            if run_dir.exists():  # the demo's own run of an earlier call
                 shutil.rmtree(run_dir)
-            log.info("seed %d: training %s (%s)", seed, LABELS[name], ", ".join(ablations) or "full model")
+            log.info("seed %d: training %s (%s) for %s steps", seed, LABELS[name], ", ".join(ablations) or "full model",
+                     cfg.max_steps)
             summary = Trainer(cfg, progress=progress).fit()
-            if steps is None:
-                steps = summary["steps"]  # the others train for as many steps (same triplets seen)
+            if summary["stopped"] == "time budget":
+                log.warning("%s stopped by the safety time cap (time_budget_minutes=%s) after %d of %s steps: this "
+                            "result depends on the machine's speed", name, cfg.time_budget_minutes, summary["steps"],
+                            cfg.max_steps)
+            model, ckpt, cache = _best_model(run_dir, cfg)
             rankings = out / f"seed{seed}" / "offset_test_rankings.jsonl" if name == "offset" else None
-            metrics, result = _test_metrics(run_dir, bench, rankings)
+            metrics, result = _test_metrics(model, cache, bench, rankings, test_batch, progress)
             per_seed[seed][name] = metrics
-            train_info.setdefault(name, {})[str(seed)] = {"steps": summary["steps"], "seconds": round(summary["seconds"], 1)}
+            train_info.setdefault(name, {})[str(seed)] = {
+                "steps": summary["steps"], "stopped": summary["stopped"], "best_step": summary["best_step"],
+                "seconds": round(summary["seconds"], 1)}
             if si == 0:
                 curves[name] = _read_curves(run_dir / "metrics.jsonl")
+                if name == "offset" and build_search_index and section.get("index", True):
+                    index_info = _build_demo_index(out / "index", data / "test", model, ckpt, progress)
             gallery_size = next(iter(result["gallery_size"]["all"].values()))
             unseen_queries = result["num_queries"].get("unseen", 0)
+            del model
     runs = {name: {k: round(statistics.fmean(per_seed[s][name][k] for s in seeds), 2) for k in METRICS}
             for name in RUNS}
+    from offset_cir.eval.metrics import chance_levels
+
     results = {
+        "backbone": {"name": probe.model.backbone, "pretrained": probe.model.pretrained},
+        "recipe": recipe_of(probe, section),
         "gallery_size": gallery_size,
         "seconds": round(time.monotonic() - started, 1),
         "runs": runs,
-        "chance": {"R@1": round(100 / gallery_size, 2), "R@10": round(1000 / gallery_size, 2), "R_subset@1": 20.0},
+        "chance": {k: round(v, 2) for k, v in chance_levels(gallery_size).items()},  # reference excluded: N-1
         "seeds": list(seeds),
         "per_seed": {str(s): per_seed[s] for s in seeds},
         "training": train_info,
         "test_queries": len(bench.queries("test")),
         "unseen_queries": unseen_queries,
-        "budget_minutes": budget_minutes,
         "data": str(data),
+        "synthetic": synth,
+        "preset": preset,
     }
+    if index_info is not None:
+        results["index"] = index_info
+        results["serve_command"] = f"offset serve --index {out / 'index'}"
     if len(seeds) > 1:
         results["std"] = {name: {k: round(statistics.stdev(per_seed[s][name][k] for s in seeds), 2) for k in METRICS}
                           for name in RUNS}
@@ -113,6 +195,19 @@ def run_demo(out_dir="runs/demo", data_dir="data/synthetic", budget_minutes: flo
     plot_curves(curves, out / "curves.png")
     plot_retrievals(out / f"seed{seeds[0]}" / "offset_test_rankings.jsonl", bench, out / "retrievals.png")
     return results
+
+
+def recipe_of(cfg, section: dict) -> dict:
+    """What the runs trained with, for results.json and the report."""
+    return {
+        "steps": cfg.max_steps, "batch_size": cfg.batch_size, "backbone_lr": cfg.optim.backbone_lr,
+        "new_lr": cfg.optim.new_lr, "weight_decay": cfg.optim.weight_decay, "decay_epochs": cfg.optim.decay_epochs,
+        "freeze_backbone": cfg.freeze_backbone, "trainable_image_blocks": cfg.trainable_image_blocks,
+        "trainable_text_blocks": cfg.trainable_text_blocks, "feature_cache": bool(cfg.feature_cache),
+        "random_crops": not (cfg.freeze_backbone and cfg.feature_cache), "eval_every_steps": cfg.eval_every_steps,
+        "selection": "best validation checkpoint (sum of R@1/5/10/50 and R_subset@1/2/3 on val)",
+        "precision": cfg.precision, "time_cap_minutes": cfg.time_budget_minutes,
+    }
 
 
 def _read_curves(path: Path) -> dict:
@@ -156,16 +251,48 @@ def render_report(results: dict) -> str:
         "",
         "Did OFFSET beat the baseline (OFFSET vs late fusion)? " + _verdict(runs["offset"]["R@10"], runs["late_fusion"]["R@10"], "OFFSET beats late fusion"),
         "",
-        "All three models train for the same number of steps (the number OFFSET reached within its share of the "
-        "budget) from random initialisation of the `tiny` backbone; the checkpoint with the best validation score "
-        "is evaluated. Training steps and seconds per run are in `results.json` (`training`).",
+        _recipe_sentence(results),
         "",
+    ]
+    if len(results["seeds"]) > 1:
+        per = results["per_seed"]
+        lines += ["Per seed, R@10 (OFFSET / w/o FM / late fusion): " + "; ".join(
+            f"seed {s}: {per[s]['offset']['R@10']:.2f} / {per[s]['offset_wo_fm']['R@10']:.2f} / "
+            f"{per[s]['late_fusion']['R@10']:.2f}" for s in per) + ". Masks help on "
+            f"{sum(per[s]['offset']['R@10'] > per[s]['offset_wo_fm']['R@10'] for s in per)} of {len(per)} seeds, "
+            f"OFFSET beats late fusion on "
+            f"{sum(per[s]['offset']['R@10'] > per[s]['late_fusion']['R@10'] for s in per)} of {len(per)}.", ""]
+    lines += [
         "![curves](curves.png)",
         "",
         "![retrievals](retrievals.png)",
         "",
     ]
+    if "serve_command" in results:
+        lines += [f"The test images are indexed with OFFSET's best checkpoint (seed {results['seeds'][0]}) in "
+                  f"`{results['index']['path']}` ({results['index']['images']} images). Search them:", "",
+                  f"    {results['serve_command']}", ""]
     return "\n".join(lines)
+
+
+def _recipe_sentence(results: dict) -> str:
+    r, b = results["recipe"], results["backbone"]
+    if r["freeze_backbone"]:
+        frozen = (f"frozen except the last {r['trainable_image_blocks']} image-tower blocks"
+                  if r["trainable_image_blocks"] else "frozen")
+        if r["trainable_text_blocks"]:
+            frozen += f" and the last {r['trainable_text_blocks']} text-tower blocks"
+        if r["feature_cache"]:
+            frozen += " (its frozen part's outputs cached on disk, so no random crops)"
+        how = f"the backbone {frozen}, its new projections and OFFSET's modules at lr {r['new_lr']:g}"
+        if r["trainable_image_blocks"] or r["trainable_text_blocks"]:
+            how += f", the trainable backbone blocks at {r['backbone_lr']:g}"
+    else:
+        how = f"the whole backbone at lr {r['backbone_lr']:g}, the new modules at {r['new_lr']:g}"
+    init = f"pretrained ({b['pretrained']})" if b["pretrained"] else "random initialisation"
+    return (f"All three models train for the same fixed number of steps ({r['steps']}, batch {r['batch_size']}) on "
+            f"the `{b['name']}` backbone from {init}: {how}. The checkpoint with the best validation score is "
+            f"evaluated. Steps and seconds per run are in `results.json` (`training`), the recipe in `recipe`.")
 
 
 def plot_curves(curves: dict, path: Path) -> None:
@@ -193,43 +320,12 @@ def plot_curves(curves: dict, path: Path) -> None:
 
 
 def plot_retrievals(rankings: Path, bench, path: Path, n_queries: int = 6, k: int = 5) -> None:
-    import textwrap
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from PIL import Image
+    from offset_cir.eval.sheet import draw_retrieval_sheet
 
     rows = [json.loads(line) for line in rankings.read_text().splitlines()][:: max(1, 40)][:n_queries]
-    fig, axes = plt.subplots(len(rows), k + 3, figsize=(1.6 * (k + 3), 1.8 * len(rows)), squeeze=False)
-    for r, row in enumerate(rows):
-        ax = axes[r][0]
-        ax.imshow(Image.open(bench.image_path(row["reference"])).convert("RGB"))
-        ax.set_title("reference", fontsize=7)
-        axes[r][1].text(0.0, 0.5, "\n".join(textwrap.wrap(row["text"], 22)), fontsize=7, va="center")
-        for c, image_id in enumerate(row["top"][:k]):
-            ax = axes[r][c + 2]
-            ax.imshow(Image.open(bench.image_path(image_id)).convert("RGB"))
-            hit = image_id == row["target"]
-            ax.set_title(f"#{c + 1}" + (" target" if hit else ""), fontsize=7, color="green" if hit else "black")
-            if hit:
-                for spine in ax.spines.values():
-                    spine.set_edgecolor("green")
-                    spine.set_linewidth(3)
-        ax = axes[r][k + 2]
-        ax.imshow(Image.open(bench.image_path(row["target"])).convert("RGB"))
-        rank = row["top"].index(row["target"]) + 1 if row["target"] in row["top"] else None
-        ax.set_title(f"target (rank {rank})" if rank else "target (rank > 50)", fontsize=7, color="green")
-        for ax in axes[r]:
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[r][1].axis("off")
-    fig.suptitle("OFFSET on the synthetic test split (every 40th query): reference, text, top-5, and the true target",
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    draw_retrieval_sheet(rows, bench.image_path, path, k=k,
+                         title="OFFSET on the synthetic test split (every 40th query): reference, text, top-5, "
+                               "and the true target")
 
 
 def format_table(results: dict) -> str:

@@ -44,8 +44,11 @@ def test_wrong_architecture_names_keys_and_shapes(tmp_path):
     save_checkpoint(build_model(ModelConfig().with_ablation("wo_revision")), tmp_path / "b")
     with pytest.raises(CheckpointError, match=r"(?s)missing keys \(4\): revision\.mlp"):
         load_checkpoint(tmp_path / "b", config=ModelConfig())
-    with pytest.raises(CheckpointError, match="no model.safetensors"):
+    with pytest.raises(CheckpointError, match="missing does not exist"):
         load_checkpoint(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        load_checkpoint(tmp_path / "empty")
 
 
 def test_checkpoint_config_corrupt(tmp_path):
@@ -217,16 +220,21 @@ def test_convert_release_checkpoint_reproduces_reference_forward(tmp_path):
     model = convert_release_checkpoint(path, ModelConfig(backbone="tiny", focus_channels=4)).eval()
     assert float(model.logit_scale.detach()) == 9.0
     clip.load_state_dict({k[len("backbone.clip."):]: v for k, v in st.items() if k.startswith("backbone.clip.")})
-    clip.eval()
+    # Both sides run in float64: a key, layout or formula error moves the unit-norm features by O(1e-2) or more,
+    # float64 rounding through these few layers (width <= 64, O(1) values) by < 1e3 * eps64 ~ 2e-13, whatever the
+    # machine's kernels. (In float32 the gap would be kernel-dependent, ~1e-6.)
+    model.double()
+    clip.double().eval()
+    st = {k: (v.double() if v.is_floating_point() else v) for k, v in st.items()}
     s = model.preprocess.image_size
-    img, mask, tgt, tmask = (torch.randn(2, 3, s, s) for _ in range(4))
+    img, mask, tgt, tmask = (torch.randn(2, 3, s, s, dtype=torch.float64) for _ in range(4))
     texts = ["make it red and striped", "smaller"]
     with torch.no_grad():
         q_ref, k_ref = _reference_forward(st, clip, img, mask, model.tokenize(texts), tgt, tmask)
         q = model.encode_query(img, mask, texts)
         k = model.encode_target(tgt, tmask)
-    torch.testing.assert_close(q, q_ref, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(k, k_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(q, q_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(k, k_ref, rtol=1e-10, atol=1e-10)
 
 
 def test_convert_release_checkpoint_errors(tmp_path):
@@ -237,8 +245,130 @@ def test_convert_release_checkpoint_errors(tmp_path):
         convert_release_checkpoint(tmp_path / "bad.pt", ModelConfig(backbone="tiny"))
     st, _ = _release_state("tiny", p=4)
     save_file({k: v.contiguous() for k, v in st.items()}, str(tmp_path / "ok.safetensors"))
-    with pytest.raises(CheckpointError, match="shape of visual_projection.score.2.weight"):
+    # a config whose P disagrees with the weights: both values named, not a shape error
+    with pytest.raises(CheckpointError) as err:
         convert_release_checkpoint(tmp_path / "ok.safetensors", ModelConfig(backbone="tiny", focus_channels=8))
+    msg = str(err.value)
+    assert "P=4" in msg and "focus_channels=8" in msg and "backbone.chanel_score.2.weight" in msg
+    assert "shape" not in msg
     # DDP-prefixed keys are accepted
     torch.save({f"module.{k}": v for k, v in st.items()}, tmp_path / "ddp.pt")
     convert_release_checkpoint(tmp_path / "ddp.pt", ModelConfig(backbone="tiny"))
+
+
+def test_convert_release_checkpoint_reads_p_from_the_weights(tmp_path):
+    # P left unset (None): the release's visual MG-FP output conv has P rows; the model is built with that P.
+    st, _ = _release_state("tiny", p=6)
+    torch.save(st, tmp_path / "p6.pt")
+    model = convert_release_checkpoint(tmp_path / "p6.pt", ModelConfig(backbone="tiny", focus_channels=None))
+    assert model.config.focus_channels == 6 and model.config.focus_channels_local is None
+    assert torch.equal(model.state_dict()["visual_projection.score.2.weight"], st["backbone.chanel_score.2.weight"])
+    assert torch.equal(model.state_dict()["text_projection.score.2.weight"], st["backbone.chanel_score_text.2.weight"])
+    with pytest.raises(CheckpointError, match="P=6.*focus_channels=4"):
+        convert_release_checkpoint(tmp_path / "p6.pt", ModelConfig(backbone="tiny"))
+    # the visual and text MG-FP must agree
+    st["backbone.chanel_score_text.2.weight"] = torch.zeros(4, st["backbone.chanel_score_text.2.weight"].shape[1], 1)
+    torch.save(st, tmp_path / "mixed.pt")
+    with pytest.raises(CheckpointError, match="disagree on P"):
+        convert_release_checkpoint(tmp_path / "mixed.pt", ModelConfig(backbone="tiny", focus_channels=None))
+    # outside the converter an unset P is refused with a message, not a TypeError
+    with pytest.raises(ValueError, match="focus_channels is unset"):
+        build_model(ModelConfig(backbone="tiny", focus_channels=None))
+
+
+# ------------------------------------------------------------ bad checkpoints and where they come from (issues 9, 12)
+def _saved(tmp_path, name="ck"):
+    return save_checkpoint(build_model(ModelConfig(backbone="tiny")), tmp_path / name)
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("vfm_heads", "four", "an integer"),
+    ("vfm_heads", 4.0, "an integer"),
+    ("use_masks", "yes", "true/false"),
+    ("focus_channels_local", "4", "an integer or null"),
+    ("mu", "0.5", "a number"),
+    ("backbone", 7, "a string"),
+    ("ablations", ["wo_fm", 3], "a list of a string"),
+])
+def test_wrong_typed_config_field_names_field_type_and_file(tmp_path, field, value, expected):
+    import json
+
+    folder = _saved(tmp_path)
+    meta = json.loads((folder / "config.json").read_text())
+    meta["model"][field] = value
+    (folder / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(folder)
+    msg = str(err.value)
+    assert f"model.{field}" in msg and expected in msg and str(folder / "config.json") in msg
+
+
+def test_config_types_accept_every_default_and_ints_for_floats(tmp_path):
+    import json
+
+    folder = _saved(tmp_path)
+    meta = json.loads((folder / "config.json").read_text())
+    meta["model"].update(mu=1, focus_channels_local=None)  # a hand-written 1 for 1.0 is the same number
+    (folder / "config.json").write_text(json.dumps(meta))
+    assert load_checkpoint(folder).config.mu == 1
+
+
+def test_run_folder_suggests_best_and_last(tmp_path):
+    run = tmp_path / "run"
+    _saved(run, "best")
+    _saved(run, "last")
+    (run / "config.yaml").write_text("name: run\n")
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(run)
+    msg = str(err.value)
+    assert f"{run / 'best'} (best validation score)" in msg and f"{run / 'last'} (latest step)" in msg
+    assert "training run folder" in msg
+    with pytest.raises(CheckpointError, match=r"checkpoint .*nowhere does not exist"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def _hub_snapshot(cache, folder, repo="my-org/offset-tiny", commit="0123456789abcdef0123456789abcdef01234567"):
+    """A local snapshot laid out as huggingface_hub's cache expects: refs/main + snapshots/<commit>/files."""
+    import shutil
+
+    store = cache / f"models--{repo.replace('/', '--')}"
+    (store / "refs").mkdir(parents=True)
+    (store / "refs" / "main").write_text(commit)
+    snap = store / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(folder / name, snap / name)
+    return snap
+
+
+def test_hf_hub_checkpoint_from_the_cache_offline(tmp_path, monkeypatch):
+    import socket
+
+    from offset_cir.model.checkpoint import checkpoint_hash
+
+    model = build_model(ModelConfig(backbone="tiny", gate_split="per_token"))
+    folder = save_checkpoint(model, tmp_path / "ck")
+    _hub_snapshot(tmp_path / "hub", folder)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("no network call when cached"))
+    loaded = load_checkpoint("hf-hub:my-org/offset-tiny")
+    assert loaded.config == model.config
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert checkpoint_hash("hf-hub:my-org/offset-tiny") == checkpoint_hash(folder)
+
+
+def test_hf_hub_checkpoint_offline_not_cached_fails_fast(tmp_path, monkeypatch):
+    import socket
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    calls = []
+    monkeypatch.setattr(time, "sleep", lambda s: calls.append(("sleep", s)))
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: calls.append("connect") or (_ for _ in ()).throw(OSError()))
+    with pytest.raises(OfflineError) as err:
+        load_checkpoint("hf-hub:my-org/not-cached")
+    assert "not in the Hugging Face cache" in str(err.value) and str(tmp_path / "empty") in str(err.value)
+    assert calls == []
+    with pytest.raises(CheckpointError, match="expected hf-hub:ORG/NAME"):
+        load_checkpoint("hf-hub:no-slash")

@@ -171,3 +171,15 @@ def test_cli_submit(test1_copy, tmp_path, monkeypatch, capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert out.count(": OK") == 2
+
+
+def test_validate_submission_cli_names_flags_not_keywords(tmp_path, capsys):
+    """A bad --root is reported in the command line's names (--root / --annotations), never as root= keywords."""
+    sub = tmp_path / "sub.json"
+    sub.write_text("{}")
+    empty = tmp_path / "no-cirr-here"
+    empty.mkdir()
+    assert main(["validate-submission", str(sub), "--root", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert "--root" in err and "--annotations" in err
+    assert "root=" not in err and "annotations=" not in err

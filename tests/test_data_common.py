@@ -111,3 +111,42 @@ def test_correction_dict_setting(tmp_path, shared_data):
         FashionIQ(shared_data / "fashioniq", correction_dicts=tmp_path).queries("val")
     none = FashionIQ(shared_data / "fashioniq", categories="dress", correction_dicts="none")
     assert any("sleevs" in q.text.split() for q in none.queries("val"))
+
+
+def test_mask_of_another_size_names_the_record(tmp_path):
+    # Training, query and gallery items refuse a mask whose size is not its image's (200x50 for 64x64), naming the
+    # dataset, split, record, the two files and both sizes, instead of stretching the mask silently.
+    import re
+
+    from offset_cir.data.placeholders import write_benchmark_placeholders
+    from offset_cir.model.preprocess import Preprocess
+
+    (tmp_path / "captions").mkdir()
+    (tmp_path / "image_splits").mkdir()
+    names = ["d0", "d1", "d2", "d3"]
+    for split in ("train", "val"):
+        (tmp_path / f"image_splits/split.dress.{split}.json").write_text(json.dumps(names))
+        recs = [{"candidate": "d0", "target": "d1", "captions": ["red", "long"]},
+                {"candidate": "d2", "target": "d3", "captions": ["blue", "short"]}]
+        (tmp_path / f"captions/cap.dress.{split}.json").write_text(json.dumps(recs))
+    bench = FashionIQ(tmp_path, categories="dress", correction_dicts="none")
+    write_benchmark_placeholders(bench, "val")
+    for image_id in (f"dress/{n}" for n in names):  # 64x64 images and masks
+        Image.new("RGB", (64, 64), "white").save(bench.image_path(image_id))
+        Image.new("L", (64, 64), 255).save(bench.mask_path(image_id))
+    pre = Preprocess(32)
+    train = bench.triplets("train", pre, train=True)
+    assert train[1]["ref_mask"].shape == (3, 32, 32)  # matching sizes load
+    Image.new("L", (200, 50), 255).save(bench.mask_path("dress/d3"))
+    with pytest.raises(DatasetError) as err:
+        train[1]
+    msg = str(err.value)
+    assert "fashioniq split train" in msg and "triplet 1 (reference dress/d2, target dress/d3), its target" in msg
+    assert "200x50" in msg and "64x64" in msg and str(bench.mask_path("dress/d3")) in msg
+    with pytest.raises(DatasetError, match=re.escape("fashioniq split val")):
+        bench.gallery_dataset("val", pre)[3]
+    query = bench.query_dataset("val", pre)
+    query[0]
+    Image.new("L", (64, 65), 255).save(bench.mask_path("dress/d2"))
+    with pytest.raises(DatasetError, match=re.escape("query 1 (reference dress/d2)") + ".*64x65.*64x64"):
+        query[1]

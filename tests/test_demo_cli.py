@@ -34,9 +34,7 @@ def test_bad_input_is_one_clear_line():
 def test_demo_end_to_end_small(tmp_path):
     from offset_cir.demo import METRICS, run_demo
 
-    results = run_demo(tmp_path / "out", tmp_path / "data", budget_minutes=2, progress=False,
-                       overrides=["max_steps=2", "batch_size=8", "eval_every_epochs=0", "tensorboard=false"],
-                       synth_kwargs=dict(n_train=24, n_val=6, n_test=12))
+    results = run_demo(tmp_path / "out", tmp_path / "data", preset="demo_tiny", progress=False)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert saved == json.loads(json.dumps(results))
     assert set(saved["runs"]) == {"offset", "offset_wo_fm", "late_fusion"}
@@ -45,9 +43,39 @@ def test_demo_end_to_end_small(tmp_path):
         assert all(0.0 <= v <= 100.0 for v in metrics.values())
         assert metrics["R@1"] <= metrics["R@5"] <= metrics["R@10"] <= metrics["R@50"]
     assert saved["gallery_size"] == 12 * 6 or saved["gallery_size"] > 12  # every set member is in the gallery
-    assert all(info["0"]["steps"] == 2 for info in saved["training"].values())
+    # a fixed number of steps from the preset, the same for all three runs
+    assert all(info["0"]["steps"] == 2 and info["0"]["stopped"] == "max_steps" for info in saved["training"].values())
+    assert saved["backbone"] == {"name": "tiny", "pretrained": None}
+    assert saved["recipe"]["steps"] == 2 and saved["recipe"]["new_lr"] == 1e-3
     report = (tmp_path / "out" / "report.md").read_text()
     assert "Did the masks help" in report and "late fusion" in report
     for png in ("curves.png", "retrievals.png"):
         data = (tmp_path / "out" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    # the search index of the test images, built with OFFSET's best checkpoint; the report ends with how to serve it
+    index = tmp_path / "out" / "index"
+    manifest = json.loads((index / "manifest.json").read_text())
+    assert manifest["count"] == saved["index"]["images"] == saved["gallery_size"]
+    assert report.rstrip().endswith(f"offset serve --index {index}")
+    assert saved["serve_command"] == f"offset serve --index {index}"
+
+
+def test_demo_is_deterministic_per_seed(tmp_path):
+    """A rerun (same data, same seed) writes the same metrics: the demo trains for steps, not for a time."""
+    from offset_cir.demo import run_demo
+
+    kw = dict(preset="demo_tiny", progress=False, build_search_index=False)
+    first = run_demo(tmp_path / "a", tmp_path / "data", **kw)
+    second = run_demo(tmp_path / "b", tmp_path / "data", **kw)
+    assert first["per_seed"] == second["per_seed"]
+
+
+def test_demo_preset_is_a_training_config_with_a_demo_section():
+    from offset_cir.demo import load_demo_preset
+    from offset_cir.train.config import load_config
+
+    section, _ = load_demo_preset("demo")
+    assert section["synthetic"]["n_test"] == 500  # the test split keeps its full size
+    cfg = load_config("demo")  # `offset train --config demo` reads the same file (the demo: section aside)
+    assert cfg.model.backbone == "efficientnet-lite0-minilm" and cfg.model.pretrained == "packaged"
+    assert cfg.max_steps and cfg.optim.new_lr == 1e-4 and cfg.optim.backbone_lr == 1e-5

@@ -115,3 +115,34 @@ def test_doctor_on_real_annotations(name, shared_data, tmp_path):
     else:
         assert counts == {"train": (8990, 10000), "eval": (1761, 4658)}
     assert not rep.ok
+
+
+def test_missing_protocol_split_is_named(tmp_path, capsys):
+    """A synthetic copy without its test split: doctor says which protocol cannot run (issue 9)."""
+    from offset_cir.data import synthetic
+
+    synthetic.generate(tmp_path / "syn", n_train=3, n_val=3, n_test=4, image_size=32, progress=False, workers=1)
+    (tmp_path / "syn/captions/cap.rc2.test.json").unlink()
+    (tmp_path / "syn/image_splits/split.rc2.test.json").unlink()
+    rep = check(get_dataset("synthetic", tmp_path / "syn"), open_images=False, hashes=False, progress=False)
+    assert rep.missing_splits == {"test": ["synthetic"]} and not rep.ok
+    assert main(["doctor", "synthetic", "--root", str(tmp_path / "syn"), "--no-open",
+                 "--manifest", str(tmp_path / "m.json")]) == 1
+    out = capsys.readouterr().out
+    assert "test: MISSING, needed by protocol synthetic" in out
+    assert "PROBLEMS" in out
+    # asked about train only: the missing test split is not this check's business
+    only = check(get_dataset("synthetic", tmp_path / "syn"), splits=["train"], open_images=False, hashes=False,
+                 progress=False)
+    assert only.missing_splits == {} and only.ok
+
+
+def test_manifest_hash_identifies_the_copy(tmp_path):
+    from offset_cir.data.doctor import manifest_hash
+
+    a = check(_mini_cirr(tmp_path / "a"), progress=False).manifest
+    b = check(_mini_cirr(tmp_path / "b"), progress=False).manifest
+    assert a["hash"] == b["hash"] == manifest_hash(b)  # same files, other place and time
+    (tmp_path / "b/dev/dev-0-2-img0.png").write_bytes((tmp_path / "b/dev/dev-0-3-img0.png").read_bytes())
+    c = check(get_dataset("cirr", tmp_path / "b"), progress=False).manifest
+    assert compare_manifests(a, c)["differ"] == ["dev/dev-0-2-img0.png"] and c["hash"] != a["hash"]

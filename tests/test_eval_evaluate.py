@@ -262,3 +262,124 @@ def test_non_finite_features_are_refused(tmp_path):
     model.encode_target = nan_target
     with pytest.raises(UserInputError, match="non-finite values"):
         evaluate(model, bench, "fashioniq", batch_size=4, progress=False)
+
+
+class _PixelModel:
+    """A deterministic double whose features are a fixed random projection of the preprocessed pixels, so a
+    query's feature changes with its random crop (the real ``Preprocess``: RandomResizedCrop in training)."""
+
+    def __init__(self, size=16, dim=16):
+        import torch
+
+        from offset_cir.model.preprocess import Preprocess
+
+        self.needs_masks = True
+        self.preprocess = Preprocess(size)
+        self.w = torch.randn(dim, 3 * size * size, generator=torch.Generator().manual_seed(0))
+
+    def _feat(self, images):
+        return images.flatten(1) @ self.w.T
+
+    def encode_target(self, images, masks=None):
+        import torch.nn.functional as F
+
+        return F.normalize(self._feat(images) + 0.1 * self._feat(masks), dim=-1)
+
+    def encode_query(self, images, masks, texts):
+        import torch.nn.functional as F
+
+        return F.normalize(self._feat(images) + 0.1 * self._feat(masks), dim=-1)
+
+
+def _fashioniq_many_queries(root, n_images=30, n_queries=12):
+    (root / "captions").mkdir(parents=True)
+    (root / "image_splits").mkdir()
+    for cat in ("dress", "shirt", "toptee"):
+        names = [f"{cat[0]}{i:02d}" for i in range(n_images)]
+        (root / f"image_splits/split.{cat}.val.json").write_text(json.dumps(names))
+        recs = [{"candidate": names[i], "target": names[(7 * i + 3) % n_images], "captions": [f"cap {i}", "x"]}
+                for i in range(n_queries)]
+        (root / f"captions/cap.{cat}.val.json").write_text(json.dumps(recs))
+
+
+def test_fashioniq_train_transform_queries_do_not_depend_on_workers(tmp_path):
+    # SPEC 4, A2: FashionIQ queries go through the random training crop. Each query's crop is seeded by its own
+    # (unit, index), so the same model scores the same for 0, 1 and 2 DataLoader workers and any batch size.
+    import torch
+
+    import numpy as np
+    from PIL import Image
+
+    _fashioniq_many_queries(tmp_path / "fiq")
+    bench = get_dataset("fashioniq", tmp_path / "fiq", correction_dicts="none")
+    rng = np.random.default_rng(0)
+    for image_id in bench.split_images("val"):  # 32 px noise images: a 0.9-1.0 crop really moves the pixels
+        for path, mode in ((bench.image_path(image_id), "RGB"), (bench.mask_path(image_id), "L")):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shape = (32, 32, 3) if mode == "RGB" else (32, 32)
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(path)
+    model = _PixelModel()
+    runs = {}
+    for workers, batch in ((0, 4), (1, 4), (2, 4), (0, 5)):
+        torch.manual_seed(1000 + workers)  # the caller's RNG state must not matter either
+        runs[workers, batch] = evaluate(model, bench, "fashioniq", batch_size=batch, num_workers=workers,
+                                        progress=False, save_rankings=tmp_path / f"rank-{workers}-{batch}.jsonl")
+    rankings = {key: (tmp_path / f"rank-{key[0]}-{key[1]}.jsonl").read_text() for key in runs}
+    first = runs[0, 4]
+    for key, res in runs.items():
+        assert res["metrics"] == first["metrics"], key
+        assert rankings[key] == rankings[0, 4], key
+    # the crop does reach the features: the evaluation transform ranks differently
+    plain = evaluate(model, bench, "fashioniq", batch_size=4, query_transform="eval", progress=False,
+                     save_rankings=tmp_path / "rank-eval.jsonl")
+    assert plain["query_transform"] == "eval"
+    assert (tmp_path / "rank-eval.jsonl").read_text() != rankings[0, 4]
+
+
+def test_several_units_keep_their_own_metrics(tmp_path):
+    # A benchmark whose split has two evaluation units under a protocol that is not per unit (Shoes' metrics):
+    # each unit's metrics stay under its own name and the headline is their mean; neither replaces the other.
+    from offset_cir.data.common import Benchmark, EvalSet, Query
+
+    class TwoUnits(Benchmark):
+        name = "shoes"
+        default_protocol = "shoes"
+
+        def splits(self):
+            return ["eval"]
+
+        def image_path(self, image_id):
+            return tmp_path / "img" / f"{image_id}.png"
+
+        def mask_path(self, image_id):
+            return tmp_path / "img" / f"{image_id}-mask.png"
+
+        def eval_sets(self, split):
+            sets = []
+            for unit in ("a", "b"):
+                ids = [f"{unit}{i}" for i in range(12)]
+                queries = [Query(i, ids[i], f"text {i}", ids[i + 6]) for i in range(6)]
+                sets.append(EvalSet(unit, queries, {"all": ids}, self.image_path, self.mask_path))
+            return sets
+
+        def _queries(self, split):
+            return [q for es in self.eval_sets(split) for q in es.queries]
+
+    bench = TwoUnits(tmp_path)
+    codes = write_benchmark_placeholders(bench, "eval")
+    targets = [codes[q.target] for es in bench.eval_sets("eval") for q in es.queries]
+    # unit a: the oracle finds every target; unit b: reversed, every target ranks last of 11 candidates
+    model = OracleModel(targets, max(codes.values()) + 1, signs=[1.0] * 6 + [-1.0] * 6)
+    res = evaluate(model, bench, "shoes", batch_size=4, progress=False)
+    m = res["metrics"]
+    assert (m["a/R@1"], m["a/R@10"], m["a/R@50"]) == (100.0, 100.0, 100.0)
+    assert (m["b/R@1"], m["b/R@10"], m["b/R@50"]) == (0.0, 0.0, 100.0)
+    assert (m["R@1"], m["R@10"], m["R@50"]) == (50.0, 50.0, 100.0)
+    assert m["mean"] == pytest.approx(200 / 3)
+    assert res["num_queries"] == {"a": 6, "b": 6}
+
+
+def test_fashioniq_repeated_category_is_one_unit(tmp_path):
+    _mini_fashioniq(tmp_path)
+    bench = get_dataset("fashioniq", tmp_path, correction_dicts="none", categories="dress,dress")
+    assert [es.name for es in bench.eval_sets("val")] == ["dress"]

@@ -94,3 +94,29 @@ def test_errors():
         recall_at_k([], 1)
     with pytest.raises(ValueError):
         first_hit_ranks(torch.zeros(2, 3), torch.zeros(2, 4, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("n", [2, 4, 6, 12])
+def test_chance_levels_count_the_reference_exclusion(n):
+    # Independent computation: average the real ranking code's recall over every ordering of an n-image gallery
+    # whose reference (column 0) is excluded and whose target is column 1: the target's rank is uniform over the
+    # n - 1 candidates.
+    import itertools
+
+    from offset_cir.eval.metrics import chance_levels, chance_recall_at_k, column_mask
+
+    orders = list(itertools.permutations(range(n))) if n <= 6 else [random.Random(s).sample(range(n), n) for s in range(2000)]
+    scores = torch.tensor(orders, dtype=torch.float32)
+    rows = scores.shape[0]
+    ranks = first_hit_ranks(scores, column_mask(torch.full((rows,), 1), n), column_mask(torch.zeros(rows, dtype=torch.long), n))
+    for k in (1, 3, 10):
+        measured = recall_at_k(ranks, k)
+        expect = chance_recall_at_k(n, k)
+        assert expect == pytest.approx(100 * min(k, n - 1) / (n - 1))
+        if n <= 6:  # every ordering: exact
+            assert measured == pytest.approx(expect)
+        else:  # 2000 random orderings: within 4 binomial standard deviations
+            p = expect / 100
+            assert abs(measured / 100 - p) <= 4 * (p * (1 - p) / rows) ** 0.5
+    assert chance_levels(n)["R@1"] == pytest.approx(100 / (n - 1))
+    assert chance_levels(n)["R_subset@1"] == pytest.approx(20.0)  # 6 set members minus the reference

@@ -107,7 +107,7 @@ def test_cli_api_and_service_agree(trained, tmp_path, capsys):
 
     from offset_cir.search.service import create_app
 
-    with TestClient(create_app(index)) as c:
+    with TestClient(create_app(index), base_url="http://localhost") as c:
         r = c.post("/search", data={"text": text, "k": "10"},
                    files={"image": ("r.png", ref.read_bytes(), "image/png"),
                           "mask": ("m.png", mask.read_bytes(), "image/png")})

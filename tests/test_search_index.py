@@ -247,7 +247,7 @@ def test_unreadable_image_is_skipped_and_reported(tmp_path):
     root = tmp_path / "g"
     make_gallery(root, n=6)
     (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
-    Image.new("L", (4, 4), 255).save(root / "broken-segmask.png")
+    Image.new("L", (24, 24), 255).save(root / "broken-segmask.png")
     m = FakeModel()
     rep = build_index(tmp_path / "idx", root, model=m, **KW)
     assert rep.count == 6 and [s["id"] for s in rep.skipped] == ["broken"]
@@ -299,3 +299,89 @@ def test_checkpoint_mismatch_and_bad_arguments(tmp_path):
     with pytest.raises(DatasetError, match="no images"):
         (tmp_path / "empty").mkdir()
         build_index(tmp_path / "idx4", tmp_path / "empty", model=FakeModel(), **KW)
+
+
+def _crash_after_first_shard(tmp_path, root):
+    """A run that finished one shard (the first 4 ids) and crashed; returns the shard's marker path."""
+    crashing = FakeModel(fail_after=1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_index(tmp_path / "idx", root, model=crashing, batch_size=4, shard_size=4, dtype="float32", **KW)
+    (marker,) = (tmp_path / "idx" / "shards").glob("shard-*.json")
+    return marker
+
+
+@pytest.mark.parametrize("stale_name", ["shard-00000000", "shard-ffffffff"])
+def test_merge_after_a_crash_keeps_the_features_of_the_current_file(tmp_path, stale_name):
+    """An image changed between a crash and the rerun: whatever the shard files' order, the merge keeps the
+    record that matches the file now, and counts every image once."""
+    root = tmp_path / "g"
+    paths = make_gallery(root, n=8, sub_every=0)
+    marker = _crash_after_first_shard(tmp_path, root)
+    for suffix in (".json", ".npy"):  # the stale shard sorts first, or last
+        marker.with_suffix(suffix).rename(marker.with_name(stale_name + suffix))
+    changed = paths[1]  # img001, in the crashed run's shard
+    Image.new("RGB", (24, 24), (250, 10, 10)).save(changed)
+    os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))
+    m = FakeModel()
+    rep = build_index(tmp_path / "idx", root, model=m, batch_size=4, shard_size=4, dtype="float32", **KW)
+    assert m.encoded == 5  # img001 again and the 4 the crash left
+    assert rep.count == 8 and rep.encoded == 8 and rep.reused == 0
+    idx = Index.open(tmp_path / "idx", model=m)
+    np.testing.assert_allclose(idx.features[idx.row_of["img001"]], reference_features(FakeModel(), [changed])[0],
+                               atol=1e-5)
+    item = idx.item("img001")
+    assert (item["size"], item["mtime_ns"]) == (changed.stat().st_size, changed.stat().st_mtime_ns)
+    # and the next run finds nothing to do
+    again = build_index(tmp_path / "idx", root, model=m, dtype="float32", **KW)
+    assert again.encoded == 0 and m.encoded == 5
+
+
+def test_reused_counts_only_images_not_re_encoded(tmp_path):
+    root = tmp_path / "g"
+    paths = make_gallery(root, n=10)
+    m = FakeModel()
+    build_index(tmp_path / "idx", root, model=m, **KW)
+    Image.new("RGB", (24, 24), (0, 255, 0)).save(paths[4])
+    os.utime(paths[4], ns=(time.time_ns(), time.time_ns() + 10**9))
+    rep = build_index(tmp_path / "idx", root, model=m, **KW)
+    assert (rep.count, rep.encoded, rep.reused, rep.removed) == (10, 1, 9, 0)
+    assert rep.encoded + rep.reused == rep.count
+
+
+def test_image_that_became_unreadable_leaves_the_index(tmp_path):
+    """The record that matches the file now is 'unreadable': its old features are not kept as if current."""
+    root = tmp_path / "g"
+    paths = make_gallery(root, n=5, sub_every=0)
+    m = FakeModel()
+    build_index(tmp_path / "idx", root, model=m, **KW)
+    paths[2].write_bytes(b"\x89PNG\r\n\x1a\nbroken now")
+    os.utime(paths[2], ns=(time.time_ns(), time.time_ns() + 10**9))
+    rep = build_index(tmp_path / "idx", root, model=m, **KW)
+    assert rep.count == 4 and [s["id"] for s in rep.skipped] == ["img002"] and rep.reused == 4
+    assert "img002" not in Index.open(tmp_path / "idx", model=m).row_of
+
+
+def test_query_mask_of_another_size_is_refused_naming_both(tmp_path):
+    root = tmp_path / "g"
+    make_gallery(root, n=4, size=64)
+    m = FakeModel()
+    build_index(tmp_path / "idx", root, model=m, **KW)
+    idx = Index.open(tmp_path / "idx", model=m)
+    ref = root / "img001.png"
+    bad = tmp_path / "bad-mask.png"
+    Image.new("L", (200, 50), 255).save(bad)
+    with pytest.raises(UserInputError, match=rf"reference mask {bad} is 200x50 pixels but reference image {ref} "
+                                             r"is 64x64"):
+        idx.search(ref, "red", k=3, mask=bad)
+    with pytest.raises(UserInputError, match="the reference mask is 200x50 pixels but the reference image is 64x64"):
+        idx.search(Image.open(ref), "red", k=3, mask=Image.new("L", (200, 50), 255))
+    assert len(idx.search(ref, "red", k=3, mask=Image.new("L", (64, 64), 255))) == 3
+
+
+def test_gallery_mask_of_another_size_is_reported_not_indexed(tmp_path):
+    root = tmp_path / "g"
+    make_gallery(root, n=4, sub_every=0)
+    Image.new("L", (200, 50), 255).save(root / "img002-segmask.png")
+    rep = build_index(tmp_path / "idx", root, model=FakeModel(), **KW)
+    assert rep.count == 3 and [s["id"] for s in rep.skipped] == ["img002"]
+    assert "200x50" in rep.skipped[0]["error"] and "24x24" in rep.skipped[0]["error"]

@@ -63,9 +63,17 @@ def test_index_and_service_use_the_mask_pipeline(tmp_path, capsys, monkeypatch):
 
     from offset_cir.search.service import create_app
 
-    with TestClient(create_app(index)) as c:
+    with TestClient(create_app(index), base_url="http://localhost") as c:
         r = c.post("/search", data={"text": "make it red", "k": "5"},
                    files={"image": ("r.png", ref.read_bytes(), "image/png")})
         assert r.status_code == 200, r.text
         assert r.json()["query"]["mask"] == "generated" and c.get("/health").json()["mask_pipeline"] is True
         assert [x["id"] for x in r.json()["results"]] == [h.id for h in a]
+
+    # `offset search` takes the same --captioner/--segmenter as `offset serve` and says where the mask came from
+    capsys.readouterr()
+    assert cli_main(["search", "--index", str(tmp_path / "idx"), "--image", str(ref), "--text", "make it red",
+                     "-k", "5", "--json", "--device", "cpu", "--captioner", str(cap), "--segmenter", str(seg)]) == 0
+    out, err = capsys.readouterr()
+    assert "mask: made by the mask pipeline" in err
+    assert [h["id"] for h in json.loads(out)] == [h.id for h in a]

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import struct
 import sys
 import threading
+import time
 import zlib
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from offset_cir.search import Index, build_index  # noqa: E402
 from offset_cir.search.service import create_app  # noqa: E402
 
 torch.set_num_threads(1)
+LOCAL = "http://localhost"  # the TestClient's default host, testserver, is not one the service answers to
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +47,7 @@ def index(gallery):
 
 @pytest.fixture(scope="module")
 def client(index):
-    with TestClient(create_app(index, max_upload_bytes=200_000, max_pixels=1_000_000)) as c:
+    with TestClient(create_app(index, max_upload_bytes=200_000, max_pixels=1_000_000), base_url=LOCAL) as c:
         yield c
 
 
@@ -226,7 +229,7 @@ def test_bounded_concurrency_returns_503_when_busy(gallery):
     slow.encode_query = blocking
     app = create_app(idx, max_concurrency=1, queue_timeout=0.3)
     results = []
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         t = threading.Thread(target=lambda: results.append(
             c.post("/search", data={"text": "red", "ref_id": "img001"}).status_code))
         t.start()
@@ -237,5 +240,229 @@ def test_bounded_concurrency_returns_503_when_busy(gallery):
             gate.set()
             t.join(20)
         third = c.post("/search", data={"text": "red", "ref_id": "img002"})
+        metrics = c.get("/metrics").text
     assert second.status_code == 503 and "busy" in second.json()["detail"]
+    assert second.headers["content-type"] == "application/json" and second.headers["retry-after"] == "1"
     assert results == [200] and third.status_code == 200
+    assert _metric(metrics, "offset_search_busy_total") == 1
+    assert _metric(metrics, "offset_http_requests_total", route="/search", method="POST", status="503") == 1
+    assert _metric(metrics, "offset_http_requests_total", route="/search", method="POST", status="200") == 2
+
+
+def _metric(text: str, name: str, **labels) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def test_queue_depth_while_a_search_waits(gallery):
+    base, _ = gallery
+    slow = FakeModel()
+    idx = Index.open(base / "idx", model=slow)
+    gate, entered = threading.Event(), threading.Event()
+    real = slow.encode_query
+
+    def blocking(*a, **kw):
+        entered.set()
+        gate.wait(10)
+        return real(*a, **kw)
+
+    slow.encode_query = blocking
+    results = {}
+    with TestClient(create_app(idx, max_concurrency=1, queue_timeout=20), base_url=LOCAL) as c:
+        def ask(name, ref):
+            results[name] = c.post("/search", data={"text": "red", "ref_id": ref}).status_code
+
+        first = threading.Thread(target=ask, args=("first", "img001"))
+        second = threading.Thread(target=ask, args=("second", "img002"))
+        first.start()
+        try:
+            assert entered.wait(10)
+            second.start()
+            waiting = ""
+            for _ in range(200):  # bounded: the second search shows up in the queue
+                waiting = c.get("/metrics").text
+                if _metric(waiting, "offset_search_queue_depth") == 1:
+                    break
+                time.sleep(0.05)
+        finally:
+            gate.set()
+            first.join(20)
+            second.join(20)
+        after = c.get("/metrics").text
+    assert _metric(waiting, "offset_search_queue_depth") == 1 and _metric(waiting, "offset_search_in_progress") == 1
+    assert results == {"first": 200, "second": 200}
+    assert _metric(after, "offset_search_queue_depth") == 0 and _metric(after, "offset_search_in_progress") == 0
+    assert _metric(after, "offset_search_seconds_count", stage="queue") == 2
+
+
+def test_metrics_count_requests_and_stages(index, gallery):
+    base, _ = gallery
+    app = create_app(index, max_upload_bytes=200_000)
+    other = create_app(index)  # a second app in the same process keeps its own counts
+    ref, mask = base / "g" / "img003.png", base / "g" / "img003-segmask.png"
+    with TestClient(app, base_url=LOCAL) as c, TestClient(other, base_url=LOCAL) as c_other:
+        for i in range(3):
+            assert c.post("/search", data={"text": f"red {i}", "ref_id": "img001"}).status_code == 200
+        up = c.post("/search", data={"text": "blue"}, files=_files(ref.read_bytes(), mask.read_bytes()))
+        assert up.status_code == 200
+        assert c.post("/search", data={"k": "3", "ref_id": "img001"}).status_code == 422
+        assert c.get("/images/sub/img004").status_code == 200
+        assert c.get("/images/nope").status_code == 404
+        assert c.get("/no-such-route").status_code == 404
+        assert c_other.get("/health").status_code == 200
+        page = c.get("/metrics")
+        other_page = c_other.get("/metrics").text
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain; version=")
+    m = page.text
+    req = "offset_http_requests_total"
+    assert _metric(m, req, route="/search", method="POST", status="200") == 4
+    assert _metric(m, req, route="/search", method="POST", status="422") == 1
+    assert _metric(m, req, route="/images/{image_id:path}", status="200") == 1
+    assert _metric(m, req, route="/images/{image_id:path}", status="404") == 1
+    assert _metric(m, req, route="unmatched", status="404") == 1
+    assert _metric(m, req, route="/health") == 0  # the other app's request is not here
+    assert _metric(other_page, req, route="/health", status="200") == 1
+    assert _metric(other_page, req, route="/search") == 0
+    # latency histograms: encode and search apart, one observation per answered search; decode only for the upload
+    for stage, n in (("queue", 4), ("encode", 4), ("search", 4), ("total", 4), ("decode", 1)):
+        assert _metric(m, "offset_search_seconds_count", stage=stage) == n, stage
+    assert _metric(m, "offset_search_seconds_sum", stage="encode") > 0
+    assert _metric(m, "offset_index_images") == len(index)
+    assert _metric(m, "offset_model_info", checkpoint_hash=index.manifest["checkpoint"]["hash"], dim="16") == 1
+
+
+def test_security_headers_on_every_response(client):
+    answers = [client.get("/"), client.get("/health"), client.get("/gallery"), client.get("/images/sub/img004"),
+               client.get("/images/nope"), client.get("/metrics"), client.post("/search", data={"text": "x"}),
+               client.post("/search", content=b"x" * 300_000, headers={"content-type": "multipart/form-data; b=1"})]
+    assert [r.status_code for r in answers] == [200, 200, 200, 200, 404, 200, 422, 413]
+    for r in answers:
+        csp = r.headers["content-security-policy"]
+        assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp, r.url
+        assert r.headers["x-frame-options"] == "DENY" and r.headers["x-content-type-options"] == "nosniff"
+        assert r.headers["referrer-policy"] == "no-referrer"
+        assert len(r.headers.get_list("x-content-type-options")) == 1
+    # the page's inline script and style are allowed by their hashes, nothing else runs
+    import base64
+    import re
+
+    html = answers[0].text
+    csp = answers[0].headers["content-security-policy"]
+    for tag, directive in (("script", "script-src"), ("style", "style-src")):
+        blocks = re.findall(rf"<{tag}>(.*?)</{tag}>", html, flags=re.S)
+        assert blocks
+        allowed = re.search(rf"{directive} ([^;]*)", csp).group(1).split()
+        want = ["'sha256-" + base64.b64encode(hashlib.sha256(b.encode()).digest()).decode() + "'" for b in blocks]
+        assert allowed == want
+    assert "'unsafe-inline'" not in csp and "'unsafe-eval'" not in csp
+
+
+def test_host_header_is_checked(index):
+    app = create_app(index)
+    with TestClient(app) as c:  # TestClient's default Host: testserver
+        r = c.get("/health")
+        assert r.status_code == 400 and "'testserver' is not a name this server answers to" in r.json()["detail"]
+        assert c.get("/health", headers={"host": "127.0.0.1:8000"}).status_code == 200
+        assert c.get("/health", headers={"host": "[::1]:8000"}).status_code == 200
+        assert c.get("/health", headers={"host": "evil.example"}).status_code == 400
+    with TestClient(create_app(index, allowed_hosts=["*"])) as c:
+        assert c.get("/health").status_code == 200
+
+
+def test_unterminated_multipart_is_called_malformed(client):
+    body = (b"--XX\r\nContent-Disposition: form-data; name=\"text\"\r\n\r\nred\r\n"
+            b"--XX\r\nContent-Disposition: form-data; name=\"ref_id\"\r\n\r\nimg001")  # no closing --XX--
+    r = client.post("/search", content=body, headers={"content-type": "multipart/form-data; boundary=XX"})
+    assert r.status_code == 400 and "malformed multipart" in r.json()["detail"], r.text
+    assert "exactly one reference" not in r.text
+    ok = client.post("/search", content=body + b"\r\n--XX--\r\n",
+                     headers={"content-type": "multipart/form-data; boundary=XX"})
+    assert ok.status_code == 200, ok.text
+
+
+def test_long_client_strings_are_not_echoed_whole(client):
+    long_id = "x" * 60_000  # (form fields over 64 KiB are refused by the form parser, 400)
+    for r in (client.post("/search", data={"text": "red", "ref_id": long_id}),
+              client.post("/search", data={"text": "red", "ref_id": long_id}, files=_files(None, _png())),
+              client.get("/images/" + "y" * 60_000),
+              client.post("/search", data={"text": "red", "ref_id": "img001", "k": "9" * 60_000}),
+              client.post("/search", data={"text": "red", "ref_id": "img001", "z" * 30_000: "1"}),
+              client.get("/gallery", params={"offset": "x" * 60_000})):
+        assert r.status_code in (404, 422) and len(r.content) < 500, (r.status_code, len(r.content))
+        assert "characters)" in r.json()["detail"]
+
+
+def test_pixel_limit_message_quotes_the_service_limit(client):
+    from PIL import Image as PILImage
+
+    r = client.post("/search", data={"text": "red"},
+                    files=_files(_png_claiming(100_000, 100_000), _png(mode="L", color=255)))
+    assert r.status_code == 413
+    detail = r.json()["detail"]
+    assert "100000x100000" in detail and "limit is 1000000 pixels" in detail, detail
+    assert str(PILImage.MAX_IMAGE_PIXELS) not in detail
+
+
+def test_mask_of_another_size_is_422_naming_both(client):
+    r = client.post("/search", data={"text": "red"}, files=_files(_png(size=(64, 64)),
+                                                                   _png(size=(200, 50), mode="L", color=255)))
+    assert r.status_code == 422, r.text
+    assert "200x50" in r.json()["detail"] and "64x64" in r.json()["detail"]
+
+
+def test_deleted_gallery_file_answer_has_no_server_path(tmp_path):
+    make_gallery(tmp_path / "g", n=6)
+    model = FakeModel()
+    build_index(tmp_path / "idx", tmp_path / "g", model=model, progress=False, device="cpu", distributed=False)
+    idx = Index.open(tmp_path / "idx", model=model)
+    (tmp_path / "g" / "img001.png").unlink()
+    (tmp_path / "g" / "img002-segmask.png").unlink()  # a stored mask gone: the library's message names the file
+    with TestClient(create_app(idx), base_url=LOCAL) as c:
+        answers = [c.post("/search", data={"text": "red", "ref_id": "img001"}), c.get("/images/img001"),
+                   c.post("/search", data={"text": "red", "ref_id": "img002"})]
+    assert [r.status_code for r in answers] == [404, 404, 422]
+    assert "no longer on disk" in answers[0].json()["detail"]
+    for r in answers:
+        assert str(tmp_path) not in r.text and "/tmp" not in r.text, r.text
+    # a file under the gallery is named relative to it, as the ids a client already sees
+    assert "reference mask <gallery>/img002-segmask.png does not exist" in answers[2].json()["detail"]
+
+
+def test_allowed_host_names():
+    from offset_cir.errors import UserInputError
+    from offset_cir.search.service import allowed_host_names, host_of_header
+
+    names = allowed_host_names("::1", ["Search.Example.org.", "192.168.1.4"])
+    assert names == {"localhost", "127.0.0.1", "[::1]", "search.example.org", "192.168.1.4"}
+    assert allowed_host_names("0.0.0.0", ["*"]) is None
+    assert [host_of_header(h) for h in ("[0:0:0:0:0:0:0:1]:80", "LocalHost:8000", "a.b:99999999", "x y")] == [
+        "[::1]", "localhost", None, None]
+    with pytest.raises(UserInputError, match="--allowed-host 'not a host!'"):
+        allowed_host_names(None, ["not a host!"])
+
+
+def test_invented_http_methods_share_one_metrics_series(client):
+    """Any token is a method to h11: each must not become its own series (unbounded /metrics from one client)."""
+    for i in range(20):
+        client.request(f"XYZZY{i}", "/health")
+    page = client.get("/metrics").text
+    methods = {m for m in re.findall(r'offset_http_requests_total\{[^}]*method="([^"]*)"', page)}
+    assert "other" in methods and not any(m.startswith("XYZZY") for m in methods), methods
+
+
+def test_server_folders_with_spaces_do_not_leak_into_answers():
+    """A gallery under '/…/My Pictures (old), 2024' named in a library error reaches the client as <gallery>/…"""
+    from offset_cir.search.service import public_message
+
+    root = "/home/J Smith/My Pictures (old), 2024"
+    msg = f"reference mask {root}/sub/a-segmask.png is 200x50 but its image {root}/sub/a.png is 64x64"
+    out = public_message(msg, [(root, "<gallery>")])
+    assert "Smith" not in out and "Pictures" not in out and "/home" not in out, out
+    assert "<gallery>/sub/a-segmask.png is 200x50" in out and "64x64" in out
+    assert public_message(f"{root}/x.png") != f"{root}/x.png"  # the pattern alone still hides the start

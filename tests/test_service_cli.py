@@ -60,6 +60,8 @@ def test_offset_serve_process(tmp_path):
         want = Index.open(tmp_path / "idx").search_id("img001", "make it red", k=3)
         assert [x["id"] for x in r.json()["results"]] == [h.id for h in want]
         assert client.get(base + "/images/..%2Fck%2Fconfig.json", timeout=5).status_code == 404
+        rebound = client.get(base + "/health", headers={"host": f"rebind.example:{port}"}, timeout=5)
+        assert rebound.status_code == 400 and "content-security-policy" in rebound.headers
     finally:
         client.close()
         proc.send_signal(signal.SIGINT)
@@ -69,3 +71,4 @@ def test_offset_serve_process(tmp_path):
             proc.kill()
             out = proc.communicate(timeout=10)[0]
     assert f"on http://127.0.0.1:{port}/" in out
+    assert f"loading checkpoint {ckpt}" in out and f"loaded checkpoint {ckpt} in " in out  # not 13 s of silence

@@ -5,10 +5,7 @@ Needs Debian's ``chromium`` and ``chromium-driver`` (``make browser``); skipped 
 from __future__ import annotations
 
 import shutil
-import socket
 import sys
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ if not CHROMIUM.exists() or not DRIVER.exists():
     pytest.skip(f"browser test needs {CHROMIUM} and {DRIVER} (Debian chromium + chromium-driver: `make browser`)",
                 allow_module_level=True)
 pytest.importorskip("selenium")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 
 from selenium import webdriver  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
@@ -30,7 +27,7 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_search_support import FakeModel, make_gallery  # noqa: E402
+from test_search_support import FakeModel, make_gallery, serve_in_thread  # noqa: E402
 
 from offset_cir.search import Index, build_index  # noqa: E402
 from offset_cir.search.service import create_app  # noqa: E402
@@ -40,29 +37,14 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
+    """The app under `offset serve`'s own server (service.make_server), with its Host check and CSP."""
     base = tmp_path_factory.mktemp("web")
     make_gallery(base / "g", n=12)
     model = FakeModel()
     build_index(base / "idx", base / "g", model=model, progress=False, device="cpu", distributed=False)
     index = Index.open(base / "idx", model=model)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))  # loopback only, a free port chosen by the OS
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(index), log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    for _ in range(200):  # bounded wait for the server to come up
-        if server.started:
-            break
-        time.sleep(0.05)
-    assert server.started, "uvicorn did not start"
-    try:
-        yield base, index, f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
+    with serve_in_thread(create_app(index, host="127.0.0.1"), log_level="warning") as url:
+        yield base, index, url
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +57,7 @@ def browser(tmp_path_factory):
                  "--no-proxy-server",
                  f"--user-data-dir={profile}", "--window-size=1200,900"):
         opts.add_argument(flag)
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # CSP violations are reported to the console
     driver = webdriver.Chrome(service=Service(executable_path=str(DRIVER)), options=opts)
     driver.set_page_load_timeout(30)
     try:
@@ -124,3 +107,19 @@ def test_pick_a_gallery_reference_and_see_errors(live, browser):
     wait.until(lambda d: len(_result_ids(d)) == 10)
     assert _result_ids(browser) == [h.id for h in index.search_id("img002", "more yellow", k=10)]
     assert "mask: stored" in browser.find_element(By.ID, "results-title").text
+
+
+def test_page_works_under_its_content_security_policy(live, browser):
+    base, index, url = live
+    browser.get_log("browser")  # drop what earlier tests left
+    browser.get(url + "/")
+    wait = WebDriverWait(browser, 20)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery figure.pick")) == 12)
+    wait.until(lambda d: d.execute_script(
+        "return [...document.querySelectorAll('#gallery img')].every(i => i.complete && i.naturalWidth > 0)"))
+    browser.find_element(By.CSS_SELECTOR, '#gallery figure.pick[data-id="img005"]').click()
+    # the inline style applied (the stylesheet is allowed by its hash): the reference preview is shown
+    assert browser.find_element(By.ID, "ref-preview").is_displayed()
+    violations = [e["message"] for e in browser.get_log("browser")
+                  if "Content Security Policy" in e["message"] or "Refused to" in e["message"]]
+    assert violations == []

@@ -5,7 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
-from offset_cir.commands.eval import add_dataset_arguments, dataset_settings
+from offset_cir.commands.eval import add_dataset_arguments, cli_names, cli_wording, dataset_settings
 from offset_cir.errors import UserInputError
 
 NAME = "doctor"
@@ -15,7 +15,7 @@ HELP = "check a dataset folder: counts, missing files, manifest"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", help="fashioniq, shoes, cirr, fashion200k or synthetic")
     add_dataset_arguments(parser, dataset_flag=False)
-    parser.add_argument("--split", action="append", help="check only this split (repeatable)")
+    parser.add_argument("--split", action="append", help="check only this split (repeatable; default: every split)")
     parser.add_argument("--manifest", help="manifest file to write (default: <dataset>-manifest.json here)")
     parser.add_argument("--compare", help="a manifest from another copy: list files that differ")
     parser.add_argument("--no-masks", action="store_true", help="masks are not required (models without masks)")
@@ -24,6 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    with cli_names():
+        return _run(args)
+
+
+def _run(args) -> int:
     from offset_cir.data import get_dataset
     from offset_cir.data.doctor import SHOW, check, compare_manifests, write_manifest
 
@@ -33,9 +38,10 @@ def run(args) -> int:
     bench = get_dataset(args.dataset, args.root, **settings)
     report = check(bench, args.split, open_images=not args.no_open, hashes=not args.no_hash)
     for line in report.lines():
-        print(line)
+        print(cli_wording(line))
     path = write_manifest(report.manifest, args.manifest or f"{bench.name}-manifest.json")
-    print(f"manifest: {path} ({len(report.manifest.get('files', []))} files)")
+    print(f"manifest: {path} ({len(report.manifest.get('files', []))} files, {report.manifest.get('hash')}; "
+          f"`offset eval --manifest {path}` records it with the result)")
     differs = False
     if args.compare:
         other = Path(args.compare)

@@ -27,6 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prune", action="store_true", help="drop indexed images that left the folder")
     parser.add_argument("--limit", type=int, default=None, help="encode at most this many new images now")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    parser.add_argument("--runtime", choices=["torch", "onnx"], default="torch",
+                        help="encode with torch or onnxruntime (CPU); the same features within float tolerance")
+    parser.add_argument("--onnx", default=None, metavar="DIR",
+                        help="--runtime onnx: folder made by `offset export` (default: export the checkpoint now)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -34,12 +39,17 @@ def run(args: argparse.Namespace) -> int:
     from offset_cir.search.index import build_index, make_mask_generator
 
     gen = make_mask_generator(args.captioner, args.segmenter, args.device)
+    model = None
+    if args.runtime != "torch":  # onnxruntime encoder (offset_cir.export.runtime); checked against the checkpoint
+        from offset_cir.export.runtime import load_encoder
+
+        model = load_encoder(args.checkpoint, args.runtime, onnx_dir=args.onnx)
     rep = build_index(
-        args.out, args.images, checkpoint=args.checkpoint, masks_dir=args.masks, mask_generator=gen,
+        args.out, args.images, checkpoint=args.checkpoint, model=model, masks_dir=args.masks, mask_generator=gen,
         batch_size=args.batch_size, num_workers=args.workers, shard_size=args.shard_size, dtype=args.dtype,
         exact_max=args.exact_max if args.exact_max is not None else ann.EXACT_MAX,
         hnsw_max=args.hnsw_max if args.hnsw_max is not None else ann.HNSW_MAX,
-        prune=args.prune, limit=args.limit, device=args.device,
+        prune=args.prune, limit=args.limit, device=args.device, progress=not args.no_progress,
     )
     if rep is not None:  # rank 0
         s = rep.search

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--all-backbones", action="store_true", help="list every OpenCLIP ViT name too")
+    p.add_argument("--all-backbones", action="store_true",
+                   help="list every buildable backbone name of each family, not only the first four")
 
 
 def run(args) -> int:
@@ -13,7 +14,7 @@ def run(args) -> int:
     import torch
 
     import offset_cir
-    from offset_cir.model.backbone import PACKAGE_BACKBONES, available_backbones
+    from offset_cir.model.backbone import PACKAGE_BACKBONES, PACKAGED_FACTORIES, available_backbones, backbone_family
     from offset_cir.model.config import ABLATIONS
     from offset_cir.train.config import preset_names
 
@@ -21,8 +22,18 @@ def run(args) -> int:
           f"python {platform.python_version()}  cuda {'yes' if torch.cuda.is_available() else 'no'}")
     names = available_backbones()
     print("package backbones (offline, random init):", ", ".join(sorted(PACKAGE_BACKBONES)))
-    vits = [n for n in names if n not in PACKAGE_BACKBONES]
-    print(f"OpenCLIP ViTs ({len(vits)}):", ", ".join(vits if args.all_backbones else vits[:12] + ["..."]))
+    for name in sorted(PACKAGED_FACTORIES):
+        print(f"packaged backbone {name}: {backbone_family(name)}")
+    # Only what this version builds, grouped by tower family (decided from each OpenCLIP config, nothing built).
+    by_family: dict[str, list[str]] = {}
+    for name in names:
+        if name not in PACKAGE_BACKBONES and name not in PACKAGED_FACTORIES:
+            family = backbone_family(name)
+            by_family.setdefault(family, []).append(name)
+    print(f"OpenCLIP backbones ({sum(map(len, by_family.values()))}) by family:")
+    for family, members in sorted(by_family.items()):
+        shown = members if args.all_backbones or len(members) <= 4 else members[:4] + ["..."]
+        print(f"  {family} [{len(members)}]: {', '.join(shown)}")
     p = preset_names()
     print("presets:", ", ".join(p["presets"]))
     print("experiments:", ", ".join(p["experiments"]))

@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="letterbox (default: pad to a square, aligned masks) or squash (the release)")
     mod.add_argument("--max-new-tokens", type=int, default=30, help="caption length limit (tokens)")
     run = parser.add_argument_group("running")
-    run.add_argument("--batch-size", type=int, default=8)
+    run.add_argument("--batch-size", type=int, default=8, help="images captioned and segmented per forward pass")
     run.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda, cuda:1, ...")
     run.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
     run.add_argument("--workers", type=int, default=4, help="threads decoding images and checking masks")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from offset_cir.commands.eval import add_dataset_arguments, dataset_settings, default_device
+from offset_cir.commands.eval import add_dataset_arguments, cli_names, dataset_settings, default_device
 from offset_cir.errors import UserInputError
 
 NAME = "submit"
@@ -13,15 +13,22 @@ HELP = "write the CIRR test-server files"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("benchmark", choices=["cirr"], help="only cirr has a test server")
     add_dataset_arguments(parser, dataset_flag=False)
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint folder saved by offset train (e.g. RUN/best), its model.safetensors, or "
+                             "hf-hub:ORG/NAME from the Hugging Face hub")
     parser.add_argument("--out", required=True, help="folder for the two JSON files")
-    parser.add_argument("--split", default="test1")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--device")
+    parser.add_argument("--split", default="test1", help="the CIRR split the test server scores")
+    parser.add_argument("--batch-size", type=int, default=32, help="queries and gallery images per forward pass")
+    parser.add_argument("--num-workers", type=int, default=2, help="data-loader worker processes")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
 def run(args) -> int:
+    with cli_names():
+        return _run(args)
+
+
+def _run(args) -> int:
     import offset_cir
     from offset_cir.data import get_dataset
     from offset_cir.eval.cirr_submission import predict_test, validate_submission, write_submission

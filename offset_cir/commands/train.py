@@ -1,27 +1,63 @@
-"""`offset train --config PRESET_OR_FILE [key=value ...]` and `offset train --resume RUN_DIR`."""
+"""`offset train --config PRESET_OR_FILE [key=value ...]` and `offset train --resume RUN_DIR [budget=value ...]`."""
 from __future__ import annotations
 
 import json
+import logging
 
 
 def add_arguments(p) -> None:
     p.add_argument("--config", default=None, help="preset (fashioniq, shoes, cirr, fashion200k, synthetic), "
                    "experiment name (e.g. cirr_wo_fm) or a YAML file")
-    p.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue an interrupted run from its folder")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run from its folder; key=value may then raise its budget only "
+                        "(max_steps, epochs, time_budget_minutes, early_stop_patience)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in out_dir (default: refuse a non-empty out_dir)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. model.backbone=tiny batch_size=8 optim.new_lr=1e-3")
 
 
 def run(args) -> int:
+    import signal
+
+    # From the very start (the imports below take seconds): a SIGINT/SIGTERM is remembered, and the trainer,
+    # which appends to the same list, stops at its first safe point. A second one stops at once.
+    received: list[int] = []
+
+    def remember(signum, frame):
+        if received:
+            raise KeyboardInterrupt
+        received.append(signum)
+        logging.getLogger("offset_cir.train").warning(
+            "signal %d: stopping once the set-up is done; a second one stops at once", signum)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, remember)
+        except ValueError:  # not in the main thread
+            pass
+    try:
+        return _run(args, received)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(args, received: list[int]) -> int:
     from offset_cir.errors import UserInputError
     from offset_cir.train.config import load_config
     from offset_cir.train.trainer import Trainer, _to_yaml
 
     if args.resume:
-        if args.config or args.overrides:
-            raise UserInputError("--resume continues a run with its saved config: give no --config or overrides")
-        trainer = Trainer(None, resume=args.resume, progress=not args.no_progress)
+        if args.config:
+            raise UserInputError("--resume continues a run with its saved config: give no --config (key=value may "
+                                 "raise its budget, e.g. max_steps=N or epochs=N)")
+        if args.overwrite:
+            raise UserInputError("--overwrite starts a new run in place of an old one, --resume continues it: give one")
+        trainer = Trainer(None, resume=args.resume, progress=not args.no_progress, overrides=args.overrides,
+                          stop_signals=received)
     else:
         if not args.config:
             raise UserInputError("give --config PRESET_OR_FILE (see `offset info`) or --resume RUN_DIR")
@@ -29,7 +65,7 @@ def run(args) -> int:
         if args.print_config:
             print(_to_yaml(cfg.to_dict()))
             return 0
-        trainer = Trainer(cfg, progress=not args.no_progress)
+        trainer = Trainer(cfg, progress=not args.no_progress, overwrite=args.overwrite, stop_signals=received)
     summary = trainer.fit()
     if trainer.dist.is_main:
         print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2))

@@ -200,12 +200,18 @@ class EvalSet:
     mask_path: Callable[[str], Path]
     keys: dict[str, str] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # what error messages name, e.g. "fashioniq split val, unit dress" (set by evaluate)
+
+    def _source(self) -> str:
+        return self.source or f"evaluation unit {self.name}"
 
     def query_dataset(self, preprocess, load_masks: bool, train: bool = False) -> "QueryDataset":
-        return QueryDataset(self.queries, self.image_path, self.mask_path, preprocess, load_masks, train)
+        return QueryDataset(self.queries, self.image_path, self.mask_path, preprocess, load_masks, train,
+                            source=self._source())
 
     def gallery_dataset(self, ids: Sequence[str], preprocess, load_masks: bool) -> "ImageDataset":
-        return ImageDataset(ids, self.image_path, self.mask_path, preprocess, load_masks)
+        return ImageDataset(ids, self.image_path, self.mask_path, preprocess, load_masks,
+                            source=f"{self._source()}, gallery")
 
 
 # --------------------------------------------------------------------------------------------- datasets
@@ -216,12 +222,14 @@ def _empty() -> torch.Tensor:
 class _Loader:
     """Opens image and mask of an id and runs ``preprocess.pair`` (shared by the Datasets)."""
 
-    def __init__(self, image_path, mask_path, preprocess, load_masks: bool, train: bool):
+    def __init__(self, image_path, mask_path, preprocess, load_masks: bool, train: bool, source: str = ""):
         self.image_path, self.mask_path = image_path, mask_path
         self.preprocess, self.load_masks, self.train = preprocess, bool(load_masks), bool(train)
+        self.source = source
 
-    def load(self, image_id: str) -> tuple[torch.Tensor, torch.Tensor]:
-        img = open_image(self.image_path(image_id), "RGB", "image")
+    def load(self, image_id: str, record: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+        ipath = self.image_path(image_id)
+        img = open_image(ipath, "RGB", "image")
         mask = None
         if self.load_masks:
             mpath = self.mask_path(image_id)
@@ -230,6 +238,13 @@ class _Loader:
                     f"mask not found: {mpath} (image {image_id}); make masks with `offset masks`, "
                     "or use a model configured without masks (ablation w/o FM)")
             mask = open_image(mpath, "L", "mask")
+            if mask.size != img.size:
+                # A dominant-portion mask is made at its image's size (SPEC section 1); another size means the
+                # mask belongs to another image or was resized: refuse it rather than stretch it silently.
+                where = ", ".join(x for x in (self.source, record) if x) or f"image {image_id}"
+                raise DatasetError(
+                    f"{where}: mask {mpath} is {mask.size[0]}x{mask.size[1]} (width x height) but its image {ipath} "
+                    f"is {img.size[0]}x{img.size[1]}; a mask must have its image's size (remake it with `offset masks`)")
         img_t, mask_t = self.preprocess.pair(img, mask, self.train)
         return img_t, (mask_t if mask_t is not None else _empty())
 
@@ -241,51 +256,78 @@ class TripletDataset(Dataset):
     ``load_masks`` is False.
     """
 
-    def __init__(self, queries: list[Query], image_path, mask_path, preprocess, train: bool, load_masks: bool):
+    def __init__(self, queries: list[Query], image_path, mask_path, preprocess, train: bool, load_masks: bool,
+                 source: str = ""):
         missing = [q for q in queries if q.target is None]
         if missing:
             raise DatasetError(f"triplets need targets; query {missing[0].index} (reference {missing[0].reference}) has none")
         self.queries = queries
-        self._loader = _Loader(image_path, mask_path, preprocess, load_masks, train)
+        self._loader = _Loader(image_path, mask_path, preprocess, load_masks, train, source)
 
     def __len__(self) -> int:
         return len(self.queries)
 
     def __getitem__(self, i: int) -> dict:
         q = self.queries[i]
-        ref, ref_m = self._loader.load(q.reference)
-        tgt, tgt_m = self._loader.load(q.target)
+        record = f"triplet {i} (reference {q.reference}, target {q.target})"
+        ref, ref_m = self._loader.load(q.reference, f"{record}, its reference")
+        tgt, tgt_m = self._loader.load(q.target, f"{record}, its target")
         return {"ref_image": ref, "ref_mask": ref_m, "text": q.text, "tgt_image": tgt, "tgt_mask": tgt_m, "index": i}
 
 
 class QueryDataset(Dataset):
     """Evaluation queries: ``{"ref_image","ref_mask","text","index"}`` (evaluation transform)."""
 
-    def __init__(self, queries: list[Query], image_path, mask_path, preprocess, load_masks: bool, train: bool = False):
+    def __init__(self, queries: list[Query], image_path, mask_path, preprocess, load_masks: bool, train: bool = False,
+                 source: str = ""):
         self.queries = queries
-        self._loader = _Loader(image_path, mask_path, preprocess, load_masks, train)
+        self._loader = _Loader(image_path, mask_path, preprocess, load_masks, train, source)
 
     def __len__(self) -> int:
         return len(self.queries)
 
     def __getitem__(self, i: int) -> dict:
         q = self.queries[i]
-        ref, ref_m = self._loader.load(q.reference)
+        ref, ref_m = self._loader.load(q.reference, f"query {i} (reference {q.reference})")
         return {"ref_image": ref, "ref_mask": ref_m, "text": q.text, "index": i}
+
+
+class ItemSeededDataset(Dataset):
+    """Wraps a Dataset so that item ``i``'s random augmentation (torch's RNG: the training crop) is drawn from a
+    generator seeded by ``(seed, salt, i)`` alone: the same crops whatever the DataLoader's worker count, batch
+    size or order, and the caller's RNG state is left untouched. (Training's ``SeededItems`` does the same per
+    epoch.) ``salt`` tells evaluation units apart (FashionIQ categories share item indices)."""
+
+    def __init__(self, base: Dataset, seed: int, salt: str = ""):
+        import zlib
+
+        self.base, self.seed, self.salt = base, int(seed), str(salt)
+        self._salt_code = zlib.crc32(self.salt.encode("utf-8"))
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def item_seed(self, i: int) -> int:
+        return (self.seed * 1_000_003 + self._salt_code * 10_007 + int(i)) % (2**63)
+
+    def __getitem__(self, i: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.item_seed(i))
+            return self.base[i]
 
 
 class ImageDataset(Dataset):
     """Gallery images: ``{"image","mask","index"}`` (evaluation transform)."""
 
-    def __init__(self, ids: Sequence[str], image_path, mask_path, preprocess, load_masks: bool):
+    def __init__(self, ids: Sequence[str], image_path, mask_path, preprocess, load_masks: bool, source: str = ""):
         self.ids = list(ids)
-        self._loader = _Loader(image_path, mask_path, preprocess, load_masks, False)
+        self._loader = _Loader(image_path, mask_path, preprocess, load_masks, False, source)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict:
-        img, mask = self._loader.load(self.ids[i])
+        img, mask = self._loader.load(self.ids[i], f"image {i} ({self.ids[i]})")
         return {"image": img, "mask": mask, "index": i}
 
 
@@ -380,24 +422,30 @@ class Benchmark:
     def triplets(self, split: str, preprocess, train: bool = True, load_masks: bool = True) -> TripletDataset:
         """Triplets of a split as a lazily loading torch Dataset (architecture: data contract)."""
         load_masks = self._check_masks(load_masks)
-        return TripletDataset(self.queries(split), self.image_path, self.mask_path, preprocess, train, load_masks)
+        split = self.canonical_split(split)
+        return TripletDataset(self.queries(split), self.image_path, self.mask_path, preprocess, train, load_masks,
+                              source=f"{self.name} split {split}")
 
     def query_dataset(self, split: str, preprocess, load_masks: bool = True) -> QueryDataset:
         """All queries of a split (evaluation transform); targets may be absent."""
         load_masks = self._check_masks(load_masks)
-        return QueryDataset(self.queries(split), self.image_path, self.mask_path, preprocess, load_masks)
+        split = self.canonical_split(split)
+        return QueryDataset(self.queries(split), self.image_path, self.mask_path, preprocess, load_masks,
+                            source=f"{self.name} split {split}")
 
     def gallery_dataset(self, split: str, preprocess, load_masks: bool = True, gallery: str | None = None,
                         group: str | None = None) -> ImageDataset:
         """The gallery images of a split (first evaluation unit unless ``group`` names one)."""
         load_masks = self._check_masks(load_masks)
-        sets = self.eval_sets(self.canonical_split(split))
+        split = self.canonical_split(split)
+        sets = self.eval_sets(split)
         es = next((s for s in sets if group in (None, s.name)), None)
         if es is None:
             raise DatasetError(f"{self.name}: no evaluation unit {group!r} in split {split}")
         name = gallery or next(iter(es.galleries))
         if name not in es.galleries:
             raise DatasetError(f"{self.name}: unknown gallery {name!r}; choose from {', '.join(es.galleries)}")
+        es.source = es.source or f"{self.name} split {split}, unit {es.name}"
         return es.gallery_dataset(es.galleries[name], preprocess, load_masks)
 
     def __repr__(self) -> str:

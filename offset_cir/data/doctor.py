@@ -1,7 +1,8 @@
 """``offset doctor``: check a benchmark copy (SPEC section 6).
 
 Per split: triplet count, images and masks the split's protocol needs, which are missing (first 20 names and
-the total), which images do not open; then a manifest (relative path, size, sha256 of every annotation
+the total), which images do not open; which split a protocol made for this benchmark needs is absent (a
+synthetic copy without ``test``); then a manifest (relative path, size, sha256 of every annotation
 file, image and mask found) so that two people can compare their copies (:func:`compare_manifests`).
 """
 from __future__ import annotations
@@ -43,15 +44,22 @@ class Report:
     masks_required: bool
     splits: list[SplitReport]
     manifest: dict
+    # split -> the protocols (made for this benchmark) that evaluate on it, for splits this copy lacks
+    missing_splits: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return not any(s.problems(self.masks_required) for s in self.splits) and bool(self.splits)
+        return (not any(s.problems(self.masks_required) for s in self.splits) and bool(self.splits)
+                and not self.missing_splits)
 
     def lines(self) -> list[str]:
         out = [f"{self.dataset} at {self.root}"]
         if not self.splits:
             out.append("  no split found: the annotation files are missing")
+        for split, protocols in self.missing_splits.items():
+            names = ", ".join(protocols)
+            out.append(f"  {split}: MISSING, needed by protocol{'s' if len(protocols) > 1 else ''} {names} "
+                       f"(no annotation files for split {split!r} in this copy)")
         for s in self.splits:
             if s.error:
                 out.append(f"  {s.split}: ERROR {s.error}")
@@ -95,6 +103,17 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
+def protocol_splits(bench) -> dict[str, list[str]]:
+    """split -> the evaluation protocols made for this benchmark (SPEC section 7) that evaluate on it."""
+    from offset_cir.eval.evaluate import PROTOCOLS
+
+    out: dict[str, list[str]] = {}
+    for proto in PROTOCOLS.values():
+        if proto.datasets and proto.datasets[0] == bench.name:
+            out.setdefault(bench.split_aliases.get(proto.split, proto.split), []).append(proto.name)
+    return out
+
+
 def check(bench, splits: list[str] | None = None, masks: bool | None = None, open_images: bool = True,
           hashes: bool = True, progress: bool = True) -> Report:
     """Inspect ``bench`` (see module doc). ``masks``: whether masks are required (default: ``bench.use_masks``)."""
@@ -104,6 +123,8 @@ def check(bench, splits: list[str] | None = None, masks: bool | None = None, ope
     except DatasetError as exc:
         return Report(bench.name, str(bench.root), masks, [SplitReport("-", error=str(exc))], {})
     wanted = [bench.canonical_split(s) for s in splits] if splits else available
+    missing_splits = {s: p for s, p in protocol_splits(bench).items()  # only the splits asked for, when asked
+                      if s not in available and (not splits or s in wanted)}
     reports, files = [], {}
     for split in wanted:
         rep = SplitReport(split)
@@ -153,7 +174,17 @@ def check(bench, splits: list[str] | None = None, masks: bool | None = None, ope
                    **({"sha256": sha256_of(p)} if hashes else {})}
                   for p, kind in sorted(files.items(), key=lambda kv: str(kv[0]))],
     }
-    return Report(bench.name, str(bench.root), masks, reports, manifest)
+    manifest["hash"] = manifest_hash(manifest)
+    return Report(bench.name, str(bench.root), masks, reports, manifest, missing_splits)
+
+
+def manifest_hash(manifest: dict) -> str:
+    """``sha256:<hex>`` of a manifest's file list (path, kind, size, sha256 of every file; not its date or
+    location): two copies with equal files have the same hash, so a result can name the copy it was scored on."""
+    files = sorted(({k: f.get(k) for k in ("path", "kind", "size", "sha256") if k in f}
+                    for f in manifest.get("files", [])), key=lambda f: str(f.get("path")))
+    blob = json.dumps({"dataset": manifest.get("dataset"), "files": files}, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 def write_manifest(manifest: dict, path) -> Path:

@@ -48,6 +48,7 @@ class FashionIQ(Benchmark):
             cats = [c.strip() for c in categories.split(",") if c.strip()]
         else:
             cats = list(categories)
+        cats = list(dict.fromkeys(cats))  # "dress,dress" is one category (one evaluation unit)
         bad = [c for c in cats if c not in CATEGORIES]
         if bad or not cats:
             raise DatasetError(f"fashioniq: unknown category {bad or categories!r}; choose from {', '.join(CATEGORIES)} or 'all'")

@@ -30,7 +30,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from offset_cir.data.common import EvalSet, collate
+from offset_cir.data.common import EvalSet, ItemSeededDataset, collate
 from offset_cir.errors import DatasetError, UserInputError
 from offset_cir.eval import metrics as M
 
@@ -92,9 +92,9 @@ def _device_of(model, device) -> torch.device:
         return torch.device("cpu")
 
 
-def _loader(ds, batch_size: int, num_workers: int, generator: torch.Generator | None = None) -> DataLoader:
+def _loader(ds, batch_size: int, num_workers: int) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
-                      persistent_workers=False, generator=generator)
+                      persistent_workers=False)
 
 
 def _progress(it, total: int, desc: str, enabled: bool):
@@ -133,20 +133,18 @@ class _Encoder:
         return torch.cat(out)
 
     def queries(self, es: EvalSet) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Query features in file order. With the training transform (A2) the random crops are drawn from a
-        generator seeded with ``seed`` (the caller's RNG state is left untouched), so results repeat."""
-        train = self.query_train_transform
-        ds = es.query_dataset(self.preprocess, self.needs_masks, train=train)
-        loader = _loader(ds, self.batch_size, self.num_workers,
-                         torch.Generator().manual_seed(self.seed) if train else None)
-        with torch.random.fork_rng(devices=[], enabled=train):
-            if train:
-                torch.manual_seed(self.seed)
-            for batch in _progress(loader, len(loader), f"queries {es.name}", self.progress):
-                feats = self.model.encode_query(batch["ref_image"].to(self.device), self._masks(batch, "ref_mask"),
-                                                batch["text"])
-                _check_finite(feats, f"query features of {es.name}", batch["index"])
-                yield batch["index"], feats.float()
+        """Query features in file order. With the training transform (A2) each query's random crop is drawn from
+        a generator seeded by (``seed``, unit, query index) alone, so results repeat and do not depend on the
+        number of DataLoader workers or the batch size (the caller's RNG state is left untouched)."""
+        ds = es.query_dataset(self.preprocess, self.needs_masks, train=self.query_train_transform)
+        if self.query_train_transform:
+            ds = ItemSeededDataset(ds, self.seed, salt=es.name)
+        loader = _loader(ds, self.batch_size, self.num_workers)
+        for batch in _progress(loader, len(loader), f"queries {es.name}", self.progress):
+            feats = self.model.encode_query(batch["ref_image"].to(self.device), self._masks(batch, "ref_mask"),
+                                            batch["text"])
+            _check_finite(feats, f"query features of {es.name}", batch["index"])
+            yield batch["index"], feats.float()
 
 
 def _check_finite(feats: torch.Tensor, what: str, index) -> None:
@@ -278,6 +276,14 @@ def _model_stamp(model) -> dict:
             "config": config}
 
 
+def _put(metrics: dict[str, float], new: dict[str, float], unit: str) -> None:
+    """Add ``new`` to ``metrics``; a key that is already there is a bug (one unit's result would replace another's)."""
+    clash = sorted(set(new) & set(metrics))
+    if clash:
+        raise RuntimeError(f"evaluation unit {unit}: metric keys {clash} already set by another unit or gallery")
+    metrics.update(new)
+
+
 def _metrics_of(ranks: torch.Tensor, ks, prefix: str = "") -> dict[str, float]:
     return {f"{prefix}R@{k}": M.recall_at_k(ranks, k) for k in ks}
 
@@ -297,6 +303,11 @@ def evaluate(model, bench, protocol: str | None = None, split: str | None = None
         raise UserInputError(f"query_transform must be 'eval' or 'train', got {query_transform!r}")
     split = bench.canonical_split(split or proto.split)
     units = bench.eval_sets(split)
+    for es in units:  # error messages about an item name the dataset, split and unit
+        es.source = es.source or f"{bench.name} split {split}, unit {es.name}"
+    names = [es.name for es in units]
+    if len(set(names)) != len(names):
+        raise DatasetError(f"{bench.name} split {split}: evaluation units must have distinct names, got {names}")
     for es in units:
         if any(q.target is None for q in es.queries):
             raise UserInputError(f"{bench.name} split {split} has no targets: it cannot be scored offline"
@@ -308,6 +319,8 @@ def evaluate(model, bench, protocol: str | None = None, split: str | None = None
     subset = bool(proto.subset_ks)
     need_top = save_rankings is not None
     metrics: dict[str, float] = {}
+    unit_metrics: list[dict[str, float]] = []
+    several = len(units) > 1 and not proto.per_unit  # per-unit protocols name the unit in every key already
     counts: dict[str, int] = {}
     sizes: dict[str, dict[str, int]] = {g: {} for g in proto.galleries}
     notes: dict = {}
@@ -318,27 +331,38 @@ def evaluate(model, bench, protocol: str | None = None, split: str | None = None
             for es in units:
                 r = rank_unit(enc, es, proto.galleries, subset=subset, need_top=need_top)
                 counts[es.name] = len(es.queries)
+                um: dict[str, float] = {}  # this unit's metrics
                 for g in proto.galleries:
                     sizes[g][es.name] = len(es.galleries[g])
                     if proto.per_unit:
-                        metrics.update(_metrics_of(r.ranks[g], proto.ks, f"{g}/{es.name}/"))
+                        _put(um, _metrics_of(r.ranks[g], proto.ks, f"{g}/{es.name}/"), es.name)
                     else:
-                        metrics.update(_metrics_of(r.ranks[g], proto.ks))
+                        _put(um, _metrics_of(r.ranks[g], proto.ks), es.name)
                 if subset:
-                    metrics.update({f"R_subset@{k}": M.recall_at_k(r.subset_ranks, k) for k in proto.subset_ks})
-                    metrics["(R@5+R_subset@1)/2"] = (metrics["R@5"] + metrics["R_subset@1"]) / 2
+                    _put(um, {f"R_subset@{k}": M.recall_at_k(r.subset_ranks, k) for k in proto.subset_ks}, es.name)
+                    _put(um, {"(R@5+R_subset@1)/2": (um["R@5"] + um["R_subset@1"]) / 2}, es.name)
                 unseen = es.notes.get("unseen_pairids")
                 if unseen is not None:
                     unseen = set(unseen)
                     sel = torch.as_tensor([q.pairid in unseen for q in es.queries], dtype=torch.bool)
-                    counts["unseen"] = int(sel.sum())
+                    counts[f"{es.name}/unseen" if len(units) > 1 else "unseen"] = int(sel.sum())
                     if sel.any():
-                        metrics.update(_metrics_of(r.ranks["all"][sel], proto.ks, "unseen_"))
+                        _put(um, _metrics_of(r.ranks["all"][sel], proto.ks, "unseen_"), es.name)
                         if subset:
-                            for k in proto.subset_ks:
-                                metrics[f"unseen_R_subset@{k}"] = M.recall_at_k(r.subset_ranks[sel], k)
-                            metrics["unseen_(R@5+R_subset@1)/2"] = (metrics["unseen_R@5"] + metrics["unseen_R_subset@1"]) / 2
-                notes.update({k: v for k, v in es.notes.items() if k != "unseen_pairids"})
+                            _put(um, {f"unseen_R_subset@{k}": M.recall_at_k(r.subset_ranks[sel], k)
+                                      for k in proto.subset_ks}, es.name)
+                            _put(um, {"unseen_(R@5+R_subset@1)/2": (um["unseen_R@5"] + um["unseen_R_subset@1"]) / 2},
+                                 es.name)
+                # Several units of a protocol that is not per unit: each unit's metrics under "<unit>/", and the
+                # unprefixed headline the mean over units (as FashionIQ's "avg"); never one unit over another.
+                _put(metrics, {(f"{es.name}/{k}" if several else k): v for k, v in um.items()}, es.name)
+                unit_metrics.append(um)
+                unit_notes = {k: v for k, v in es.notes.items() if k != "unseen_pairids"}
+                if len(units) > 1:
+                    if unit_notes:
+                        notes[es.name] = unit_notes
+                else:
+                    notes.update(unit_notes)
                 if need_top:
                     for g in proto.galleries:
                         for q, ids in zip(es.queries, r.top[g]):
@@ -348,6 +372,9 @@ def evaluate(model, bench, protocol: str | None = None, split: str | None = None
     finally:
         if was_training and hasattr(model, "train"):
             model.train()
+    if several:
+        shared = [k for k in unit_metrics[0] if all(k in um for um in unit_metrics)]
+        _put(metrics, {k: sum(um[k] for um in unit_metrics) / len(unit_metrics) for k in shared}, "mean over units")
     if proto.per_unit:
         for g in proto.galleries:
             for k in proto.ks:

@@ -91,3 +91,19 @@ def topk_indices(scores: torch.Tensor, k: int, excluded: torch.Tensor | None = N
     if excluded is not None:
         idx = torch.where(torch.isneginf(vals), torch.full_like(idx, -1), idx)
     return idx
+
+
+def chance_recall_at_k(gallery_size: int, k: int, reference_excluded: bool = True) -> float:
+    """R@k (in %) of a uniformly random ranking: the target is one of the ``n`` candidates, ``n`` = the gallery
+    minus the excluded reference (SPEC section 7), so P(rank <= k) = min(k, n) / n."""
+    n = int(gallery_size) - (1 if reference_excluded else 0)
+    if n < 1:
+        raise ValueError(f"a gallery of {gallery_size} images leaves no candidate")
+    return 100.0 * min(int(k), n) / n
+
+
+def chance_levels(gallery_size: int, subset_size: int = 6) -> dict[str, float]:
+    """The chance levels of the CIRR-style metrics: R@1 and R@10 over the gallery, R_subset@1 over an image set
+    of ``subset_size`` members (CIRR: 6); the reference is excluded from both."""
+    return {"R@1": chance_recall_at_k(gallery_size, 1), "R@10": chance_recall_at_k(gallery_size, 10),
+            "R_subset@1": chance_recall_at_k(subset_size, 1)}

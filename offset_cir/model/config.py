@@ -26,7 +26,9 @@ class ModelConfig:
     backbone: str = "tiny"
     pretrained: str | None = None
     # SPEC 3, MG-FP focus channels; D1: focus_channels_local=None means one width P for both sets.
-    focus_channels: int = 4
+    # focus_channels=None leaves P unset: ``convert_release_checkpoint`` reads it from the release's weights (a model
+    # cannot be built before it is set).
+    focus_channels: int | None = 4
     focus_channels_local: int | None = None
     vfm_heads: int = 4
     tfm_heads: int = 4
@@ -64,9 +66,11 @@ class ModelConfig:
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: expected one of {allowed}")
-        if self.focus_channels < 1 or (self.focus_channels_local is not None and self.focus_channels_local < 1):
+        if (self.focus_channels is not None and self.focus_channels < 1) or (
+                self.focus_channels_local is not None and self.focus_channels_local < 1):
             raise ValueError("ModelConfig.focus_channels must be >= 1")
-        if self.gate_split == "release" and self.focus_projection and (self.p_global + self.p_local) % 2:
+        if (self.gate_split == "release" and self.focus_projection and self.focus_channels is not None
+                and (self.p_global + self.p_local) % 2):
             raise ValueError(
                 f"ModelConfig: gate_split='release' (D4) pairs tokens two by two and needs an even token count; "
                 f"focus_channels + focus_channels_local = {self.p_global + self.p_local} is odd (use gate_split='per_token')"

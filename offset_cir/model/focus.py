@@ -32,6 +32,14 @@ def split_heads_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.
     return q, k, v
 
 
+def value_weight(qkv: nn.Conv1d, heads: int) -> torch.Tensor:
+    """The value rows of a release-layout qkv map (per head [q | k | v], SPEC section 9) as a [C, C_in] matrix,
+    heads in order: ``x @ value_weight(...).T`` equals the concatenated per-head values of ``split_heads_qkv``."""
+    c3, c_in = qkv.weight.shape[:2]
+    d = c3 // (3 * heads)
+    return qkv.weight[:, :, 0].view(heads, 3, d, c_in)[:, 2].reshape(heads * d, c_in)
+
+
 def attend(q, k, v, scale: float, key_valid: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v per head; q [B,H,Nq,d], k/v [B,H,Nk,d] -> [B, Nq, H*d]."""
     mask = None if key_valid is None else key_valid[:, None, None, :]
@@ -96,11 +104,12 @@ class TextualFocusMapping(nn.Module):
         """t, g_m [B, D] (and, for "tokens", mask patch tokens [B, hw, D], text tokens [B, L, D]) -> s [B, D]."""
         t, m = text_global[:, None], mask_global[:, None]  # B, 1, D
         if self.attention == "degenerate":
-            # Keys and values of each stream come from its own single token (queries from the other one).
-            q_t, k_t, v_t = split_heads_qkv(pointwise(self.qkv_text, t), self.heads)
-            q_m, k_m, v_m = split_heads_qkv(pointwise(self.qkv_mask, m), self.heads)
-            u_t = pointwise(self.out_text, attend(q_m, k_t, v_t, self.scale)) + t
-            u_m = pointwise(self.out_mask, attend(q_t, k_m, v_m, self.scale)) + m
+            # The release attends over one key per stream: the softmax is exactly 1 whatever the queries and keys,
+            # so the output is the value itself. Queries and keys are not computed at all: their true gradient is
+            # zero, and an attention kernel's backward would leave rounding noise there that AdamW turns into
+            # lr-sized drifts of the q/k rows (issue 9). The q/k rows stay in the weights (release layout).
+            u_t = pointwise(self.out_text, F.linear(t, value_weight(self.qkv_text, self.heads))) + t
+            u_m = pointwise(self.out_mask, F.linear(m, value_weight(self.qkv_mask, self.heads))) + m
         else:
             q_t, _, _ = split_heads_qkv(pointwise(self.qkv_text, t), self.heads)
             _, k_mt, v_mt = split_heads_qkv(pointwise(self.qkv_mask, mask_tokens), self.heads)

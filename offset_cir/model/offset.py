@@ -1,6 +1,7 @@
 """The OFFSET model (SPEC sections 1-4): reference branch, text branch, revision, target branch, losses."""
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable, Sequence
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from offset_cir.model.backbone import PACKAGE_BACKBONES, Backbone
+from offset_cir.model.backbone import Backbone
 from offset_cir.model.config import ModelConfig
 from offset_cir.model.focus import FocusProjection, FocusRevision, TextualFocusMapping, VisualFocusMapping, mean_pool
 from offset_cir.model.losses import batch_based_classification, focus_regularisation, focus_teacher
@@ -30,16 +31,28 @@ def build_model(config: ModelConfig | None = None, **overrides) -> "OFFSET":
     return OFFSET(config)
 
 
-def _make_tokenizer(name: str, context_length: int):
-    import open_clip
-    from open_clip.tokenizer import SimpleTokenizer
+def _zero_key_part(width: int, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of a [q | k | v] in-projection bias with its key part set to exactly zero."""
+    grad = grad.clone()
+    grad[width : 2 * width] = 0
+    return grad
 
-    if name not in PACKAGE_BACKBONES:
-        try:
-            return open_clip.get_tokenizer(name, context_length=context_length)
-        except Exception as exc:  # an HF tokenizer that cannot be fetched offline
-            log.warning("tokenizer of %s unavailable (%s); using OpenCLIP's BPE tokenizer", name, exc)
-    return SimpleTokenizer(context_length=context_length)
+
+def _exact_zero_key_bias_gradients(module: nn.Module) -> int:
+    """Give the key bias of every dot-product attention in ``module`` an exactly zero gradient; returns the count.
+
+    A key bias adds the same q . b_k to every score of a query, which the softmax ignores: its true gradient is
+    zero, but the attention kernel's backward leaves float rounding there (~1e-9), and AdamW normalises that noise
+    into lr-sized steps, so those biases would drift at random and differ between runs (issue 9). Only
+    ``nn.MultiheadAttention`` (OpenCLIP's ViTs) is treated: its bias is laid out [q | k | v].
+    """
+    count = 0
+    for sub in module.modules():
+        bias = getattr(sub, "in_proj_bias", None)
+        if isinstance(sub, nn.MultiheadAttention) and isinstance(bias, nn.Parameter) and bias.requires_grad:
+            bias.register_hook(functools.partial(_zero_key_part, bias.shape[0] // 3))
+            count += 1
+    return count
 
 
 class OFFSET(nn.Module):
@@ -52,6 +65,9 @@ class OFFSET(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = cfg = config
+        if cfg.focus_channels is None:
+            raise ValueError("ModelConfig.focus_channels is unset (None): give P, or let convert_release_checkpoint "
+                             "read it from the release's weights")
         self.backbone = Backbone(cfg.backbone, cfg.pretrained)
         dims = self.backbone.dims
         c_v, d, c_t = dims.visual_width, dims.embed_dim, dims.text_width
@@ -75,7 +91,7 @@ class OFFSET(nn.Module):
         self.preprocess = Preprocess(
             dims.image_size, pcfg.get("mean", OPENAI_MEAN), pcfg.get("std", OPENAI_STD), shared_crop=cfg.shared_crop
         )
-        self.tokenizer = _make_tokenizer(cfg.backbone, dims.context_length)
+        self.tokenizer = self.backbone.make_tokenizer()  # the tower's own (packaged, HF folder, OpenCLIP's)
         if cfg.grad_checkpointing:
             self.backbone.set_grad_checkpointing(True)
         # CLIP's own contrastive temperature is not part of OFFSET: freeze it so every trainable parameter
@@ -84,6 +100,7 @@ class OFFSET(nn.Module):
             p = getattr(self.backbone.clip, name, None)
             if isinstance(p, nn.Parameter):
                 p.requires_grad_(False)
+        _exact_zero_key_bias_gradients(self.backbone)
 
     # ----------------------------------------------------------------- helpers
     @property
@@ -134,8 +151,7 @@ class OFFSET(nn.Module):
         mask_tokens, g_m = mask_enc
         fused = self.vfm(tokens, mask_tokens)  # F_l' [B, hw, C_v]
         first = fused[:, 0] if self.config.global_token == "first" else fused.mean(dim=1)  # D11
-        proj = self.backbone.visual_proj
-        global_set = torch.stack([first @ proj.to(first.dtype) + g, g, g_m], dim=1)
+        global_set = torch.stack([self.backbone.project_visual(first) + g, g, g_m], dim=1)  # W_proj, any tower
         return global_set, self.image_fc(fused)
 
     def _visual_tokens(self, global_set, local_set, attention: bool) -> torch.Tensor:
@@ -150,18 +166,15 @@ class OFFSET(nn.Module):
         cfg = self.config
         text_tokens, t = self.backbone.encode_text(tokens_ids)
         valid = None
-        if cfg.text_padding == "mask":  # D14: positions after EOT leave MG-FP's softmax
-            eot = self.backbone.eot_positions(tokens_ids)
-            valid = torch.arange(tokens_ids.shape[1], device=tokens_ids.device)[None] <= eot[:, None]
+        if cfg.text_padding == "mask":  # D14: padding (positions after EOT) leaves MG-FP's softmax, any tokenizer
+            valid = self.backbone.text_attention_mask(tokens_ids)
         if self.tfm is not None:
             mask_tokens, g_m = mask_enc
             extra = {}
             if cfg.tfm_attention == "tokens":
-                proj = self.backbone.clip.text_projection
-                proj_text = proj(text_tokens) if isinstance(proj, nn.Linear) else text_tokens @ proj
                 extra = dict(
-                    mask_tokens=mask_tokens @ self.backbone.visual_proj.to(mask_tokens.dtype),
-                    text_tokens=proj_text,
+                    mask_tokens=self.backbone.project_visual(mask_tokens),
+                    text_tokens=self.backbone.project_text(text_tokens),
                     text_valid=valid,
                 )
             s = self.tfm(t, g_m, **extra)
@@ -258,8 +271,13 @@ class OFFSET(nn.Module):
 
     # -------------------------------------------------------- optimiser groups
     def parameter_groups(self, backbone_lr: float = 1e-5, new_lr: float = 1e-4, weight_decay: float = 0.01) -> list[dict]:
-        """Backbone parameters (W_proj included) vs the new modules and the logit scale (SPEC section 5)."""
-        backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+        """Backbone parameters (W_proj included) vs the new modules and the logit scale (SPEC section 5).
+
+        Parameters a backbone itself names as new (``clip.new_parameter_names``: the random projections into D of
+        a packaged backbone, see offset_cir.model.packaged) train with the new modules."""
+        fresh = set(getattr(self.backbone.clip, "new_parameter_names", ()))
+        backbone = [p for n, p in self.backbone.named_parameters()
+                    if p.requires_grad and n.removeprefix("clip.") not in fresh]
         ids = {id(p) for p in backbone}
         new = [p for p in self.parameters() if p.requires_grad and id(p) not in ids]
         return [

@@ -76,13 +76,49 @@ def map_release_state(state: dict[str, torch.Tensor], expected: dict[str, torch.
     return out
 
 
+# The release's MG-FP output convs: P rows each (SPEC section 9; the release runs with one width P for both sets, D1).
+FOCUS_CHANNEL_KEYS = ("backbone.chanel_score.2.weight", "backbone.chanel_score_text.2.weight")
+
+
+def release_focus_channels(state: dict[str, torch.Tensor], source: str) -> int | None:
+    """P as the release's weights hold it (rows of the MG-FP output convs), None when they hold no MG-FP."""
+    found = {}
+    for key, value in state.items():
+        name = key[len("module."):] if key.startswith("module.") else key
+        if name in FOCUS_CHANNEL_KEYS:
+            found[name] = int(value.shape[0])
+    if len(set(found.values())) > 1:
+        raise CheckpointError(f"{source}: the visual and text MG-FP disagree on P: "
+                              + ", ".join(f"{k} has {v} rows" for k, v in sorted(found.items())))
+    return next(iter(found.values()), None)
+
+
 def convert_release_checkpoint(state_dict_path: str | os.PathLike, config: ModelConfig):
-    """Build OFFSET for ``config`` and load a release state dict into it (``weights_only=True``)."""
+    """Build OFFSET for ``config`` and load a release state dict into it (``weights_only=True``).
+
+    P (``focus_channels``) comes from the weights when ``config.focus_channels`` is None; a config that sets
+    another P than the weights hold is refused with both values named."""
     import dataclasses
 
     from offset_cir.model.offset import OFFSET
 
     state = load_weights_file(state_dict_path)
+    p_file = release_focus_channels(state, str(state_dict_path))
+    if config.focus_channels is None:
+        if p_file is None:
+            raise CheckpointError(f"{state_dict_path}: no {FOCUS_CHANNEL_KEYS[0]} to read P from; "
+                                  "set focus_channels in the config")
+        config = dataclasses.replace(config, focus_channels=p_file)
+        log.info("release checkpoint %s: P = %d focus channels (from %s)", state_dict_path, p_file, FOCUS_CHANNEL_KEYS[0])
+    else:
+        wanted = {config.p_global} | ({config.p_local} if config.focus_channels_local is not None else set())
+        if p_file is not None and wanted != {p_file}:
+            asked = (f"focus_channels={config.focus_channels}" + (
+                f", focus_channels_local={config.focus_channels_local}" if config.focus_channels_local is not None else ""))
+            raise CheckpointError(
+                f"{state_dict_path}: the release checkpoint has P={p_file} focus channels ({FOCUS_CHANNEL_KEYS[0]} has "
+                f"{p_file} rows) but the config sets {asked}; set focus_channels={p_file}, or leave it unset (None) "
+                "to take it from the checkpoint")
     model = OFFSET(dataclasses.replace(config, pretrained=None))
     expected = model.state_dict()
     mapped = map_release_state(state, expected)

@@ -105,36 +105,13 @@ def _read_jsonl(path: Path) -> list[dict]:
     return out
 
 
-def _sha256_file(path: Path, h=None):
-    h = h or hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h
-
-
 def checkpoint_hash(path: str | os.PathLike) -> str:
-    """``sha256:<hex>`` of a checkpoint's weights: the file itself, or every ``*.safetensors`` in a folder
-    (by relative name and content; every file when the folder has no safetensors)."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"checkpoint {p} does not exist")
-    try:  # the package's own checkpoint identity (sha256 of model.safetensors), as results are stamped with
-        from offset_cir.model.checkpoint import checkpoint_hash as _package_hash
+    """``sha256:<hex>``: the package's checkpoint identity (:func:`offset_cir.model.checkpoint.checkpoint_hash`, the
+    sha256 of ``model.safetensors``) with its prefix. Its errors pass through: a run folder is told to name
+    ``RUN/best`` or ``RUN/last``, an ``hf-hub:`` name resolves through the cache."""
+    from offset_cir.model.checkpoint import checkpoint_hash as package_hash
 
-        return "sha256:" + _package_hash(p)
-    except (ImportError, CheckpointError):
-        pass
-    if p.is_file():
-        return "sha256:" + _sha256_file(p).hexdigest()
-    files = sorted(q for q in p.rglob("*.safetensors") if q.is_file()) or sorted(q for q in p.rglob("*") if q.is_file())
-    if not files:
-        raise CheckpointError(f"checkpoint folder {p} is empty")
-    h = hashlib.sha256()
-    for q in files:
-        h.update(q.relative_to(p).as_posix().encode() + b"\0")
-        _sha256_file(q, h)
-    return "sha256:" + h.hexdigest()
+    return "sha256:" + package_hash(path)
 
 
 def model_state_hash(model) -> str:
@@ -270,10 +247,13 @@ class _GalleryDataset:
     def __getitem__(self, i: int):
         it = self.items[i]
         try:
-            img = self.preprocess.image(load_pil(it["path"], "image"), train=False)
+            pil = load_pil(it["path"], "image")
+            img = self.preprocess.image(pil, train=False)
             mask = None
             if self.use_masks:
-                mask = self.preprocess.mask(load_pil(it["mask"], "mask", mode="L"), train=False)
+                mpil = load_pil(it["mask"], "mask", mode="L")
+                check_mask_size(pil, mpil, it["path"], it["mask"], kind="")
+                mask = self.preprocess.mask(mpil, train=False)
             return i, img, mask, None
         except UserInputError as exc:
             return i, None, None, str(exc)
@@ -431,6 +411,16 @@ def _completed_shards(shard_dir: Path, ckpt_hash: str, dim: int) -> list[dict]:
     return out
 
 
+def _same_file(record: dict, current: dict, use_masks: bool) -> bool:
+    """Whether a stored record (index row, shard row or unreadable-file entry) describes ``current``: the same
+    path, size and modification time, and, when gallery images are encoded with masks, the same mask file."""
+    if any(record.get(k) != current.get(k) for k in ("path", "size", "mtime_ns")):
+        return False
+    if not use_masks or "error" in record:
+        return True
+    return (record.get("mask"), record.get("mask_mtime_ns")) == (current.get("mask"), current.get("mask_mtime_ns"))
+
+
 def build_index(out: str | os.PathLike, images: str | os.PathLike, *, model=None, checkpoint=None,
                 masks_dir=None, mask_generator=None, batch_size: int = 32, num_workers: int = 0,
                 shard_size: int = 1024, dtype: str | None = None, exact_max: int = _ann.EXACT_MAX,
@@ -459,6 +449,7 @@ def build_index(out: str | os.PathLike, images: str | os.PathLike, *, model=None
                 raise UserInputError("build_index needs a checkpoint or a model")
             import offset_cir
 
+            log.info("loading checkpoint %s ...", checkpoint)
             model = offset_cir.load_checkpoint(checkpoint)
         ckpt_hash = checkpoint_hash(checkpoint) if checkpoint is not None else model_state_hash(model)
         device = device or _default_device()
@@ -493,26 +484,24 @@ def build_index(out: str | os.PathLike, images: str | os.PathLike, *, model=None
         old_items = _read_jsonl(out / man["items"]) if man else []
         old_by_id = {it["id"]: it for it in old_items}
         done_shards = _completed_shards(out / "shards", ckpt_hash, dim)
-        in_shards = {}
+        in_shards: dict[str, list[dict]] = {}  # an image can be in several shards (changed between two runs)
         for sh in done_shards:
-            for it in sh["items"]:
-                in_shards[it["id"]] = it
-            for it in sh.get("skipped", []):
-                in_shards.setdefault(it["id"], it)
+            for it in list(sh["items"]) + list(sh.get("skipped", [])):
+                in_shards.setdefault(it["id"], []).append(it)
         old_skipped = {it["id"]: it for it in (man or {}).get("skipped", [])}
         gen_dir = out / "masks"
         todo: list[dict] = []
+        current: dict[str, dict] = {}  # every image as it is now (the merge keeps the records that match)
         for image_id, path in scanned:
             st = path.stat()
             item = {"id": image_id, "path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
             m = find_mask(path, image_id, masks_dir, gen_dir)
             item["mask"] = str(m) if m is not None else None
             item["mask_mtime_ns"] = m.stat().st_mtime_ns if m is not None else None
-            # the newest record of this image: a finished shard, the index, or the list of unreadable files
-            prev = in_shards.get(image_id) or old_by_id.get(image_id) or old_skipped.get(image_id)
-            if prev is not None and all(prev.get(k) == item[k] for k in ("path", "size", "mtime_ns")) \
-                    and (not use_masks or "error" in prev
-                         or (prev.get("mask"), prev.get("mask_mtime_ns")) == (item["mask"], item["mask_mtime_ns"])):
+            current[image_id] = item
+            # a record of this file as it is now (a finished shard, the index, or the list of unreadable files)
+            records = in_shards.get(image_id, []) + [old_by_id.get(image_id), old_skipped.get(image_id)]
+            if any(r is not None and _same_file(r, item, use_masks) for r in records):
                 continue  # unchanged (unreadable files are retried only when they change)
             todo.append(item)
         if limit is not None:
@@ -555,8 +544,8 @@ def build_index(out: str | os.PathLike, images: str | os.PathLike, *, model=None
         report, err = None, None
         if dist.rank == 0:
             try:
-                report = _merge(out, images, masks_dir, model, checkpoint, ckpt_hash, dim, dtype, man, scanned,
-                                prune, exact_max, hnsw_max, progress)
+                report = _merge(out, images, masks_dir, model, checkpoint, ckpt_hash, dim, dtype, man, current,
+                                prune, exact_max, hnsw_max, progress, use_masks)
             except BaseException as exc:  # the other ranks must not wait for a merge that will not come
                 err = exc
         if not dist.all_ok(err is None):
@@ -599,13 +588,17 @@ def _encode_shard(out, chunk, model, ckpt_hash, dim, dtype, use_masks, mask_gene
     _atomic_write_json(shard_dir / (name + ".json"), meta)  # written last: marks the shard complete
 
 
-def _merge(out: Path, images: Path, masks_dir, model, checkpoint, ckpt_hash, dim, dtype, man, scanned, prune,
-           exact_max, hnsw_max, progress) -> BuildReport:
-    """Old rows + completed shards -> a new generation (rows sorted by id), FAISS when large, then the manifest."""
+def _merge(out: Path, images: Path, masks_dir, model, checkpoint, ckpt_hash, dim, dtype, man, current, prune,
+           exact_max, hnsw_max, progress, use_masks) -> BuildReport:
+    """Old rows + completed shards -> a new generation (rows sorted by id), FAISS when large, then the manifest.
+
+    An image can have several records (the index, shards of a crashed run and of this run, the list of unreadable
+    files); the one that describes the file as it is now (``current``: path, size, mtime) wins, whatever the order
+    of the shard files."""
     from numpy.lib.format import open_memmap
 
     shards = _completed_shards(out / "shards", ckpt_hash, dim)
-    present = {i for i, _ in scanned}
+    present = set(current)
     if man is not None and not shards:
         gone = [it["id"] for it in _read_jsonl(out / man["items"]) if it["id"] not in present]
         if not (prune and gone) and man["search"]["kind"] == _ann.choose_kind(man["count"], exact_max, hnsw_max):
@@ -615,25 +608,40 @@ def _merge(out: Path, images: Path, masks_dir, model, checkpoint, ckpt_hash, dim
                             len(gone), images, gone[0])
             return BuildReport(str(out), man["count"], 0, man["count"], 0, man.get("skipped", []), man["search"])
     sources: list[np.ndarray] = []
-    by_id: dict[str, tuple[int, int, dict]] = {}
+    # every record of every image: (source, row, record); source -1 = an unreadable-file entry (no features),
+    # 0 = the current index, 1.. = shards
+    records: dict[str, list[tuple[int, int, dict]]] = {}
     if man is not None:
-        old_items = _read_jsonl(out / man["items"])
         sources.append(np.load(out / man["features"], mmap_mode="r"))
-        for r, it in enumerate(old_items):
-            by_id[it["id"]] = (0, r, it)
-    n_old = len(by_id)
-    skipped: dict[str, dict] = {s["id"]: s for s in (man or {}).get("skipped", [])}
-    encoded = 0
+        for r, it in enumerate(_read_jsonl(out / man["items"])):
+            records.setdefault(it["id"], []).append((0, r, it))
+    else:
+        sources.append(np.zeros((0, dim), dtype=dtype))
+    for it in (man or {}).get("skipped", []):
+        records.setdefault(it["id"], []).append((-1, -1, it))
     for sh in shards:
         sources.append(np.load(sh["_npy"], mmap_mode="r"))
         src = len(sources) - 1
         for r, it in enumerate(sh["items"]):
-            by_id[it["id"]] = (src, r, it)
-            skipped.pop(it["id"], None)
-            encoded += 1
+            records.setdefault(it["id"], []).append((src, r, it))
         for it in sh.get("skipped", []):
-            if it["id"] not in by_id:
-                skipped[it["id"]] = {k: it[k] for k in ("id", "path", "size", "mtime_ns", "error") if k in it}
+            records.setdefault(it["id"], []).append((-1, -1, it))
+
+    def rank(cand, cur):
+        # the file as it is now > features (when nothing matches, e.g. a file gone or changed again, the old
+        # features stay, as before) > this run's work over the old index > the newer file
+        src, _, rec = cand
+        matches = cur is not None and _same_file(rec, cur, use_masks)
+        return (matches, src >= 0, src != 0, int(rec.get("mtime_ns") or 0), src)
+
+    by_id: dict[str, tuple[int, int, dict]] = {}
+    skipped: dict[str, dict] = {}
+    for image_id, cands in records.items():
+        best = max(cands, key=lambda c: rank(c, current.get(image_id)))
+        if best[0] < 0:
+            skipped[image_id] = {k: best[2][k] for k in ("id", "path", "size", "mtime_ns", "error") if k in best[2]}
+        else:
+            by_id[image_id] = best
     gone = [i for i in by_id if i not in present]
     removed = 0
     if gone:
@@ -648,6 +656,8 @@ def _merge(out: Path, images: Path, masks_dir, model, checkpoint, ckpt_hash, dim
     for i in list(skipped):
         if i not in present:
             del skipped[i]
+    encoded = sum(1 for src, _, _ in by_id.values() if src > 0)  # each image once, however many shards hold it
+    reused = sum(1 for src, _, _ in by_id.values() if src == 0)
 
     ids = sorted(by_id)
     n = len(ids)
@@ -700,6 +710,9 @@ def _merge(out: Path, images: Path, masks_dir, model, checkpoint, ckpt_hash, dim
         "skipped": sorted(skipped.values(), key=lambda s: s["id"]),
         "created": (man or {}).get("created", _now()), "updated": _now(),
         "offset_cir_version": _version(),
+        # which runtime encoded this generation's new rows (informational: torch and onnx agree far below the
+        # float16 storage step, so either searches an index of the same checkpoint)
+        "runtime": getattr(model, "runtime_info", None) or {"runtime": "torch"},
     }
     _atomic_write_json(out / "manifest.json", manifest)  # commit point
 
@@ -716,8 +729,8 @@ def _merge(out: Path, images: Path, masks_dir, model, checkpoint, ckpt_hash, dim
     for p in (out / "shards").glob("*.tmp"):
         p.unlink(missing_ok=True)
     log.info("index %s: %d images (%d encoded now, %d kept, %d removed, %d unreadable), search: %s",
-             out, n, encoded, n - encoded, removed, len(skipped), kind)
-    return BuildReport(str(out), n, encoded, n_old - removed, removed, manifest["skipped"], search, table)
+             out, n, encoded, reused, removed, len(skipped), kind)
+    return BuildReport(str(out), n, encoded, reused, removed, manifest["skipped"], search, table)
 
 
 def _version() -> str:
@@ -752,9 +765,12 @@ class Index:
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, model=None, checkpoint=None, mask_generator=None, device=None,
-             exact: bool = False, load_model: bool = True, verify_checkpoint: bool = True) -> "Index":
+             exact: bool = False, load_model: bool = True, verify_checkpoint: bool = True,
+             runtime: str = "torch", onnx_dir=None) -> "Index":
         """Open the index at ``path``. The model is ``model``, else ``checkpoint``, else the checkpoint recorded in
-        the manifest; its weights must hash to the manifest's hash. ``exact`` forces exact search."""
+        the manifest; its weights must hash to the manifest's hash. ``exact`` forces exact search. ``runtime``
+        "onnx" encodes queries with onnxruntime (``offset_cir.export.runtime``): the export folder ``onnx_dir``,
+        else the checkpoint exported on the fly."""
         path = Path(path).resolve()
         man = _read_manifest(path)
         if man is None:
@@ -772,6 +788,7 @@ class Index:
         idx = cls(path, man, items, feats, engine, None, mask_generator, device)
         idx._checkpoint = checkpoint
         idx._verify = verify_checkpoint
+        idx._runtime = (runtime, onnx_dir)
         if model is not None:
             idx._set_model(model)
         elif load_model:
@@ -780,18 +797,37 @@ class Index:
 
     # -- model
     def _load_model(self):
+        import time
+
         import offset_cir
 
+        runtime, onnx_dir = getattr(self, "_runtime", ("torch", None))
+        if runtime != "torch":  # onnxruntime: the export's checkpoint hash is checked against the manifest's
+            from offset_cir.export.runtime import load_encoder
+
+            ckpt = self._checkpoint if onnx_dir else (self._checkpoint or self.manifest["checkpoint"].get("path"))
+            want = self.manifest["checkpoint"]["hash"] if self._verify else None
+            t0 = time.perf_counter()
+            log.info("loading the %s encoder (%s) ...", runtime, onnx_dir or ckpt)
+            self._set_model(load_encoder(ckpt, runtime, onnx_dir=onnx_dir, expected_hash=want))
+            log.info("loaded the %s encoder in %.1f s", runtime, time.perf_counter() - t0)
+            return
         ckpt = self._checkpoint or self.manifest["checkpoint"].get("path")
         if ckpt is None:
             raise CheckpointError(f"index {self.path} was built from an in-memory model; pass model= or checkpoint=")
+        t0 = time.perf_counter()
         if self._verify:
+            log.info("checking that checkpoint %s is the one index %s was built with", ckpt, self.path)
             h = checkpoint_hash(ckpt)
             want = self.manifest["checkpoint"]["hash"]
             if want.startswith("sha256:") and h != want:
                 raise CheckpointError(f"checkpoint {ckpt} hashes to {h[:19]}…, but index {self.path} was built with "
                                       f"{want[:19]}…: its features would not match this model's queries")
-        self._set_model(offset_cir.load_checkpoint(ckpt))
+        log.info("loading checkpoint %s ...", ckpt)
+        model = offset_cir.load_checkpoint(ckpt)
+        self._set_model(model)
+        log.info("loaded checkpoint %s in %.1f s (%s, on %s)", ckpt, time.perf_counter() - t0,
+                 getattr(getattr(model, "config", None), "backbone", type(model).__name__), self.device)
 
     def _set_model(self, model):
         if int(model.embed_dim) != int(self.manifest["dim"]):
@@ -834,7 +870,7 @@ class Index:
         """Composed query feature q [D] (SPEC section 3, TGFR) for a reference image, its mask and a text.
 
         When the model needs masks and ``mask`` is None, the mask pipeline (if configured) makes one; otherwise
-        :class:`MaskRequiredError` says so."""
+        :class:`MaskRequiredError` says so. A mask must have its image's size (UserInputError otherwise)."""
         import torch
 
         if not isinstance(text, str) or not text.strip():
@@ -847,15 +883,27 @@ class Index:
                 if self.mask_generator is None:
                     raise MaskRequiredError(
                         "this model was trained with masks (needs_masks=True) and the reference image has none: "
-                        "give a mask (a grayscale image, white = the part that matters) or install and configure "
-                        "the mask pipeline (offset_cir.masks.MaskGenerator)")
+                        "pass mask= (a grayscale image, white = the part that matters) or open the index with a "
+                        "mask_generator= (the mask pipeline)")
                 mask = self.mask_generator([pil])[0]
             mpil = load_pil(mask, "reference mask", mode="L")
+            check_mask_size(pil, mpil, image, mask)
             mask_t = model.preprocess.mask(mpil, train=False)[None].to(self.device)
         img_t = model.preprocess.image(pil, train=False)[None].to(self.device)
         with torch.inference_mode():
             q = model.encode_query(img_t, mask_t, [text])
         return q[0].float().cpu().numpy()
+
+    def query_for_id(self, ref_id: str, text: str) -> np.ndarray:
+        """The composed query q [D] with gallery image ``ref_id`` as reference (and its stored mask)."""
+        if ref_id not in self.row_of:
+            raise UserInputError(f"no image with id {_clip(ref_id)} in index {self.path}")
+        it = self.item(ref_id)
+        mask = it.get("mask")
+        if query_needs_mask(self.model) and mask is None and self.mask_generator is None:
+            raise MaskRequiredError(f"gallery image {ref_id!r} has no stored mask and the model needs one; "
+                                    f"configure the mask pipeline or add {ref_id}-segmask.png")
+        return self.encode_query(it["path"], text, mask)
 
     def search_features(self, queries: np.ndarray, k: int = 10, exclude: list[int | None] | None = None,
                         exact: bool = False):
@@ -880,17 +928,34 @@ class Index:
         """Like :meth:`search` with a gallery image as reference: its stored mask is used and, by default, the
         reference itself is left out of the ranking (SPEC section 7)."""
         _check_k(k)
-        if ref_id not in self.row_of:
-            raise UserInputError(f"no image with id {ref_id!r} in index {self.path}")
-        it = self.item(ref_id)
-        mask = it.get("mask")
-        if query_needs_mask(self.model) and mask is None and self.mask_generator is None:
-            raise MaskRequiredError(f"gallery image {ref_id!r} has no stored mask and the model needs one; "
-                                    f"configure the mask pipeline or add {ref_id}-segmask.png")
-        q = self.encode_query(it["path"], text, mask)
+        q = self.query_for_id(ref_id, text)
         s, r = self.search_features(q[None], k, exclude=[self.row_of[ref_id]] if exclude_reference else None,
                                     exact=exact)
         return self._hits(s[0], r[0])
+
+
+def _clip(text: str, limit: int = 80) -> str:
+    """``repr`` of a client-given string for a message, cut to ``limit`` characters (ids can be arbitrarily long)."""
+    text = str(text)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}… ({len(text)} characters)"
+
+
+def _describe(source, what: str) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return f"{what} {source}"
+    return f"the {what}"
+
+
+def check_mask_size(image, mask, image_source=None, mask_source=None, kind: str = "reference ") -> None:
+    """Refuse a mask whose size differs from its image's (PIL images), naming both sizes (and files when known).
+    ``kind`` prefixes the nouns: "reference " for a query, "" for a gallery image."""
+    if tuple(mask.size) != tuple(image.size):
+        raise UserInputError(
+            f"{_describe(mask_source, kind + 'mask')} is {mask.size[0]}x{mask.size[1]} pixels but "
+            f"{_describe(image_source, kind + 'image')} is {image.size[0]}x{image.size[1]}: a mask must have "
+            f"the size of its image")
 
 
 def _check_k(k) -> None:

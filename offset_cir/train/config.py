@@ -66,6 +66,11 @@ class TrainConfig:
     gather_features: bool = True  # in-batch negatives span the global batch under torchrun
     log_every_steps: int = 10
     tensorboard: bool = True
+    # Small compute (offset_cir.train.freeze, offset_cir.train.cache)
+    freeze_backbone: bool = False  # no backbone gradient, except its new projections and the last blocks below
+    trainable_image_blocks: int = 0  # with freeze_backbone: the image tower's last N blocks (and its head) train
+    trainable_text_blocks: int = 0  # with freeze_backbone: the text tower's last N blocks train
+    feature_cache: str | None = None  # a folder: the frozen backbone's outputs are cached there (no random crops)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -204,6 +209,7 @@ def parse_overrides(overrides: list[str]) -> dict:
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> TrainConfig:
     """A TrainConfig from a preset name, an experiment name or a YAML file, with ``key=value`` overrides."""
     data = _merge(_resolve_yaml(name_or_path), parse_overrides(overrides or []))
+    data.pop("demo", None)  # a demo preset's own section (offset_cir.demo): not a training setting
     ablations = (data.get("model") or {}).pop("ablate", None) if isinstance(data.get("model"), dict) else None
     cfg = _build(TrainConfig, data)
     if ablations:

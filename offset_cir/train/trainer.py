@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import time
@@ -24,15 +25,23 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from offset_cir.errors import CheckpointError, TrainingError, UserInputError
+from offset_cir.errors import CheckpointError, DatasetError, TrainingError, UserInputError
 from offset_cir.model.checkpoint import WEIGHTS_NAME, load_weights, save_checkpoint
-from offset_cir.train.config import TrainConfig, config_from_dict
+from offset_cir.train.config import TrainConfig, _merge, config_from_dict, parse_overrides
 from offset_cir.train.distributed import any_rank, barrier, gather_with_grad, init_distributed
 
 log = logging.getLogger(__name__)
 
 STATE_TENSORS = "trainer_state.safetensors"
 STATE_JSON = "trainer_state.json"
+CURVES_NAME = "curves.png"
+# What a run writes into its folder: `overwrite=True` (`offset train --overwrite`) removes these, nothing else.
+RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "best_result.json", ".best_result.json.tmp",
+               CURVES_NAME, "curves.tmp.png", "tensorboard", "best", "best.tmp", "best.old", "last", "last.tmp",
+               "last.old")
+# The keys a resumed run may change (`offset train --resume DIR max_steps=N`): its budget. Everything else
+# stays as saved, so that the data order and the optimisation continue exactly.
+RESUME_OVERRIDES = ("max_steps", "epochs", "time_budget_minutes", "early_stop_patience")
 
 
 # ------------------------------------------------------------------ data order
@@ -127,23 +136,51 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 # --------------------------------------------------------------------- trainer
 class Trainer:
-    """``Trainer(cfg).fit()``; ``Trainer(cfg, resume=run_dir)`` continues an interrupted run."""
+    """``Trainer(cfg).fit()``; ``Trainer(cfg, resume=run_dir)`` continues an interrupted run.
+
+    ``overwrite``: a new run may replace the run already in ``cfg.out_dir`` (refused otherwise).
+    ``overrides``: on resume, ``key=value`` changes of the budget only (``RESUME_OVERRIDES``).
+    ``stop_signals``: a list that signal handlers installed earlier (the CLI's, during its imports) append to;
+    a signal in it stops the run at the first safe point, as one received during training does.
+    """
 
     def __init__(self, cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: bool = True,
-                 stop_after_steps: int | None = None):
+                 stop_after_steps: int | None = None, overwrite: bool = False, overrides: list[str] | None = None,
+                 stop_signals: list[int] | None = None):
         self.resume_from = None
+        self._resume_meta: dict | None = None
         if resume is not None:
             self.resume_from = find_resumable(Path(resume))
             if self.resume_from is None:
                 raise UserInputError(f"--resume {resume}: no complete checkpoint (last/{STATE_JSON}) found there")
             saved = _read_state_json(self.resume_from)
-            cfg = config_from_dict(saved["config"])
+            self._resume_meta = saved
+            data = saved["config"]
+            if overrides:
+                changes = parse_overrides(overrides)
+                refused = sorted(item.split("=", 1)[0].strip() for item in overrides
+                                 if item.split("=", 1)[0].strip() not in RESUME_OVERRIDES)
+                if refused:
+                    raise UserInputError(
+                        f"--resume {resume}: {', '.join(refused)} cannot change on resume (the run continues with "
+                        f"its saved config); only its budget can: {', '.join(RESUME_OVERRIDES)}")
+                data = _merge(data, changes)
+            cfg = config_from_dict(data)
             if cfg.out_dir != str(resume):
                 cfg.out_dir = str(resume)
+        elif overrides:
+            raise UserInputError("overrides apply to a resumed run only; put them into the config of a new run")
+        if resume is not None and overwrite:
+            raise UserInputError("--overwrite starts a new run in place of an old one, --resume continues it: give one")
         self.cfg = cfg
         self.progress = progress
+        self.overwrite = overwrite
         self.stop_after_steps = stop_after_steps  # tests: simulate an interruption after this many steps
-        self._stop_signal: int | None = None
+        self._signals: list[int] = stop_signals if stop_signals is not None else []
+
+    @property
+    def _stop_signal(self) -> int | None:
+        return self._signals[0] if self._signals else None
 
     # ........................................................ set-up helpers
     def _device(self) -> torch.device:
@@ -185,8 +222,9 @@ class Trainer:
         def handler(signum, frame):
             if self._stop_signal is not None:
                 raise KeyboardInterrupt
-            self._stop_signal = signum
-            log.warning("signal %d: finishing the current step, then saving a checkpoint", signum)
+            self._signals.append(signum)
+            log.warning("signal %d: stopping at the next safe point (after the current step or the set-up), "
+                        "then saving a checkpoint; a second one stops at once", signum)
 
         previous = {}
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -246,6 +284,12 @@ class Trainer:
         log.info("resumed from %s at step %d (epoch %d, batch %d)", folder, meta["step"], meta["epoch"], meta["batch_in_epoch"])
         return meta
 
+    def _small_compute(self, model, bench):
+        """Freeze the backbone and attach the feature cache as the config asks; returns the cache or None."""
+        from offset_cir.train.cache import setup_small_compute
+
+        return setup_small_compute(self.cfg, model, bench, progress=self.progress and self.dist.is_main)
+
     # .............................................................. evaluate
     def _evaluate(self, model, bench) -> dict | None:
         from offset_cir.eval.evaluate import evaluate
@@ -254,14 +298,98 @@ class Trainer:
             return None
         cfg = self.cfg
         result = evaluate(model, bench, cfg.data.protocol, split=cfg.data.val_split, batch_size=cfg.eval_batch_size,
-                          num_workers=cfg.data.num_workers, progress=False)
+                          num_workers=cfg.data.num_workers, progress=self.progress)
         if cfg.selection:
             result["selection_score"] = sum(result["metrics"][k] for k in cfg.selection)
             result["selection_rule"] = " + ".join(cfg.selection)
         return result
 
+    # ............................................................ run folder
+    def _finished_reason(self, st: dict) -> tuple[str, str] | None:
+        """(what ended the run, the key that raises that budget) when a saved state has used up the budget."""
+        cfg = self.cfg
+        if cfg.max_steps and st["step"] >= cfg.max_steps:
+            return f"max_steps={cfg.max_steps} reached", "max_steps"
+        if st["epoch"] >= cfg.epochs:
+            return f"epochs={cfg.epochs} done", "epochs"
+        if cfg.time_budget_minutes and st.get("elapsed_s", 0.0) >= cfg.time_budget_minutes * 60:
+            return f"time_budget_minutes={cfg.time_budget_minutes:g} used", "time_budget_minutes"
+        patience = cfg.early_stop_patience
+        if patience is not None and st.get("evals_since_best", 0) >= patience:
+            return (f"early stopping after {st['evals_since_best']} evaluations without improvement "
+                    f"(early_stop_patience={patience})"), "early_stop_patience"
+        return None
+
+    def _already_finished(self, reason: str, key: str) -> dict:
+        st = self._resume_meta
+        if self.dist.is_main:
+            log.warning("%s: the run is already finished (%s at step %d): nothing to train, nothing changed. To train "
+                        "it further, raise that budget: `offset train --resume %s %s=...`",
+                        self.run_dir, reason, st["step"], self.run_dir, key)
+        return {"name": self.cfg.name, "stopped": "already finished", "reason": reason, "steps": st["step"],
+                "epochs": st["epoch"], "best_score": st.get("best_score"), "best_step": st.get("best_step"),
+                "history": st.get("history", []), "seconds": 0.0, "run_dir": str(self.run_dir),
+                "triplets": 0, "triplets_per_s": 0.0}
+
+    def _check_run_dir(self, device) -> None:
+        """A new run never mixes with, or replaces, another one in its folder unless asked (``overwrite``)."""
+        run_dir = self.run_dir
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UserInputError(f"out_dir {run_dir} is a file, not a folder: choose another out_dir=FOLDER")
+        held = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+        if any_rank(bool(held) and not self.overwrite, self.dist, device):
+            shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
+            raise UserInputError(
+                f"out_dir {run_dir} is not empty (it holds {shown or 'files'}): continue the run there with "
+                f"`offset train --resume {run_dir}`, train into another folder (out_dir=NEW_FOLDER), or give "
+                f"--overwrite to replace it")
+
+    def _make_run_dir(self) -> None:
+        run_dir = self.run_dir
+        if self.resume_from is None and self.overwrite and run_dir.is_dir():
+            removed = [name for name in RUN_OUTPUTS if (run_dir / name).exists() or (run_dir / name).is_symlink()]
+            for name in removed:
+                path = run_dir / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
+            if removed:
+                log.warning("--overwrite: removed the previous run's %s from %s", ", ".join(removed), run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(_to_yaml(self.cfg.to_dict()))
+
+    def _interrupted_in_setup(self, st: dict) -> dict:
+        if self.dist.is_main:
+            if self.resume_from is None:
+                log.warning("interrupted during the set-up: nothing trained, nothing written")
+            else:
+                log.warning("interrupted during the set-up: %s is unchanged (step %d); continue with "
+                            "`offset train --resume %s`", self.resume_from, st["step"], self.run_dir)
+        return {"name": self.cfg.name, "stopped": "interrupted", "steps": st["step"], "epochs": st["epoch"],
+                "best_score": st["best_score"], "best_step": st["best_step"], "history": st["history"],
+                "seconds": 0.0, "run_dir": str(self.run_dir), "triplets": 0, "triplets_per_s": 0.0}
+
+    def _draw_curves(self, metrics_path: Path) -> None:
+        if not self.dist.is_main or not metrics_path.is_file():
+            return
+        try:
+            plot_curves(metrics_path, self.run_dir / CURVES_NAME, title=self.cfg.name)
+        except Exception as exc:  # a figure must never stop a run
+            log.warning("%s not drawn (%s)", self.run_dir / CURVES_NAME, exc)
+
     # ................................................................... fit
     def fit(self) -> dict:
+        # Signal handlers first: a SIGINT/SIGTERM that arrives during the slow set-up (process group, model,
+        # data) is remembered and acted on at the first safe point, never lost.
+        previous_handlers = self._install_signals()
+        try:
+            return self._fit()
+        finally:
+            for sig, h in previous_handlers.items():
+                signal.signal(sig, h)
+
+    def _fit(self) -> dict:
         from offset_cir.data import collate, get_dataset
         from offset_cir.model.offset import OFFSET
 
@@ -270,13 +398,19 @@ class Trainer:
         self.dist = dist = init_distributed(device.type)
         precision = self._precision(device)
         self.run_dir = Path(cfg.out_dir)
-        if dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(_to_yaml(cfg.to_dict()))
+        if self.resume_from is not None:
+            finished = self._finished_reason(self._resume_meta)
+            if finished:
+                return self._already_finished(*finished)
+        else:
+            self._check_run_dir(device)
+        # The data before anything is written: a wrong data.root leaves no run folder behind.
+        bench = open_benchmark(cfg, get_dataset)
         self._seed_all(cfg.seed)
         model_cfg = cfg.model if self.resume_from is None else dataclasses.replace(cfg.model, pretrained=None)
         model = OFFSET(model_cfg).to(device)
         model.config = cfg.model
+        cache = self._small_compute(model, bench)  # freeze_backbone / feature_cache
         groups = model.parameter_groups(cfg.optim.backbone_lr, cfg.optim.new_lr, cfg.optim.weight_decay)
         for g in groups:
             g["initial_lr"] = g["lr"]
@@ -288,8 +422,9 @@ class Trainer:
             meta = self._load_state(model, opt, scaler)
             st.update({k: meta[k] for k in st if k in meta})
 
-        bench = get_dataset(cfg.data.dataset, cfg.data.root, **cfg.data.settings)
-        train_set = bench.triplets(cfg.data.train_split, model.preprocess, train=True, load_masks=model.needs_masks)
+        # a feature cache holds the evaluation transform only: no random crops then
+        train_set = bench.triplets(cfg.data.train_split, model.preprocess, train=cache is None,
+                                   load_masks=model.needs_masks)
         sampler = EpochSampler(len(train_set), cfg.seed, cfg.batch_size * dist.world_size, dist.rank, dist.world_size)
         loader_kw = dict(batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
                          persistent_workers=False, pin_memory=device.type == "cuda")
@@ -302,10 +437,16 @@ class Trainer:
             train_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[device.index] if device.type == "cuda" else None)
         gather = gather_with_grad if (dist.enabled and cfg.gather_features) else None
+        # The first safe point: a signal received during the set-up stops here, before anything is written
+        # (a new run leaves no folder, a resumed one keeps its checkpoint as it was).
+        if any_rank(self._stop_signal is not None, dist, device):
+            return self._interrupted_in_setup(st)
+        if dist.is_main:
+            self._make_run_dir()
         writer = self._tensorboard() if dist.is_main else None
         metrics_path = self.run_dir / "metrics.jsonl"
-        previous_handlers = self._install_signals()
         started = time.monotonic() - st["elapsed_s"]
+        loop_started, eval_s, triplets_seen = time.monotonic(), 0.0, 0  # this invocation's throughput
         budget_s = cfg.time_budget_minutes * 60 if cfg.time_budget_minutes else None
         stop_reason = None
         if dist.is_main:
@@ -320,6 +461,8 @@ class Trainer:
 
         def do_eval() -> bool:
             """Evaluate, keep the best; True when early stopping says stop."""
+            nonlocal eval_s
+            eval_started = time.monotonic()
             result = self._evaluate(model, bench)
             stop = False
             if dist.is_main and result is not None:
@@ -327,6 +470,7 @@ class Trainer:
                 row = {"step": st["step"], "epoch": st["epoch"], "eval": result["metrics"], "selection": score}
                 st["history"].append(row)
                 log_row(row)
+                self._draw_curves(metrics_path)
                 if writer:
                     for k, v in result["metrics"].items():
                         writer.add_scalar(f"val/{k}", v, st["step"])
@@ -345,6 +489,7 @@ class Trainer:
                 log.info("eval step %d: selection %.2f (best %.2f at step %s)", st["step"], score, st["best_score"], st["best_step"])
                 p = cfg.early_stop_patience
                 stop = p is not None and st["evals_since_best"] >= p
+            eval_s += time.monotonic() - eval_started
             return any_rank(stop, dist, device)  # only rank 0 evaluates: share its decision
 
         model.train()
@@ -366,25 +511,30 @@ class Trainer:
                 micro = 0
                 opt.zero_grad(set_to_none=True)
                 for batch in loader:
-                    with self._autocast(device, precision):
-                        q, k, f_t = train_model(
-                            batch["ref_image"].to(device, non_blocking=True), _masks(batch["ref_mask"], device),
-                            batch["text"], batch["tgt_image"].to(device, non_blocking=True), _masks(batch["tgt_mask"], device))
-                    losses = model.loss_from_features(q, k, f_t, gather)
-                    loss = losses["total"] / cfg.optim.grad_accum
-                    finite = not any_rank(not bool(torch.isfinite(losses["total"]).item()), dist, device)
-                    if not finite:
-                        raise TrainingError(
-                            f"non-finite loss at step {st['step']} (epoch {epoch}): total={losses['total'].item()}, "
-                            f"bbc={losses['bbc'].item()}, fr={losses['fr'].item()}. Training stopped; the last good "
-                            f"checkpoint in {self.run_dir / 'last'} is kept. Lower the learning rates or use fp32.")
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                    else:
-                        loss.backward()
+                    # DDP all-reduces gradients in the backward pass: only the step's last micro-batch needs it, the
+                    # others accumulate locally (no_sync around their forward and backward).
+                    accumulating = dist.enabled and micro + 1 < cfg.optim.grad_accum
+                    with train_model.no_sync() if accumulating else contextlib.nullcontext():
+                        with self._autocast(device, precision):
+                            q, k, f_t = train_model(
+                                batch["ref_image"].to(device, non_blocking=True), _masks(batch["ref_mask"], device),
+                                batch["text"], batch["tgt_image"].to(device, non_blocking=True), _masks(batch["tgt_mask"], device))
+                        losses = model.loss_from_features(q, k, f_t, gather)
+                        loss = losses["total"] / cfg.optim.grad_accum
+                        finite = not any_rank(not bool(torch.isfinite(losses["total"]).item()), dist, device)
+                        if not finite:
+                            raise TrainingError(
+                                f"non-finite loss at step {st['step']} (epoch {epoch}): total={losses['total'].item()}, "
+                                f"bbc={losses['bbc'].item()}, fr={losses['fr'].item()}. Training stopped; the last good "
+                                f"checkpoint in {self.run_dir / 'last'} is kept. Lower the learning rates or use fp32.")
+                        if scaler is not None:
+                            scaler.scale(loss).backward()
+                        else:
+                            loss.backward()
                     micro += 1
                     st["batch_in_epoch"] += 1
                     n_last += batch["ref_image"].shape[0]
+                    triplets_seen += batch["ref_image"].shape[0] * dist.world_size
                     if micro < cfg.optim.grad_accum:
                         continue
                     micro = 0
@@ -447,21 +597,29 @@ class Trainer:
                 stop_reason = "epochs done"
             if stop_reason in ("max_steps", "time budget") and not cfg.eval_every_steps:
                 do_eval()  # the run ends mid-epoch: evaluate what it reached
+            st["elapsed_s"] = time.monotonic() - started  # a resume then knows whether the time budget is used
             self._save_state("last", model, opt, scaler, st)
             barrier(dist)
         finally:
-            for sig, h in previous_handlers.items():
-                signal.signal(sig, h)
             if writer:
                 writer.close()
+        train_s = max(time.monotonic() - loop_started - eval_s, 1e-9)
         summary = {"name": cfg.name, "stopped": stop_reason, "steps": st["step"], "epochs": st["epoch"],
                    "best_score": st["best_score"], "best_step": st["best_step"], "history": st["history"],
-                   "seconds": time.monotonic() - started, "run_dir": str(self.run_dir)}
+                   "seconds": time.monotonic() - started, "run_dir": str(self.run_dir),
+                   # this invocation's throughput: triplets through forward and backward per second of training
+                   # (evaluation excluded), all processes together
+                   "triplets": triplets_seen, "train_seconds": train_s, "triplets_per_s": triplets_seen / train_s}
         if dist.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            self._draw_curves(metrics_path)
+            speed = f"{summary['triplets_per_s']:.1f} triplets/s ({triplets_seen} triplets in {train_s:.1f} s of training)"
             if stop_reason == "interrupted":
-                log.warning("interrupted at step %d: checkpoint saved; continue with `offset train --resume %s`",
-                            st["step"], self.run_dir)
+                log.warning("interrupted at step %d: checkpoint saved; %s; continue with `offset train --resume %s`",
+                            st["step"], speed, self.run_dir)
+            else:
+                log.info("%s stopped (%s) at step %d: %s; best selection %s at step %s", cfg.name, stop_reason,
+                         st["step"], speed, st["best_score"], st["best_step"])
         return summary
 
     def _tensorboard(self):
@@ -488,6 +646,63 @@ def _read_state_json(folder: Path) -> dict:
     return meta
 
 
+def open_benchmark(cfg: TrainConfig, get_dataset):
+    """The training benchmark; a missing ``data.root`` is named with how to make or get the data."""
+    root = Path(cfg.data.root)
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        if cfg.data.dataset.lower() == "synthetic":
+            how = f"make the synthetic benchmark there with `offset synth --out {root}`"
+        else:
+            how = (f"point data.root=FOLDER at the {cfg.data.dataset} benchmark (`offset doctor {cfg.data.dataset} "
+                   f"--root FOLDER` checks one)")
+        raise DatasetError(f"data.root={root} {what}: {how}, or set data.root=FOLDER to where the data is")
+    return get_dataset(cfg.data.dataset, cfg.data.root, **cfg.data.settings)
+
+
+def plot_curves(metrics_path: Path, png: Path, title: str = "") -> None:
+    """Training losses and validation metrics of ``metrics.jsonl`` drawn to ``png``, written whole or not at all
+    (a temporary file renamed over it: a crash never leaves half a PNG)."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend, no display needed
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train = [r for r in rows if "loss" in r]
+    evals = [r for r in rows if isinstance(r.get("eval"), dict)]
+    fig = Figure(figsize=(12, 4.2), dpi=100)
+    ax_loss, ax_val = fig.subplots(1, 2)
+    for key, style in (("loss", ".-"), ("bbc", ".--"), ("fr", ".:")):
+        points = [(r["step"], r[key]) for r in train if isinstance(r.get(key), (int, float))]
+        if points:
+            ax_loss.plot(*zip(*points), style, label="total" if key == "loss" else key)
+    ax_loss.set(xlabel="step", ylabel="training loss", title="training loss")
+    names = {k for r in evals for k, v in r["eval"].items() if isinstance(v, (int, float))}
+    # plain recalls (R@K) first, then the others; more than 10 lines are unreadable (metrics.jsonl has them all)
+    names = sorted(names, key=lambda k: (not re.fullmatch(r"R@\d+", k), len(k), k))[:10]
+    for name in names:
+        points = [(r["step"], r["eval"][name]) for r in evals if isinstance(r["eval"].get(name), (int, float))]
+        ax_val.plot(*zip(*points), "o-", markersize=3, label=name)
+    if evals and all(isinstance(r.get("selection"), (int, float)) for r in evals):
+        ax_sel = ax_val.twinx()
+        ax_sel.plot([r["step"] for r in evals], [r["selection"] for r in evals], "k--", label="selection score")
+        ax_sel.set_ylabel("selection score (black, dashed)")
+    ax_val.set(xlabel="step", ylabel="validation metric", title="validation" if evals else "validation (none yet)")
+    ax_loss.grid(alpha=0.3)
+    ax_val.grid(alpha=0.3)
+    if ax_loss.get_legend_handles_labels()[0]:
+        ax_loss.legend(fontsize=7)
+    if names:
+        ax_val.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.15, 1.0))
+    if title:
+        fig.suptitle(title)
+    fig.subplots_adjust(left=0.06, right=0.79, bottom=0.12, top=0.86, wspace=0.32)  # tight_layout costs twice the time
+    tmp = png.with_name(png.stem + ".tmp.png")
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, png)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _masks(t: torch.Tensor, device) -> torch.Tensor | None:
     return None if t.numel() == 0 else t.to(device, non_blocking=True)
 
@@ -498,5 +713,5 @@ def _to_yaml(data: dict) -> str:
     return yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=False)
 
 
-def train(cfg: TrainConfig, resume=None, progress: bool = True) -> dict:
-    return Trainer(cfg, resume=resume, progress=progress).fit()
+def train(cfg: TrainConfig, resume=None, progress: bool = True, overwrite: bool = False) -> dict:
+    return Trainer(cfg, resume=resume, progress=progress, overwrite=overwrite).fit()

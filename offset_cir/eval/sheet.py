@@ -1,0 +1,76 @@
+"""Retrieval sheet: for a few queries, the reference, the text, the top results and the true target (matplotlib).
+
+Used by ``offset eval --sheet N`` and by the demo's ``retrievals.png``. The rows are the per-query records
+written by ``evaluate(..., save_rankings=FILE)`` (``reference``, ``text``, ``target``, ``top``).
+"""
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+from typing import Callable
+
+
+def read_rankings(path, gallery: str | None = None) -> list[dict]:
+    """The rows of a rankings file (JSON Lines); with ``gallery``, only that gallery's rows."""
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if gallery is None or r.get("gallery") in (None, gallery)]
+
+
+def spread(rows: list, n: int) -> list:
+    """``n`` rows evenly spread over ``rows`` (first one included), in order; all of them when there are fewer."""
+    if n >= len(rows):
+        return list(rows)
+    return [rows[(i * len(rows)) // n] for i in range(n)]
+
+
+def draw_retrieval_sheet(rows: list[dict], image_path: Callable[[str], object], out, k: int = 5,
+                         title: str | None = None) -> Path:
+    """One line per row: reference, text, top-``k`` (the target framed in green where it appears) and the
+    target with its rank. ``image_path`` maps an image id to its file (``bench.image_path``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    def show(ax, image_id):
+        with Image.open(image_path(image_id)) as im:
+            ax.imshow(im.convert("RGB"))
+
+    cols = k + 3
+    fig, axes = plt.subplots(max(1, len(rows)), cols, figsize=(1.6 * cols, 1.8 * max(1, len(rows))), squeeze=False)
+    for r, row in enumerate(rows):
+        line = axes[r]
+        show(line[0], row["reference"])
+        line[0].set_title("reference", fontsize=7)
+        line[1].text(0.0, 0.5, "\n".join(textwrap.wrap(str(row["text"]), 22)), fontsize=7, va="center")
+        top = list(row.get("top") or [])
+        for c in range(k):
+            ax = line[c + 2]
+            if c >= len(top):
+                ax.axis("off")
+                continue
+            show(ax, top[c])
+            hit = top[c] == row["target"]
+            ax.set_title(f"#{c + 1}" + (" target" if hit else ""), fontsize=7, color="green" if hit else "black")
+            if hit:
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("green")
+                    spine.set_linewidth(3)
+        show(line[k + 2], row["target"])
+        rank = top.index(row["target"]) + 1 if row["target"] in top else None
+        line[k + 2].set_title(f"target (rank {rank})" if rank else f"target (rank > {len(top)})", fontsize=7,
+                              color="green")
+        for ax in line:
+            ax.set_xticks([])
+            ax.set_yticks([])
+        line[1].axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

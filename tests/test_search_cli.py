@@ -1,0 +1,113 @@
+"""`offset index` / `offset search` as a person uses them, with the real tiny OFFSET (random weights): masks found
+beside the query image, messages in CLI terms, what loading a checkpoint says, --no-progress."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("offset_cir.model.offset", reason="the OFFSET model module is not available")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_search_support import make_gallery  # noqa: E402
+
+import offset_cir  # noqa: E402
+from offset_cir.cli import main as cli_main  # noqa: E402
+from offset_cir.search import Index  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def indexed(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli")
+    make_gallery(base / "g", n=6, size=64)
+    torch.manual_seed(0)
+    ckpt = offset_cir.save_checkpoint(offset_cir.build_model(offset_cir.ModelConfig(backbone="tiny")), base / "ck")
+    assert cli_main(["index", "--checkpoint", str(ckpt), "--images", str(base / "g"), "--out", str(base / "idx"),
+                     "--workers", "0", "--device", "cpu", "--no-progress"]) == 0
+    # a query image outside the gallery, with its mask beside it, and one without
+    q = base / "q"
+    q.mkdir()
+    Image.open(base / "g" / "img001.png").save(q / "query.png")
+    Image.open(base / "g" / "img001-segmask.png").save(q / "query-segmask.png")
+    Image.open(base / "g" / "img002.png").save(q / "lonely.png")
+    Image.new("L", (200, 50), 255).save(q / "wide-mask.png")
+    return base, ckpt
+
+
+def _search(base, *extra):
+    return cli_main(["search", "--index", str(base / "idx"), "--text", "make it red", "-k", "4", "--json",
+                     "--device", "cpu", *extra])
+
+
+def test_search_uses_the_mask_beside_the_image_and_says_so(indexed, capsys):
+    base, _ = indexed
+    capsys.readouterr()
+    assert _search(base, "--image", str(base / "q" / "query.png")) == 0
+    out, err = capsys.readouterr()
+    assert f"mask: {(base / 'q' / 'query-segmask.png').resolve()} (found beside the image" in err
+    got = [h["id"] for h in json.loads(out)]
+    want = Index.open(base / "idx").search(base / "q" / "query.png", "make it red", k=4,
+                                           mask=base / "q" / "query-segmask.png")
+    assert got == [h.id for h in want]
+
+
+def test_missing_mask_message_names_the_cli_flags(indexed, capsys):
+    base, _ = indexed
+    capsys.readouterr()
+    assert _search(base, "--image", str(base / "q" / "lonely.png")) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--mask FILE" in err and "lonely-segmask.png" in err
+    assert "--captioner DIR --segmenter DIR" in err
+    assert "MaskGenerator" not in err and "mask_generator" not in err and "needs_masks" not in err
+
+
+def test_mask_of_another_size_is_refused_naming_both(indexed, capsys):
+    base, _ = indexed
+    capsys.readouterr()
+    assert _search(base, "--image", str(base / "q" / "query.png"), "--mask", str(base / "q" / "wide-mask.png")) == 2
+    err = capsys.readouterr().err
+    assert "200x50" in err and "64x64" in err and "wide-mask.png" in err and "Traceback" not in err
+
+
+def test_loading_the_checkpoint_is_logged(indexed, caplog):
+    base, ckpt = indexed
+    caplog.set_level(logging.INFO, logger="offset_cir.search.index")
+    assert _search(base, "--ref-id", "img003") == 0
+    said = [r.getMessage() for r in caplog.records if r.name == "offset_cir.search.index"]
+    assert any(m.startswith(f"loading checkpoint {ckpt}") for m in said), said
+    assert any(m.startswith(f"loaded checkpoint {ckpt} in ") for m in said), said
+
+
+def test_index_no_progress_draws_no_bar(indexed, tmp_path, capsys):
+    base, ckpt = indexed
+    capsys.readouterr()
+    assert cli_main(["index", "--checkpoint", str(ckpt), "--images", str(base / "g"), "--out", str(tmp_path / "a"),
+                     "--workers", "0", "--device", "cpu", "--no-progress"]) == 0
+    quiet = capsys.readouterr()
+    assert "6 images (6 encoded now" in quiet.out and "encode:" not in quiet.err and "img/s" not in quiet.err
+
+
+def test_index_and_search_name_the_run_folders_checkpoints(indexed, tmp_path, capsys):
+    """`--checkpoint RUN` (a training run's folder) is told to name RUN/best or RUN/last, on index and on search,
+    not reported as a hash mismatch; a path that does not exist says so."""
+    base, ckpt = indexed
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(ckpt, run / "last")
+    capsys.readouterr()
+    assert cli_main(["index", "--checkpoint", str(run), "--images", str(base / "g"), "--out", str(tmp_path / "i2"),
+                     "--workers", "0", "--device", "cpu", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'last'} (latest step)" in err and "Traceback" not in err
+    assert _search(base, "--ref-id", "img001", "--checkpoint", str(run)) == 2
+    err = capsys.readouterr().err
+    assert str(run / "last") in err and "hashes to" not in err
+    assert _search(base, "--ref-id", "img001", "--checkpoint", str(tmp_path / "nowhere")) == 2
+    assert "does not exist" in capsys.readouterr().err
