@@ -11,7 +11,7 @@
 # Build arguments: VARIANT (cpu | cuda), EXTRAS (pip extras; add "pretrained" for the efficientnet-lite0-minilm
 # backbone, "segment" for the mask pipeline), PYTHON_IMAGE (the base image), TORCH_CPU_INDEX (where CPU wheels of
 # torch come from).
-ARG PYTHON_IMAGE=python:3.11-slim
+ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS build
 ARG VARIANT=cpu
@@ -49,7 +49,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_OFFLINE=1 \
-    TRANSFORMERS_OFFLINE=1
+    TRANSFORMERS_OFFLINE=1 \
+    HF_HOME=/tmp/hf \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    TORCH_HOME=/tmp/torch
 RUN groupadd --system --gid 10001 offset \
     && useradd --system --uid 10001 --gid offset --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin offset
 USER 10001:10001

@@ -26,3 +26,7 @@ class OfflineError(UserInputError):
 
 class TrainingError(OffsetError, RuntimeError):
     """Training cannot go on (a NaN loss, say); the last good checkpoint is kept."""
+
+
+class ExportError(OffsetError, RuntimeError):
+    """An exported graph does not reproduce the model it came from; nothing was written."""

@@ -372,3 +372,17 @@ def test_hf_hub_checkpoint_offline_not_cached_fails_fast(tmp_path, monkeypatch):
     assert calls == []
     with pytest.raises(CheckpointError, match="expected hf-hub:ORG/NAME"):
         load_checkpoint("hf-hub:no-slash")
+
+
+def test_null_focus_channels_in_a_saved_config_is_a_checkpoint_error(tmp_path):
+    """focus_channels=None means "read P from the weights" for the release converter only; a saved checkpoint
+    with it is refused by name (not a ValueError traceback from building the model)."""
+    import json
+
+    folder = _saved(tmp_path)
+    meta = json.loads((folder / "config.json").read_text())
+    meta["model"]["focus_channels"] = None
+    (folder / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="focus_channels") as err:
+        load_checkpoint(folder)
+    assert str(folder / "config.json") in str(err.value)

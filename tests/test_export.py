@@ -152,8 +152,16 @@ def test_refuses_non_empty_out_unless_overwrite(tiny_ckpt, tmp_path, capsys):
     assert cli_main(["export", "--checkpoint", str(tiny_ckpt), "--out", str(tmp_path / "file")]) == 2
     assert cli_main(["export", "--checkpoint", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")]) == 2
     assert not (tmp_path / "o2").exists()
+    # --overwrite replaces an earlier export, never the user's other files
+    assert cli_main(["export", "--checkpoint", str(tiny_ckpt), "--out", str(out), "--overwrite"]) == 2
+    assert "not an export" in capsys.readouterr().err and (out / "mine.txt").read_text() == "keep me"
+    (out / "mine.txt").unlink()
+    assert cli_main(["export", "--checkpoint", str(tiny_ckpt), "--out", str(out)]) == 0
+    assert cli_main(["export", "--checkpoint", str(tiny_ckpt), "--out", str(out)]) == 2
+    (out / "export.json").write_text('{"sentinel": 1}')  # so that "written anew" is visible
     assert cli_main(["export", "--checkpoint", str(tiny_ckpt), "--out", str(out), "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["export.json", "query.onnx", "target.onnx"]
+    assert "sentinel" not in (out / "export.json").read_text()
     # an empty folder is fine without --overwrite
     (tmp_path / "empty").mkdir()
     assert cli_main(["export", "--checkpoint", str(tiny_ckpt), "--out", str(tmp_path / "empty")]) == 0
@@ -245,3 +253,16 @@ def test_efficientnet_lite0_minilm_matches_torch(tmp_path):
     with torch.inference_mode():
         want = model.encode_query(images, masks, texts)
     assert (enc.encode_query(images, masks, texts) - want).abs().max() <= TOLERANCE
+
+
+def test_a_graph_that_does_not_reproduce_the_model_is_not_written(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    """The export is checked against torch at another batch size than it was traced at; a disagreement is an error
+    (nothing written), not a warning followed by a folder that would serve wrong rankings."""
+    from offset_cir.export import onnx as onnx_mod
+
+    real = onnx_mod._ort_run
+    monkeypatch.setattr(onnx_mod, "_ort_run", lambda *a, **k: real(*a, **k) + 1e-2)
+    out = tmp_path / "onnx"
+    assert cli_main(["export", "--checkpoint", str(tiny_ckpt), "--out", str(out)]) == 2
+    assert "does not reproduce the model" in capsys.readouterr().err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".onnx")]

@@ -2,56 +2,34 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 torch.set_num_threads(1)
 pytest.importorskip("onnxruntime", reason="the 'export' extra (onnxruntime) is not installed")
 
 import offset_cir  # noqa: E402
 from offset_cir.cli import main as cli_main  # noqa: E402
-from offset_cir.data import synthetic  # noqa: E402
 from offset_cir.errors import CheckpointError, OffsetError  # noqa: E402
 from offset_cir.export.onnx import export_checkpoint  # noqa: E402
 from offset_cir.export.runtime import OnnxEncoder, load_encoder  # noqa: E402
 from offset_cir.search import Index, build_index  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_search_support import train_tiny_on_synthetic  # noqa: E402
+
 KW = dict(progress=False, device="cpu", distributed=False)
-
-
-def _load(root: Path, split: str, name: str, pre, train: bool):
-    rel = json.loads((root / "image_splits" / f"split.rc2.{split}.json").read_text())[name]
-    p = (root / rel).resolve()
-    return pre.image(Image.open(p), train=train), pre.mask(Image.open(p.with_name(p.stem + "-segmask.png")), train=train)
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Synthetic benchmark (8 test queries, 48 test images), a tiny OFFSET trained 3 steps, its ONNX export."""
     base = tmp_path_factory.mktemp("onnxrt")
-    root = base / "synth"
-    synthetic.generate(root, seed=0, image_size=64, n_train=16, n_val=4, n_test=8, progress=False, workers=1)
-    torch.manual_seed(0)
-    model = offset_cir.build_model(offset_cir.ModelConfig(backbone="tiny"))
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    recs = json.loads((root / "captions" / "cap.rc2.train.json").read_text())
-    for step in range(3):
-        batch = [recs[(step * 8 + i) % len(recs)] for i in range(8)]
-        ref = [_load(root, "train", r["reference"], model.preprocess, True) for r in batch]
-        tgt = [_load(root, "train", r["target_hard"], model.preprocess, True) for r in batch]
-        out = model.compute_loss(torch.stack([a for a, _ in ref]), torch.stack([b for _, b in ref]),
-                                 [r["caption"] for r in batch], torch.stack([a for a, _ in tgt]),
-                                 torch.stack([b for _, b in tgt]))
-        opt.zero_grad()
-        out["total"].backward()
-        opt.step()
-    model.eval()
-    ckpt = offset_cir.save_checkpoint(model, base / "ckpt")
+    root, ckpt, _ = train_tiny_on_synthetic(base)
     export_checkpoint(ckpt, base / "onnx")
     torch_index = base / "idx-torch"
     build_index(torch_index, root / "test", checkpoint=ckpt, dtype="float32", **KW)

@@ -385,3 +385,21 @@ def test_gallery_mask_of_another_size_is_reported_not_indexed(tmp_path):
     rep = build_index(tmp_path / "idx", root, model=FakeModel(), **KW)
     assert rep.count == 3 and [s["id"] for s in rep.skipped] == ["img002"]
     assert "200x50" in rep.skipped[0]["error"] and "24x24" in rep.skipped[0]["error"]
+
+
+def test_models_without_weights_are_identified_by_their_checkpoint_hash():
+    """Two ONNX encoders (no torch state) of different checkpoints must not share one index identity."""
+    from offset_cir.errors import CheckpointError
+    from offset_cir.search.index import model_state_hash
+
+    class Encoder:  # the shape of offset_cir.export.runtime.OnnxEncoder: no tensors, a recorded source
+        def __init__(self, h):
+            self.checkpoint_hash = h
+
+        def state_dict(self):
+            return {}
+
+    a, b = Encoder("sha256:" + "a" * 64), Encoder("sha256:" + "b" * 64)
+    assert model_state_hash(a) == a.checkpoint_hash != model_state_hash(b)
+    with pytest.raises(CheckpointError, match="no weights to identify it by"):
+        model_state_hash(Encoder(None))

@@ -193,3 +193,55 @@ class serve_in_thread:
         self.thread.join(15)
         self.sock.close()
         return False
+
+
+def metric_value(text: str, name: str, **labels) -> float:
+    """The sum of the samples named ``name`` whose labels include ``labels``, in a Prometheus text page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def synthetic_image_pair(root: Path, split: str, name: str, pre, train: bool):
+    """(image tensor, mask tensor) of image ``name`` of a generated synthetic benchmark, through ``pre``."""
+    import json
+
+    rel = json.loads((root / "image_splits" / f"split.rc2.{split}.json").read_text())[name]
+    p = (root / rel).resolve()
+    return pre.image(Image.open(p), train=train), pre.mask(Image.open(p.with_name(p.stem + "-segmask.png")), train=train)
+
+
+def train_tiny_on_synthetic(base: Path, steps: int = 3):
+    """A synthetic benchmark under ``base/synth`` (8 test queries, 48 test images) and the real tiny OFFSET trained
+    ``steps`` AdamW steps of 8 triplets on it, saved to ``base/ckpt``: (root, checkpoint, losses)."""
+    import json
+
+    import offset_cir
+    from offset_cir.data import synthetic
+
+    root = base / "synth"
+    synthetic.generate(root, seed=0, image_size=64, n_train=16, n_val=4, n_test=8, progress=False, workers=1)
+    torch.manual_seed(0)
+    model = offset_cir.build_model(offset_cir.ModelConfig(backbone="tiny"))
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    recs = json.loads((root / "captions" / "cap.rc2.train.json").read_text())
+    losses = []
+    for step in range(steps):
+        batch = [recs[(step * 8 + i) % len(recs)] for i in range(8)]
+        ref = [synthetic_image_pair(root, "train", r["reference"], model.preprocess, True) for r in batch]
+        tgt = [synthetic_image_pair(root, "train", r["target_hard"], model.preprocess, True) for r in batch]
+        out = model.compute_loss(torch.stack([a for a, _ in ref]), torch.stack([b for _, b in ref]),
+                                 [r["caption"] for r in batch], torch.stack([a for a, _ in tgt]),
+                                 torch.stack([b for _, b in tgt]))
+        opt.zero_grad()
+        out["total"].backward()
+        opt.step()
+        losses.append(float(out["total"].detach()))
+    model.eval()
+    return root, offset_cir.save_checkpoint(model, base / "ckpt"), losses

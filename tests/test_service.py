@@ -21,7 +21,7 @@ pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_search_support import FakeModel, make_gallery  # noqa: E402
+from test_search_support import FakeModel, make_gallery, metric_value  # noqa: E402
 
 from offset_cir.search import Index, build_index  # noqa: E402
 from offset_cir.search.service import create_app  # noqa: E402
@@ -244,20 +244,9 @@ def test_bounded_concurrency_returns_503_when_busy(gallery):
     assert second.status_code == 503 and "busy" in second.json()["detail"]
     assert second.headers["content-type"] == "application/json" and second.headers["retry-after"] == "1"
     assert results == [200] and third.status_code == 200
-    assert _metric(metrics, "offset_search_busy_total") == 1
-    assert _metric(metrics, "offset_http_requests_total", route="/search", method="POST", status="503") == 1
-    assert _metric(metrics, "offset_http_requests_total", route="/search", method="POST", status="200") == 2
-
-
-def _metric(text: str, name: str, **labels) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
+    assert metric_value(metrics, "offset_search_busy_total") == 1
+    assert metric_value(metrics, "offset_http_requests_total", route="/search", method="POST", status="503") == 1
+    assert metric_value(metrics, "offset_http_requests_total", route="/search", method="POST", status="200") == 2
 
 
 def test_queue_depth_while_a_search_waits(gallery):
@@ -287,7 +276,7 @@ def test_queue_depth_while_a_search_waits(gallery):
             waiting = ""
             for _ in range(200):  # bounded: the second search shows up in the queue
                 waiting = c.get("/metrics").text
-                if _metric(waiting, "offset_search_queue_depth") == 1:
+                if metric_value(waiting, "offset_search_queue_depth") == 1:
                     break
                 time.sleep(0.05)
         finally:
@@ -295,10 +284,10 @@ def test_queue_depth_while_a_search_waits(gallery):
             first.join(20)
             second.join(20)
         after = c.get("/metrics").text
-    assert _metric(waiting, "offset_search_queue_depth") == 1 and _metric(waiting, "offset_search_in_progress") == 1
+    assert metric_value(waiting, "offset_search_queue_depth") == 1 and metric_value(waiting, "offset_search_in_progress") == 1
     assert results == {"first": 200, "second": 200}
-    assert _metric(after, "offset_search_queue_depth") == 0 and _metric(after, "offset_search_in_progress") == 0
-    assert _metric(after, "offset_search_seconds_count", stage="queue") == 2
+    assert metric_value(after, "offset_search_queue_depth") == 0 and metric_value(after, "offset_search_in_progress") == 0
+    assert metric_value(after, "offset_search_seconds_count", stage="queue") == 2
 
 
 def test_metrics_count_requests_and_stages(index, gallery):
@@ -321,20 +310,20 @@ def test_metrics_count_requests_and_stages(index, gallery):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/plain; version=")
     m = page.text
     req = "offset_http_requests_total"
-    assert _metric(m, req, route="/search", method="POST", status="200") == 4
-    assert _metric(m, req, route="/search", method="POST", status="422") == 1
-    assert _metric(m, req, route="/images/{image_id:path}", status="200") == 1
-    assert _metric(m, req, route="/images/{image_id:path}", status="404") == 1
-    assert _metric(m, req, route="unmatched", status="404") == 1
-    assert _metric(m, req, route="/health") == 0  # the other app's request is not here
-    assert _metric(other_page, req, route="/health", status="200") == 1
-    assert _metric(other_page, req, route="/search") == 0
+    assert metric_value(m, req, route="/search", method="POST", status="200") == 4
+    assert metric_value(m, req, route="/search", method="POST", status="422") == 1
+    assert metric_value(m, req, route="/images/{image_id:path}", status="200") == 1
+    assert metric_value(m, req, route="/images/{image_id:path}", status="404") == 1
+    assert metric_value(m, req, route="unmatched", status="404") == 1
+    assert metric_value(m, req, route="/health") == 0  # the other app's request is not here
+    assert metric_value(other_page, req, route="/health", status="200") == 1
+    assert metric_value(other_page, req, route="/search") == 0
     # latency histograms: encode and search apart, one observation per answered search; decode only for the upload
     for stage, n in (("queue", 4), ("encode", 4), ("search", 4), ("total", 4), ("decode", 1)):
-        assert _metric(m, "offset_search_seconds_count", stage=stage) == n, stage
-    assert _metric(m, "offset_search_seconds_sum", stage="encode") > 0
-    assert _metric(m, "offset_index_images") == len(index)
-    assert _metric(m, "offset_model_info", checkpoint_hash=index.manifest["checkpoint"]["hash"], dim="16") == 1
+        assert metric_value(m, "offset_search_seconds_count", stage=stage) == n, stage
+    assert metric_value(m, "offset_search_seconds_sum", stage="encode") > 0
+    assert metric_value(m, "offset_index_images") == len(index)
+    assert metric_value(m, "offset_model_info", checkpoint_hash=index.manifest["checkpoint"]["hash"], dim="16") == 1
 
 
 def test_security_headers_on_every_response(client):

@@ -18,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_search_support import FakeModel, make_gallery, serve_in_thread  # noqa: E402
+from test_search_support import FakeModel, make_gallery, metric_value, serve_in_thread  # noqa: E402
 
 from offset_cir.search import Index, build_index  # noqa: E402
 from offset_cir.search.service import create_app  # noqa: E402
@@ -56,17 +56,6 @@ def built(tmp_path_factory):
     return base
 
 
-def _metric(text: str, name: str, **labels) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
-
-
 def test_page_load_during_searches_all_answered(built):
     """30 thumbnails, the page, gallery and health, and 12 searches at once: all 200 (uvicorn's connection limit
     was 8 before), while at most max_concurrency searches run."""
@@ -91,8 +80,8 @@ def test_page_load_during_searches_all_answered(built):
     assert all(r.headers["content-type"] == "image/png" for r in answers[:30])
     assert [len(r.json()["results"]) for r in answers[30:42]] == [5] * 12
     assert 1 <= model.peak <= 2  # the search semaphore, not the connection count, limits the work
-    assert _metric(metrics, "offset_http_requests_total", route="/images/{image_id:path}", status="200") == 30
-    assert _metric(metrics, "offset_http_requests_total", route="/search", status="200") == 12
+    assert metric_value(metrics, "offset_http_requests_total", route="/images/{image_id:path}", status="200") == 30
+    assert metric_value(metrics, "offset_http_requests_total", route="/search", status="200") == 12
 
 
 def _trickle(port: int, head: bytes, body: bytes = b"", every: float = 0.2, limit: float = 8.0):
@@ -211,10 +200,10 @@ def test_client_that_goes_away_logs_one_line_not_a_traceback(built, caplog):
         metrics = ""
         for _ in range(100):  # bounded: at most ~10 s for the server to notice
             metrics = httpx.get(base + "/metrics", trust_env=False, timeout=10).text
-            if _metric(metrics, "offset_http_requests_total", route="/search", status="499"):
+            if metric_value(metrics, "offset_http_requests_total", route="/search", status="499"):
                 break
             time.sleep(0.1)
-    assert _metric(metrics, "offset_http_requests_total", route="/search", status="499") == 1
+    assert metric_value(metrics, "offset_http_requests_total", route="/search", status="499") == 1
     assert any("went away" in r.getMessage() for r in caplog.records)
     assert not [r for r in caplog.records if r.exc_info or "Exception in ASGI" in r.getMessage()]
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from offset_cir.errors import UserInputError
+from offset_cir.errors import ExportError, UserInputError
 
 log = logging.getLogger(__name__)
 
@@ -195,14 +195,25 @@ def _quantize_int8(src: Path, dst: Path) -> None:
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
 
 
+def _is_export_file(name: str) -> bool:
+    return name == EXPORT_NAME or (name.endswith(".onnx") and name.startswith(("query", "target")))
+
+
 def check_out(out: str | os.PathLike, overwrite: bool) -> Path:
-    """``out`` as an absolute path, or a UserInputError when it is a file or a non-empty folder (not overwrite)."""
+    """``out`` as an absolute path, or a UserInputError when it is a file or a non-empty folder (not overwrite).
+    ``overwrite`` replaces an earlier export only: a folder holding anything else is refused even then."""
     out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise UserInputError(f"--out {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserInputError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite "
-                             f"to replace its content")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise UserInputError(f"--out {out} exists and is not empty; choose another folder or pass --overwrite "
+                                 f"to replace the export in it")
+        foreign = sorted(p.name for p in out.iterdir() if not _is_export_file(p.name))
+        if foreign:
+            raise UserInputError(f"--out {out} holds files that are not an export ({', '.join(foreign[:5])}"
+                                 f"{', ...' if len(foreign) > 5 else ''}): --overwrite replaces an earlier export "
+                                 "only; choose an empty folder")
     return out
 
 
@@ -295,8 +306,11 @@ def export_onnx(model, out: str | os.PathLike, *, checkpoint: str | os.PathLike 
             want = _torch_features(model, role, check_inputs, names[role])
             got = _ort_run(path, check_inputs, names[role])
             diffs[role] = float(np.abs(got - want).max())
-            if not diffs[role] <= TOLERANCE:
-                log.warning("%s graph: onnxruntime differs from torch by %.3g (> %.0e)", role, diffs[role], TOLERANCE)
+            if not diffs[role] <= TOLERANCE:  # a trace that baked in a batch size or a length, an unsupported op...
+                raise ExportError(f"the exported {role} graph does not reproduce the model: onnxruntime differs from "
+                                  f"torch by {diffs[role]:.3g} (more than {TOLERANCE:.0e}) at batch "
+                                  f"{len(check_inputs['images'])}; nothing was written. Try --exporter "
+                                  f"{'dynamo' if exporter == 'torchscript' else 'torchscript'}, or report the backbone")
             files[role] = str(out / GRAPH_FILES[role])
             entry = {
                 "file": GRAPH_FILES[role], "sha256": _sha256(path),

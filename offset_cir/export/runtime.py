@@ -260,7 +260,7 @@ def load_encoder(checkpoint=None, runtime: str = "torch", *, onnx_dir=None, expe
         encoder._keep = tmp
     else:
         encoder = OnnxEncoder(onnx_dir, int8=int8, threads=threads)
-        if checkpoint is not None and Path(str(checkpoint)).exists():
+        if checkpoint is not None:  # any checkpoint named (a folder, a file, hf-hub:) must be the export's source
             from offset_cir.model.checkpoint import checkpoint_hash
 
             h = "sha256:" + checkpoint_hash(checkpoint)

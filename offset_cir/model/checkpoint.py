@@ -190,6 +190,10 @@ def read_checkpoint_config(path: str | os.PathLike) -> ModelConfig:
         raise CheckpointError(f"{config}: not a valid offset-cir checkpoint config (expected a JSON object with "
                               "a \"model\" object holding the model's settings)")
     check_config_types(meta["model"], str(config))
+    if "focus_channels" in meta["model"] and meta["model"]["focus_channels"] is None:
+        # None means "read P from the weights", which only convert_release_checkpoint does
+        raise CheckpointError(f"{config}: field \"focus_channels\" is null; a saved checkpoint records its P "
+                              "(an integer, e.g. 8)")
     try:
         return ModelConfig.from_dict(meta["model"])
     except (TypeError, ValueError) as exc:

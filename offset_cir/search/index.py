@@ -115,11 +115,18 @@ def checkpoint_hash(path: str | os.PathLike) -> str:
 
 
 def model_state_hash(model) -> str:
-    """``state:<hex>``: a hash of a model's state dict, for indexes built from an in-memory model."""
+    """``state:<hex>``: a hash of a model's state dict, for indexes built from an in-memory model. A model that
+    carries its checkpoint's identity (an ONNX encoder: ``checkpoint_hash``) is identified by that instead."""
     import torch
 
+    carried = getattr(model, "checkpoint_hash", None)
+    if isinstance(carried, str) and carried.startswith("sha256:"):
+        return carried
     h = hashlib.sha256()
     sd = model.state_dict() if hasattr(model, "state_dict") else {}
+    if not sd:
+        raise CheckpointError(f"{type(model).__name__} has no weights to identify it by and carries no checkpoint "
+                              "hash: pass checkpoint= so the index can tell models apart")
     for name in sorted(sd):
         t = sd[name]
         if isinstance(t, torch.Tensor):
