@@ -9,6 +9,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from offset_cir._lazy import lazy_getattr
+
 _LAZY = {
     "ModelConfig": "offset_cir.model.config",
     "ABLATIONS": "offset_cir.model.config",
@@ -23,11 +25,4 @@ _LAZY = {
 __all__ = sorted(_LAZY) + ["__version__"]
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'offset_cir' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())

@@ -19,7 +19,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    import signal
+    from offset_cir.train.signals import stop_signals_handled_by
 
     # From the very start (the imports below take seconds): a SIGINT/SIGTERM is remembered, and the trainer,
     # which appends to the same list, stops at its first safe point. A second one stops at once.
@@ -32,17 +32,8 @@ def run(args) -> int:
         logging.getLogger("offset_cir.train").warning(
             "signal %d: stopping once the set-up is done; a second one stops at once", signum)
 
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            previous[sig] = signal.signal(sig, remember)
-        except ValueError:  # not in the main thread
-            pass
-    try:
+    with stop_signals_handled_by(remember):
         return _run(args, received)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _run(args, received: list[int]) -> int:

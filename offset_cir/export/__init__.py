@@ -7,6 +7,8 @@ service take either (``offset_cir.export.runtime``). Nothing is imported until u
 """
 from __future__ import annotations
 
+from offset_cir._lazy import lazy_getattr
+
 _LAZY = {
     "export_onnx": "offset_cir.export.onnx",
     "export_checkpoint": "offset_cir.export.onnx",
@@ -20,11 +22,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'offset_cir.export' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())

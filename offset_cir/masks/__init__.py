@@ -13,6 +13,8 @@ Folders and benchmarks: :func:`find_images`, :func:`get_layout` / :func:`mask_pa
 """
 from __future__ import annotations
 
+from offset_cir._lazy import lazy_getattr
+
 _LAZY = {
     "MaskGenerator": "offset_cir.masks.generator",
     "HFCaptioner": "offset_cir.masks.models",
@@ -42,11 +44,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'offset_cir.masks' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())

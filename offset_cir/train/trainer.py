@@ -16,7 +16,6 @@ import os
 import random
 import re
 import shutil
-import signal
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -29,6 +28,7 @@ from offset_cir.errors import CheckpointError, DatasetError, TrainingError, User
 from offset_cir.model.checkpoint import WEIGHTS_NAME, load_weights, save_checkpoint
 from offset_cir.train.config import TrainConfig, _merge, config_from_dict, parse_overrides
 from offset_cir.train.distributed import any_rank, barrier, gather_with_grad, init_distributed
+from offset_cir.train.signals import stop_signals_handled_by
 
 log = logging.getLogger(__name__)
 
@@ -218,21 +218,12 @@ class Trainer:
         o = self.cfg.optim
         return o.decay_factor ** sum(1 for e in o.decay_epochs if epoch >= e)
 
-    def _install_signals(self):
-        def handler(signum, frame):
-            if self._stop_signal is not None:
-                raise KeyboardInterrupt
-            self._signals.append(signum)
-            log.warning("signal %d: stopping at the next safe point (after the current step or the set-up), "
-                        "then saving a checkpoint; a second one stops at once", signum)
-
-        previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                previous[sig] = signal.signal(sig, handler)
-            except ValueError:  # not in the main thread
-                pass
-        return previous
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_signal is not None:
+            raise KeyboardInterrupt
+        self._signals.append(signum)
+        log.warning("signal %d: stopping at the next safe point (after the current step or the set-up), "
+                    "then saving a checkpoint; a second one stops at once", signum)
 
     # ................................................................ saving
     def _save_state(self, name: str, model, opt, scaler, st: dict) -> None:
@@ -382,12 +373,8 @@ class Trainer:
     def fit(self) -> dict:
         # Signal handlers first: a SIGINT/SIGTERM that arrives during the slow set-up (process group, model,
         # data) is remembered and acted on at the first safe point, never lost.
-        previous_handlers = self._install_signals()
-        try:
+        with stop_signals_handled_by(self._on_signal):
             return self._fit()
-        finally:
-            for sig, h in previous_handlers.items():
-                signal.signal(sig, h)
 
     def _fit(self) -> dict:
         from offset_cir.data import collate, get_dataset
