@@ -1,0 +1,117 @@
+"""Atomic file writes: a file or folder appears whole under its name, or not at all.
+
+Every writer puts its bytes under a temporary name in the same folder (so the final ``os.replace`` is a rename on
+one file system), flushes them to disk, and swaps them in; an exception leaves the old file as it was and removes
+the temporary one. Library code that writes something a user keeps (a checkpoint, an index, a result) goes
+through these helpers.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+__all__ = ["atomic_path", "atomic_open", "write_bytes", "write_text", "write_json", "write_jsonl", "save_npy",
+           "replace_dir"]
+
+
+def _temporary_name(path: Path) -> Path:
+    # hidden, and unique per process so two writers of one file never share a temporary
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block ends without an error it replaces ``path``.
+
+    For writers that take a file name (``safetensors.torch.save_file``, ``faiss.write_index``).
+    """
+    path = Path(path)
+    tmp = _temporary_name(path)
+    try:
+        yield tmp
+        _fsync(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = None) -> Iterator[IO]:
+    """``open(path, mode)`` whose content replaces ``path`` only when the block ends without an error."""
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_open: mode {mode!r}; expected 'w' or 'wb'")
+    if mode == "w" and encoding is None:
+        encoding = "utf-8"
+    with atomic_path(path) as tmp:
+        with open(tmp, mode, encoding=encoding) as f:
+            yield f
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, sort_keys: bool = False) -> None:
+    """Write ``obj`` as JSON (with a final newline) to ``path`` atomically."""
+    write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, rows: Iterable[dict], *, sort_keys: bool = True) -> None:
+    """Write one JSON object per line to ``path`` atomically."""
+    with atomic_open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, sort_keys=sort_keys) + "\n")
+
+
+def save_npy(path: str | os.PathLike, array) -> None:
+    """``numpy.save`` to ``path`` atomically (``path`` keeps its name; no ``.npy`` is appended)."""
+    import numpy as np
+
+    with atomic_open(path, "wb") as f:
+        np.save(f, array)
+
+
+def replace_dir(target: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Fill a folder with ``write(folder)`` under a temporary name, then swap it in for ``target``.
+
+    A reader sees the old folder or the new one, never a half-written one; an error in ``write`` leaves ``target``
+    as it was. (Between the two renames there is an instant when ``target`` is absent; the old folder is then at
+    ``<target>.old`` and is deleted only after the new one is in place.)
+    """
+    target = Path(target)
+    tmp = target.with_name(target.name + ".tmp")
+    old = target.with_name(target.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(tmp, target)
+    shutil.rmtree(old, ignore_errors=True)
