@@ -11,7 +11,7 @@ export PYTHONUNBUFFERED := 1
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e '.[dev,segment,search,pretrained,export]'
+	$(PY) -m pip install -q -e '.[dev,train,segment,search,pretrained,export]'
 	touch $(STAMP)
 
 demo: $(STAMP)  ## the main job: synthetic benchmark, train OFFSET + 2 comparisons, evaluate, report (runs/demo/)

@@ -33,7 +33,7 @@ SHARED = ROOT.parent / "shared" / "data" / "cirr"
 
 def _prepare(folder: Path) -> None:
     from offset_cir.data import get_dataset
-    from offset_cir.data.placeholders import write_benchmark_placeholders
+    from offset_cir.testing.placeholders import write_benchmark_placeholders
 
     for sub in ("captions", "image_splits"):
         shutil.copytree(SHARED / sub, folder / "cirr" / sub)
@@ -50,7 +50,7 @@ def _model(encoder: str):
 
         torch.manual_seed(0)
         return offset_cir.build_model(offset_cir.ModelConfig(backbone="tiny"))
-    from offset_cir.eval.oracle import HashModel
+    from offset_cir.testing.oracle import HashModel
 
     return HashModel(dim=512, max_code=4096)
 
@@ -72,7 +72,7 @@ def _features(folder: Path):
     import torch
 
     from offset_cir.data import get_dataset
-    from offset_cir.eval.oracle import HashModel
+    from offset_cir.testing.oracle import HashModel
 
     bench = get_dataset("cirr", folder)
     codes = json.loads((folder / "codes.json").read_text())
@@ -129,8 +129,8 @@ def _vector_metrics(es, gallery, g, q, batch_size: int = 256) -> dict:
         sub = torch.einsum("bd,bmd->bm", qb, g[mrows[s:s + batch_size]])
         sranks.append(M.target_ranks(sub, mt[s:s + batch_size]))
     ranks, sranks = torch.cat(ranks), torch.cat(sranks)
-    out = {f"R@{k}": M.recall_at_k(ranks, k) for k in (1, 5, 10, 50)}
-    out.update({f"R_subset@{k}": M.recall_at_k(sranks, k) for k in (1, 2, 3)})
+    out = M.recalls(ranks, (1, 5, 10, 50))
+    out.update(M.recalls(sranks, (1, 2, 3), "R_subset"))
     return out
 
 

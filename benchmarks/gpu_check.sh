@@ -116,7 +116,7 @@ EOF
 nccl_collectives() {
     cat >"$WORK/nccl_check.py" <<'EOF'
 import os, torch, torch.distributed as dist
-from offset_cir.train.distributed import gather_with_grad
+from offset_cir.distributed import gather_with_grad
 torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
 dist.init_process_group("nccl")
 x = torch.arange(6, dtype=torch.float32, device="cuda").view(3, 2).requires_grad_(True)

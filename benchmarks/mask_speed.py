@@ -37,7 +37,7 @@ def speed_table(n_images: int, batch_sizes: list[int], size: tuple[int, int], th
     from PIL import Image
 
     from offset_cir.masks import MaskGenerator, find_images, get_layout, plan, run_masks
-    from offset_cir.masks.testing import build_tiny_blip, build_tiny_clipseg
+    from offset_cir.testing.masks import build_tiny_blip, build_tiny_clipseg
 
     torch.set_num_threads(threads)
     _quiet()

@@ -92,12 +92,13 @@ def small_compute_rows(steps: int, batch: int, image_sizes: list[int], image_blo
     from PIL import Image
 
     from offset_cir import ModelConfig, build_model
+    from offset_cir.demo import RUNS as DEMO_RUNS
     from offset_cir.train.cache import cached_model
     from offset_cir.train.freeze import freeze_backbone
 
     name = "efficientnet-lite0-minilm"
-    print(f"{name}: batch {batch} triplets (4 images each), fp32, CPU, {steps} timed steps after a warm-up; "
-          f"'last N' = the image tower's last N blocks train")
+    print(f"{name}: batch {batch} triplets (4 images each, 2 without masks), fp32, CPU, {steps} timed steps after "
+          f"a warm-up; 'last N' = the image tower's last N blocks train; 'demo:' rows = the demo's other two runs")
     head = f"{'mode':<34}{'px':>5}{'triplets/s':>12}{'s/step':>9}{'vs fine-tuned':>15}"
     print(head)
     print("-" * len(head))
@@ -106,8 +107,12 @@ def small_compute_rows(steps: int, batch: int, image_sizes: list[int], image_blo
     for size in image_sizes:
         pils = [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(4 * batch)]
         base = None
-        for mode in ("fine-tuned", "frozen", f"frozen, last {image_blocks}", "frozen + cached",
-                     f"frozen, last {image_blocks} + cached"):
+        # the last three rows: the demo's preset (offset_cir/configs/demo.yaml: frozen + cached) for each of the
+        # demo's three runs; w/o FM and late fusion encode no masks (2 images per triplet)
+        for mode, ablations in (("fine-tuned", ()), ("frozen", ()), (f"frozen, last {image_blocks}", ()),
+                                ("frozen + cached", ()), (f"frozen, last {image_blocks} + cached", ()),
+                                ("demo: frozen + cached, w/o FM", DEMO_RUNS["offset_wo_fm"]),
+                                ("demo: frozen + cached, late fusion", DEMO_RUNS["late_fusion"])):
             import dataclasses
 
             from offset_cir.model import packaged
@@ -116,7 +121,10 @@ def small_compute_rows(steps: int, batch: int, image_sizes: list[int], image_blo
             packaged.PACKAGED_BACKBONES[name] = dataclasses.replace(spec, image_size=size)
             try:
                 torch.manual_seed(0)
-                model = build_model(ModelConfig(backbone=name, pretrained="packaged")).train()
+                model_cfg = ModelConfig(backbone=name, pretrained="packaged")
+                if ablations:
+                    model_cfg = model_cfg.with_ablation(*ablations)
+                model = build_model(model_cfg).train()
             finally:
                 packaged.PACKAGED_BACKBONES[name] = spec
             blocks = image_blocks if "last" in mode else 0
@@ -128,8 +136,12 @@ def small_compute_rows(steps: int, batch: int, image_sizes: list[int], image_blo
             opt = torch.optim.AdamW(model.parameter_groups(1e-5, 1e-4))
 
             def step() -> None:
-                x = torch.stack([model.preprocess.image(p) for p in pils])
-                ref, ref_m, tgt, tgt_m = x.split(batch)
+                if ablations:  # no masks: 2 images per triplet, the mask images are neither encoded nor passed
+                    ref, tgt = torch.stack([model.preprocess.image(p) for p in pils[:2 * batch]]).split(batch)
+                    ref_m = tgt_m = None
+                else:
+                    x = torch.stack([model.preprocess.image(p) for p in pils])
+                    ref, ref_m, tgt, tgt_m = x.split(batch)
                 model.compute_loss(ref, ref_m, texts, tgt, tgt_m)["total"].backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)

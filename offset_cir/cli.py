@@ -1,9 +1,11 @@
 """The ``offset`` command line: a thin dispatcher over ``offset_cir.commands``.
 
-Each sub-command lives in its own module under ``offset_cir/commands`` and exposes
-``NAME``, ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``.  Modules are
-imported only when their command runs, so ``offset --help`` stays fast and a command
-whose optional extra is not installed does not break the others.
+Each sub-command lives in its own module under ``offset_cir/commands`` and exposes ``NAME`` (the command's
+name), ``HELP`` (its one-line help), ``add_arguments(parser)`` and ``run(args) -> int``; the module is the one
+place these are written. This file only lists the modules, in the order ``offset --help`` shows them. A
+command module imports nothing heavy at its top (the standard library, ``errors``; its work imports inside
+``run``), so reading every ``NAME``/``HELP`` keeps ``offset --help`` fast; only the command being run has its
+``add_arguments`` and ``run`` called, so a command whose optional extra is not installed does not break the others.
 """
 from __future__ import annotations
 
@@ -12,22 +14,28 @@ import importlib
 import logging
 import sys
 
+# the modules under offset_cir.commands, in the order of `offset --help`
+COMMAND_MODULES: tuple[str, ...] = (
+    "demo", "synth", "train", "eval", "submit", "validate_submission", "doctor", "masks", "index", "search",
+    "serve", "export", "info",
+)
+
+
+def _load(module: str):
+    return importlib.import_module(f"offset_cir.commands.{module}")
+
+
+def _table() -> list[tuple[str, str, str]]:
+    """(command name, module, one-line help) of every command, read from the modules themselves."""
+    table = []
+    for module in COMMAND_MODULES:
+        mod = _load(module)
+        table.append((mod.NAME, module, mod.HELP))
+    return table
+
+
 # (command name, module under offset_cir.commands, one-line help)
-COMMANDS: list[tuple[str, str, str]] = [
-    ("demo", "demo", "synthetic benchmark end to end: train OFFSET and two comparisons, evaluate, report"),
-    ("synth", "synth", "generate the synthetic cluttered-scene benchmark (CIRR layout)"),
-    ("train", "train", "train a model from a YAML preset or file, with key=value overrides"),
-    ("eval", "eval", "evaluate a checkpoint on a benchmark protocol"),
-    ("submit", "submit", "write the CIRR test-server files"),
-    ("validate-submission", "validate_submission", "check a CIRR test-server file offline"),
-    ("doctor", "doctor", "check a dataset folder: counts, missing files, manifest"),
-    ("masks", "masks", "dominant-portion masks for a benchmark or an image folder"),
-    ("index", "index", "encode a folder of images into a search index"),
-    ("search", "search", "query a search index with an image and a text"),
-    ("serve", "serve", "REST service and web page over a search index"),
-    ("export", "export", "export a checkpoint to ONNX (query and target graphs, optional int8)"),
-    ("info", "info", "versions, registered backbones and presets"),
-]
+COMMANDS: list[tuple[str, str, str]] = _table()
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -44,10 +52,6 @@ class HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)" if text else "(default: %(default)s)"
 
 
-def _load(module: str):
-    return importlib.import_module(f"offset_cir.commands.{module}")
-
-
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="offset", description="OFFSET composed image retrieval toolkit",
                                      formatter_class=HelpFormatter)
@@ -58,7 +62,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, module, help_text in COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
-        # Only the command being run imports its module (and its heavy dependencies).
+        # Only the command being run adds its arguments (and imports what they need).
         if name == wanted:
             mod = _load(module)
             mod.add_arguments(p)

@@ -82,7 +82,7 @@ def _test_metrics(model, cache, bench, rankings: Path | None, batch_size: int, p
     from offset_cir.train.cache import warm_benchmark
 
     if cache is not None:
-        warm_benchmark(cache, bench, ["test"], masks=model.needs_masks, progress=progress)
+        warm_benchmark(cache, bench, ["test"], masks=model.uses_masks, progress=progress)
     result = evaluate(model, bench, "synthetic", split="test", batch_size=batch_size, save_rankings=rankings,
                       progress=False)
     return {k: round(result["metrics"][k], 2) for k in METRICS if k in result["metrics"]}, result
@@ -90,7 +90,7 @@ def _test_metrics(model, cache, bench, rankings: Path | None, batch_size: int, p
 
 def _build_demo_index(index_dir: Path, images: Path, model, ckpt: Path, progress: bool) -> dict:
     """The search index of the test images with OFFSET's best checkpoint (rebuilt when the checkpoint changed)."""
-    from offset_cir.search.index import build_index
+    from offset_cir.search.build import build_index
 
     manifest = index_dir / "manifest.json"
     if manifest.is_file():

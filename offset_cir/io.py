@@ -16,12 +16,20 @@ from pathlib import Path
 from typing import IO, Any
 
 __all__ = ["atomic_path", "atomic_open", "write_bytes", "write_text", "write_json", "write_jsonl", "save_npy",
-           "replace_dir"]
+           "replace_dir", "is_temporary"]
 
 
 def _temporary_name(path: Path) -> Path:
     # hidden, and unique per process so two writers of one file never share a temporary
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def is_temporary(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is named like one of these helpers' temporary files (left behind only by a killed
+    process), so a writer can clean up after an interrupted run."""
+    name = Path(path).name
+    stem, sep, pid = name.rpartition(".tmp")
+    return bool(sep) and name.startswith(".") and len(stem) > 1 and pid.isdigit()
 
 
 def _fsync(path: Path) -> None:

@@ -293,7 +293,8 @@ def _custom_text_clip(pool_type: str, eos_id: int = 2):
 @pytest.mark.parametrize("pool_type", ["last", "eos"])
 def test_eot_positions_follow_the_text_towers_pooling(monkeypatch, pool_type):
     # A CustomTextCLIP has no CLIP-level text_pool_type: the rule is the text tower's own.
-    monkeypatch.setattr(bb, "create_clip", lambda name, pretrained: _custom_text_clip(pool_type, eos_id=5))
+    monkeypatch.setattr(bb, "create_clip",
+                        lambda name, pretrained, load_weights=True: _custom_text_clip(pool_type, eos_id=5))
     backbone = Backbone("tiny").eval()
     ids = torch.tensor([[49406, 7, 5, 0, 0, 0], [49406, 8, 9, 5, 3, 0]])  # the largest id is at 0, eos 5 elsewhere
     expected = [5, 5] if pool_type == "last" else [2, 3]

@@ -41,7 +41,7 @@ def _loss(model, batch):
 
 
 def _batch(model, bench, split="train", n=4):
-    ds = bench.triplets(split, model.preprocess, train=False, load_masks=True)
+    ds = bench.triplets(split, model.preprocess, train=False, use_masks=True)
     return collate([ds[i] for i in range(n)])
 
 
@@ -204,3 +204,21 @@ def test_trainer_with_frozen_cached_backbone(bench_root, tmp_path):
     assert first["steps"] == second["steps"] == 2
     rows = lambda d: [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines() if "loss" in x]
     assert [r["loss"] for r in rows("a")] == [r["loss"] for r in rows("b")]
+
+
+def test_a_cache_entry_is_on_disk_whole_or_not_at_all(tmp_path, monkeypatch):
+    import os
+
+    from offset_cir.train.cache import _Store
+
+    fsyncs, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
+    store = _Store(tmp_path / "fp", {"kind": "test"}, memory_bytes=0)
+    assert json.loads((tmp_path / "fp" / "cache_info.json").read_text()) == {"kind": "test"}
+    store.put("ab12", torch.arange(6.0))
+    assert len(fsyncs) == 2  # the info file and the entry
+    assert torch.equal(_Store(tmp_path / "fp", {"kind": "test"}).get("ab12"), torch.arange(6.0))
+    monkeypatch.setattr(os, "replace", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full (simulated)")))
+    with pytest.raises(OSError, match="disk full"):
+        store.put("ab34", torch.ones(3))
+    assert sorted(p.name for p in (tmp_path / "fp" / "ab").iterdir()) == ["ab12.safetensors"]

@@ -74,7 +74,7 @@ def test_pretrained_local_file(tmp_path):
     other = PACKAGE_BACKBONES["small"]
     save_file({k: v.contiguous() for k, v in CLIP(other["embed_dim"], other["vision_cfg"], other["text_cfg"]).state_dict().items()},
               str(tmp_path / "small.safetensors"))
-    with pytest.raises(CheckpointError, match="shape mismatch"):
+    with pytest.raises(CheckpointError, match="weights do not fit this backbone(?s:.*)shapes differ for"):
         Backbone("tiny", str(tmp_path / "small.safetensors"))
 
 
@@ -386,3 +386,106 @@ def test_null_focus_channels_in_a_saved_config_is_a_checkpoint_error(tmp_path):
     with pytest.raises(CheckpointError, match="focus_channels") as err:
         load_checkpoint(folder)
     assert str(folder / "config.json") in str(err.value)
+
+
+# ------------------------------------------------------------ load_weights=False (issue 11, item 6)
+def test_load_weights_false_builds_the_architecture_and_keeps_pretrained(tmp_path):
+    # a weights file that is not there: with load_weights=False nothing is read, and the config keeps its name
+    absent = str(tmp_path / "absent.safetensors")
+    model = build_model(ModelConfig(backbone="tiny", pretrained=absent), load_weights=False)
+    assert model.config.pretrained == absent
+    with pytest.raises(Exception, match="must be a local weights file"):  # with the weights, the file is needed
+        build_model(ModelConfig(backbone="tiny", pretrained=absent))
+
+
+def _tiny_clip_as(monkeypatch, name: str):
+    """OpenCLIP's ``name`` built as the tiny package config (same code path, seconds instead of minutes)."""
+    import open_clip
+
+    from offset_cir.model import backbone as bb
+
+    monkeypatch.setattr(open_clip, "create_model",
+                        lambda *a, **k: bb.build_clip_from_config(PACKAGE_BACKBONES["tiny"]))
+    monkeypatch.setattr(bb, "backbone_family", lambda n: "test family")
+
+
+def test_a_converted_release_keeps_the_pretrained_it_was_given(tmp_path):
+    """The release file holds every weight: the backbone's pretrained weights are not read, but the model's config
+    still says which they were (it is saved with the converted checkpoint)."""
+    st, _ = _release_state("tiny", p=4)
+    torch.save(st, tmp_path / "release.pt")
+    absent = str(tmp_path / "backbone-weights-not-here.safetensors")
+    model = convert_release_checkpoint(tmp_path / "release.pt", ModelConfig(backbone="tiny", pretrained=absent))
+    assert model.config.pretrained == absent and model.config.focus_channels == 4
+    assert torch.equal(model.backbone.clip.visual.proj, st["backbone.clip.visual.proj"])
+    assert load_checkpoint(save_checkpoint(model, tmp_path / "ck")).config == model.config
+
+
+def test_a_checkpoint_of_a_tagged_backbone_loads_with_that_tags_normalisation(tmp_path, monkeypatch):
+    """ViT-L-14's tags normalise differently (OpenAI's vs LAION's mean/std): a checkpoint trained from one tag
+    must preprocess as that tag did, not as the untagged default (it did before load_weights=False)."""
+    import dataclasses
+
+    import open_clip
+
+    from offset_cir.model.preprocess import OPENAI_MEAN
+
+    name, tag = "ViT-L-14", "laion2b_s32b_b82k"
+    tag_cfg = open_clip.get_pretrained_cfg(name, tag)
+    assert tuple(tag_cfg["mean"]) != tuple(OPENAI_MEAN)  # else this test would prove nothing
+    _tiny_clip_as(monkeypatch, name)
+    trained = build_model(ModelConfig(backbone=name))
+    trained.config = dataclasses.replace(trained.config, pretrained=tag)  # as if trained from the tag
+    loaded = load_checkpoint(save_checkpoint(trained, tmp_path / "ck"))
+    assert loaded.config.pretrained == tag
+    assert loaded.preprocess.mean == tuple(tag_cfg["mean"]) and loaded.preprocess.std == tuple(tag_cfg["std"])
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_hub_probe_asks_the_configured_endpoint(tmp_path, monkeypatch):
+    """One probe for the hub everywhere: HF_ENDPOINT (a mirror) is the address tried, not huggingface.co."""
+    import socket
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    tried = []
+    monkeypatch.setattr(socket, "create_connection",
+                        lambda address, *a, **k: tried.append(address) or (_ for _ in ()).throw(OSError("refused")))
+    with pytest.raises(OfflineError, match="not in the Hugging Face cache"):
+        load_checkpoint("hf-hub:my-org/not-cached")
+    assert tried == [("127.0.0.1", 9)]
+    # switched off the way huggingface_hub reads the switch: no connection at all
+    for value in ("1", "ON", "yes", "True"):
+        monkeypatch.setenv("HF_HUB_OFFLINE", value)
+        with pytest.raises(OfflineError):
+            load_checkpoint("hf-hub:my-org/not-cached")
+    assert tried == [("127.0.0.1", 9)]
+
+
+# ------------------------------------------------------------ writes through offset_cir.io (issue 11)
+def _count_fsyncs(monkeypatch) -> list:
+    import os
+
+    calls, real = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: calls.append(fd) or real(fd))
+    return calls
+
+
+def test_save_checkpoint_is_flushed_to_disk_and_a_failed_save_leaves_the_old_one(tmp_path, monkeypatch):
+    import os
+
+    model = build_model(ModelConfig(backbone="tiny"))
+    fsyncs = _count_fsyncs(monkeypatch)
+    folder = save_checkpoint(model, tmp_path / "ck")
+    assert len(fsyncs) == 2  # weights and config, each on disk before it is renamed into place
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    other = build_model(ModelConfig(backbone="tiny"))
+
+    def refuse(*a, **k):
+        raise OSError("disk full (simulated)")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(other, folder)
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # no temporary left, nothing replaced

@@ -11,9 +11,9 @@ import pytest
 import offset_cir
 from offset_cir.cli import main
 from offset_cir.data import get_dataset
-from offset_cir.data.placeholders import write_benchmark_placeholders
+from offset_cir.testing.placeholders import write_benchmark_placeholders
 from offset_cir.eval.cirr_submission import predict_test, validate_submission, write_submission
-from offset_cir.eval.oracle import OracleModel
+from offset_cir.testing.oracle import OracleModel
 
 
 @pytest.fixture
@@ -146,7 +146,7 @@ def test_predict_write_validate(test1_copy, tmp_path):
     bench, codes = test1_copy
     assert len(codes) == 2315
     model = _oracle_for_test1(bench, codes)
-    model.needs_masks = False
+    model.uses_masks = False
     bench.use_masks = False
     preds = predict_test(model, bench, batch_size=512, progress=False)
     paths = write_submission(preds, tmp_path / "out")
@@ -164,7 +164,7 @@ def test_predict_write_validate(test1_copy, tmp_path):
 def test_cli_submit(test1_copy, tmp_path, monkeypatch, capsys):
     bench, codes = test1_copy
     model = _oracle_for_test1(bench, codes)
-    model.needs_masks = False
+    model.uses_masks = False
     monkeypatch.setattr(offset_cir, "load_checkpoint", lambda path: model, raising=False)
     rc = main(["submit", "cirr", "--root", str(bench.root), "--checkpoint", "x.safetensors",
                "--out", str(tmp_path / "sub"), "--batch-size", "512", "--num-workers", "0", "--device", "cpu"])

@@ -177,7 +177,7 @@ def _double_copy(model):
 # ------------------------------------------------------------------------------ mask generator on the GPU
 @pytest.fixture(scope="module")
 def tiny_mask_models(tmp_path_factory):
-    from offset_cir.masks.testing import build_tiny_blip, build_tiny_clipseg
+    from offset_cir.testing.masks import build_tiny_blip, build_tiny_clipseg
 
     base = tmp_path_factory.mktemp("tiny_mask_models")
     return build_tiny_blip(base / "blip"), build_tiny_clipseg(base / "clipseg")

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from offset_cir.data import get_dataset
-from offset_cir.data.placeholders import CodePreprocess, write_placeholder
+from offset_cir.testing.placeholders import CodePreprocess, write_placeholder
 from offset_cir.errors import DatasetError
 
 
@@ -63,7 +63,7 @@ def test_train_captions_when_present(cirr_root):
     for name, code in (("train-11041-2-img0", 1), ("train-5247-3-img1", 2)):
         write_placeholder(bench.image_path(name), code)
         write_placeholder(bench.mask_path(name), code)
-    item = bench.triplets("train", CodePreprocess(), train=True, load_masks=True)[0]
+    item = bench.triplets("train", CodePreprocess(), train=True, use_masks=True)[0]
     assert item["text"] == "Make it Blue." and item["ref_mask"].shape == (3, 8, 8)
 
 
@@ -105,6 +105,6 @@ def test_synthetic_benchmark_reads(tmp_path):
     (es,) = bench.eval_sets("test")
     assert es.notes["unseen_pairids"] == sorted(meta["unseen_pairids"]["test"])
     assert len(es.galleries["all"]) == meta["counts"]["test"]["images"]
-    ds = bench.triplets("train", CodePreprocess(), train=True, load_masks=True)
+    ds = bench.triplets("train", CodePreprocess(), train=True, use_masks=True)
     item = ds[0]
     assert item["ref_image"].shape == (3, 8, 8) and item["tgt_mask"].shape == (3, 8, 8)

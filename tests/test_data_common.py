@@ -71,14 +71,32 @@ def test_sixteen_empty_fashioniq_captions(shared_data):
     assert n_empty == 16 and checked >= 8
 
 
-def test_collate_keeps_texts_and_empty_masks():
-    items = [{"ref_image": torch.ones(3, 2, 2) * i, "ref_mask": torch.zeros(0), "text": f"t{i}",
-              "tgt_image": torch.ones(3, 2, 2), "tgt_mask": torch.zeros(0), "index": i} for i in range(3)]
+def test_collate_keeps_texts_and_no_masks_as_none():
+    items = [{"ref_image": torch.ones(3, 2, 2) * i, "ref_mask": None, "text": f"t{i}",
+              "tgt_image": torch.ones(3, 2, 2), "tgt_mask": None, "index": i} for i in range(3)]
     batch = collate(items)
     assert batch["text"] == ["t0", "t1", "t2"]
     assert batch["ref_image"].shape == (3, 3, 2, 2) and batch["ref_image"][2, 0, 0, 0] == 2
-    assert batch["ref_mask"].shape == (3, 0)
+    assert batch["ref_mask"] is None and batch["tgt_mask"] is None  # "no mask" stays None (issue 11, item 7)
     assert batch["index"].dtype == torch.long and batch["index"].tolist() == [0, 1, 2]
+    items[1]["ref_mask"] = torch.ones(3, 2, 2)
+    with pytest.raises(ValueError, match="'ref_mask' is None in 2 of 3 items"):
+        collate(items)
+
+
+def test_datasets_take_their_arguments_in_one_order():
+    import inspect
+
+    from offset_cir.data.common import ImageDataset, QueryDataset, TripletDataset
+
+    def params(cls):
+        return [(p.name, p.kind) for p in inspect.signature(cls).parameters.values()]
+
+    triplet, query, image = params(TripletDataset), params(QueryDataset), params(ImageDataset)
+    assert triplet == query  # same names, same order, same positional/keyword-only split
+    shared = [n for n, _ in triplet if n != "train"][1:]  # ImageDataset has no training transform
+    assert [n for n, _ in image][1:len(shared) + 1] == shared  # (options of its own may follow)
+    assert ("use_masks", inspect.Parameter.KEYWORD_ONLY) in triplet  # two booleans are never swapped by position
 
 
 def test_open_image_errors(tmp_path):
@@ -118,7 +136,7 @@ def test_mask_of_another_size_names_the_record(tmp_path):
     # dataset, split, record, the two files and both sizes, instead of stretching the mask silently.
     import re
 
-    from offset_cir.data.placeholders import write_benchmark_placeholders
+    from offset_cir.testing.placeholders import write_benchmark_placeholders
     from offset_cir.model.preprocess import Preprocess
 
     (tmp_path / "captions").mkdir()

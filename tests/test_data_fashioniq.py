@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from offset_cir.data import collate, get_dataset
-from offset_cir.data.placeholders import CodePreprocess, decode, write_placeholder
+from offset_cir.testing.placeholders import CodePreprocess, decode, write_placeholder
 from offset_cir.errors import DatasetError
 
 CATS = ("dress", "shirt", "toptee")
@@ -64,7 +64,7 @@ def _write(fiq, ids, masks=True):
 
 
 def test_triplets_lazy_with_placeholders(fiq, shared_data, tmp_path):
-    ds = fiq.triplets("val", CodePreprocess(), train=True, load_masks=True)  # no image read yet
+    ds = fiq.triplets("val", CodePreprocess(), train=True, use_masks=True)  # no image read yet
     assert len(ds) == 6016
     first = fiq.queries("val")[:6]
     codes = _write(fiq, {x: None for q in first for x in (q.reference, q.target)})
@@ -88,14 +88,14 @@ def test_triplets_lazy_with_placeholders(fiq, shared_data, tmp_path):
 def test_masks_off_and_missing(fiq):
     q = fiq.queries("val")[0]
     _write(fiq, [q.reference, q.target], masks=False)
-    no_masks = fiq.triplets("val", CodePreprocess(), train=False, load_masks=False)
+    no_masks = fiq.triplets("val", CodePreprocess(), train=False, use_masks=False)
     item = no_masks[0]
-    assert item["ref_mask"].numel() == 0 and item["tgt_mask"].numel() == 0
+    assert item["ref_mask"] is None and item["tgt_mask"] is None
     with pytest.raises(DatasetError, match=r"mask not found: .*dress_segmask.*-seg\.png"):
-        fiq.triplets("val", CodePreprocess(), train=False, load_masks=True)[0]
+        fiq.triplets("val", CodePreprocess(), train=False, use_masks=True)[0]
     fiq.use_masks = False
     with pytest.raises(DatasetError, match="use_masks=False"):
-        fiq.triplets("val", CodePreprocess(), train=False, load_masks=True)
+        fiq.triplets("val", CodePreprocess(), train=False, use_masks=True)
 
 
 def test_corrupt_image_and_no_targets(fiq):
@@ -105,7 +105,7 @@ def test_corrupt_image_and_no_targets(fiq):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"not an image at all")
     with pytest.raises(DatasetError, match=f"cannot be read .*{q.reference.split('/')[1]}.jpg"):
-        fiq.triplets("val", CodePreprocess(), train=False, load_masks=False)[0]
+        fiq.triplets("val", CodePreprocess(), train=False, use_masks=False)[0]
     with pytest.raises(DatasetError, match="need targets"):
         fiq.triplets("test", CodePreprocess())
 

@@ -7,7 +7,7 @@ import pytest
 
 from offset_cir.data import get_dataset
 from offset_cir.data.common import load_correction_dict, normalize_caption
-from offset_cir.data.placeholders import CodePreprocess, decode, write_placeholder
+from offset_cir.testing.placeholders import CodePreprocess, decode, write_placeholder
 from offset_cir.errors import DatasetError
 
 
@@ -50,7 +50,7 @@ def test_image_lookup_and_masks(shoes, tmp_path):
     assert shoes.image_path(q.reference) == ref
     assert shoes.image_path(q.target) == tgt
     assert shoes.mask_path(q.target) == tgt.with_name(tgt.stem + "-segmask.jpg")
-    item = shoes.triplets("eval", CodePreprocess(), train=True, load_masks=True)[0]
+    item = shoes.triplets("eval", CodePreprocess(), train=True, use_masks=True)[0]
     assert decode(item["ref_image"]).item() == 7 and decode(item["tgt_mask"]).item() == 9
     assert item["text"] == q.text
 
@@ -58,7 +58,7 @@ def test_image_lookup_and_masks(shoes, tmp_path):
 def test_missing_image_names_expected_place(shoes, tmp_path):
     q = shoes.queries("train")[3]
     with pytest.raises(DatasetError, match=f"image not found: .*womens_.*/0/{q.reference}"):
-        shoes.triplets("train", CodePreprocess(), load_masks=False)[3]
+        shoes.triplets("train", CodePreprocess(), use_masks=False)[3]
 
 
 def test_wrong_root(tmp_path):

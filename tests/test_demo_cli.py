@@ -78,4 +78,21 @@ def test_demo_preset_is_a_training_config_with_a_demo_section():
     assert section["synthetic"]["n_test"] == 500  # the test split keeps its full size
     cfg = load_config("demo")  # `offset train --config demo` reads the same file (the demo: section aside)
     assert cfg.model.backbone == "efficientnet-lite0-minilm" and cfg.model.pretrained == "packaged"
-    assert cfg.max_steps and cfg.optim.new_lr == 1e-4 and cfg.optim.backbone_lr == 1e-5
+    assert cfg.max_steps and cfg.time_budget_minutes and cfg.max_steps < 1000
+
+
+def test_demo_recipe_is_the_measured_one():
+    """The recipe issue 10 section 4 measured best within the budget: the whole backbone frozen and cached (one
+    cache serves the three runs and every step skips the backbone), and 6000 training triplets rather than 1500
+    (with 1500 the model memorised them: R@10 6.6 vs 10.8-11.2 with 6000, see the preset's comment)."""
+    from offset_cir.demo import load_demo_preset
+    from offset_cir.train.config import load_config
+
+    section, _ = load_demo_preset("demo")
+    cfg = load_config("demo")
+    assert cfg.freeze_backbone and cfg.feature_cache
+    assert cfg.trainable_image_blocks == 0 and cfg.trainable_text_blocks == 0
+    # at least 4x the training queries of the earlier preset, and the training split is the larger one
+    assert section["synthetic"]["n_train"] >= 4 * 1500 > section["synthetic"]["n_test"]
+    # new modules below 1e-3: not the from-scratch recipe (lr 1e-3 everywhere) the issue rules out
+    assert cfg.optim.new_lr < 1e-3 and cfg.optim.backbone_lr <= cfg.optim.new_lr

@@ -9,7 +9,7 @@ import pytest
 from offset_cir.cli import main
 from offset_cir.data import get_dataset
 from offset_cir.data.doctor import check, compare_manifests
-from offset_cir.data.placeholders import write_benchmark_placeholders
+from offset_cir.testing.placeholders import write_benchmark_placeholders
 
 
 def _mini_cirr(root, n_sets=5):

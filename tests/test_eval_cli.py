@@ -254,3 +254,18 @@ def test_a_result_that_cannot_be_recorded_is_kept(world, here, capsys):
     (kept,) = (here / "runs" / "eval").glob("synthetic-synthetic-test-*.json")
     assert json.loads(kept.read_text())["metrics"]
     assert f"results: runs/eval/{kept.name}" in capsys.readouterr().out
+
+
+def test_eval_device_follows_the_one_device_rule(world, here, capsys):
+    # --device goes through offset_cir.device.choose_device: CUDA asked for on a machine without it is a user error
+    # naming the flag (before: a torch traceback from model.to), and nothing is recorded.
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    ckpt = here / "run" / "best"
+    rc = main(["eval", "--dataset", "synthetic", "--root", str(world / "syn"), "--num-workers", "0",
+               "--device", "cuda", "--checkpoint", str(ckpt)])
+    assert rc == 2
+    assert "--device 'cuda': CUDA is not available" in capsys.readouterr().err
+    assert not (ckpt / "results").exists()

@@ -7,10 +7,10 @@ import shutil
 import pytest
 
 from offset_cir.data import get_dataset
-from offset_cir.data.placeholders import write_benchmark_placeholders
-from offset_cir.errors import UserInputError
+from offset_cir.testing.placeholders import write_benchmark_placeholders
+from offset_cir.errors import DatasetError, UserInputError
 from offset_cir.eval.evaluate import evaluate
-from offset_cir.eval.oracle import OracleModel
+from offset_cir.testing.oracle import OracleModel
 
 
 def oracle_for(bench, split, codes, sign=1.0, signs=None, random_dim=None):
@@ -72,7 +72,7 @@ def test_shoes_oracle_and_reversed(shared_data, tmp_path):
     # even queries: perfect oracle; odd queries: reversed (the target is the farthest of 4,657 candidates)
     signs = [1.0 if i % 2 == 0 else -1.0 for i in range(len(queries))]
     model = oracle_for(bench, "eval", codes, signs=signs, random_dim=64)
-    model.needs_masks = False
+    model.uses_masks = False
     res = evaluate(model, bench, batch_size=512, progress=False)
     # a forward query is a hit unless its target is its own (excluded) reference: one such triplet in eval
     hits = sum(1 for i, q in enumerate(queries) if i % 2 == 0 and q.target != q.reference)
@@ -187,7 +187,7 @@ def test_fashioniq_real_val_full_galleries(shared_data, tmp_path):
     codes = write_benchmark_placeholders(bench, "val", masks=False)
     assert len(codes) == 3817 + 6346 + 5373
     model = oracle_for(bench, "val", codes, random_dim=64)
-    model.needs_masks = False
+    model.uses_masks = False
     res = evaluate(model, bench, "fashioniq", batch_size=512, progress=False)
     assert res["num_queries"] == {"dress": 2017, "shirt": 2038, "toptee": 1961}
     assert res["gallery_size"]["union"] == {"dress": 2628, "shirt": 3089, "toptee": 2902}
@@ -196,7 +196,7 @@ def test_fashioniq_real_val_full_galleries(shared_data, tmp_path):
 
 def test_query_transform_a2(tmp_path):
     """SPEC 4, A2: FashionIQ queries use the training transform by default (release); galleries never do."""
-    from offset_cir.data.placeholders import CodePreprocess
+    from offset_cir.testing.placeholders import CodePreprocess
 
     class Recording(CodePreprocess):
         def __init__(self):
@@ -273,7 +273,7 @@ class _PixelModel:
 
         from offset_cir.model.preprocess import Preprocess
 
-        self.needs_masks = True
+        self.uses_masks = True
         self.preprocess = Preprocess(size)
         self.w = torch.randn(dim, 3 * size * size, generator=torch.Generator().manual_seed(0))
 
@@ -359,7 +359,7 @@ def test_several_units_keep_their_own_metrics(tmp_path):
             for unit in ("a", "b"):
                 ids = [f"{unit}{i}" for i in range(12)]
                 queries = [Query(i, ids[i], f"text {i}", ids[i + 6]) for i in range(6)]
-                sets.append(EvalSet(unit, queries, {"all": ids}, self.image_path, self.mask_path))
+                sets.append(EvalSet(unit, queries, {"all": ids}))
             return sets
 
         def _queries(self, split):
@@ -383,3 +383,28 @@ def test_fashioniq_repeated_category_is_one_unit(tmp_path):
     _mini_fashioniq(tmp_path)
     bench = get_dataset("fashioniq", tmp_path, correction_dicts="none", categories="dress,dress")
     assert [es.name for es in bench.eval_sets("val")] == ["dress"]
+
+
+def test_evaluation_opens_datasets_through_the_mask_check(tmp_path):
+    # A copy set up with use_masks=False must not feed masks to a model that uses them, even when mask files
+    # happen to lie there: evaluation opens its Datasets by the benchmark's one route, which checks (issue 11).
+    _mini_fashioniq(tmp_path)
+    bench = get_dataset("fashioniq", tmp_path, correction_dicts="none", use_masks=False)
+    codes = write_benchmark_placeholders(bench, "val")  # images and masks on disk
+    with pytest.raises(DatasetError, match="use_masks=False but the model needs masks"):
+        evaluate(oracle_for(bench, "val", codes), bench, "fashioniq", batch_size=4, progress=False)
+    model = oracle_for(bench, "val", codes)
+    model.uses_masks = False  # a model without masks: no mask is asked for, the copy's setting is respected
+    assert evaluate(model, bench, "fashioniq", batch_size=4, progress=False)["metrics"]["union/avg"] == 100.0
+
+
+def test_device_follows_the_one_device_rule(tmp_path):
+    import torch
+
+    _mini_fashioniq(tmp_path)
+    bench = get_dataset("fashioniq", tmp_path, correction_dicts="none")
+    codes = write_benchmark_placeholders(bench, "val")
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    with pytest.raises(UserInputError, match="CUDA is not available"):
+        evaluate(oracle_for(bench, "val", codes), bench, "fashioniq", batch_size=4, progress=False, device="cuda")

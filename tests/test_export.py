@@ -116,7 +116,7 @@ def test_encoder_matches_model_on_texts(tiny_ckpt, tmp_path):
     assert torch.equal(enc.tokenize(texts), model.tokenize(texts))
     assert (enc.encode_query(images, masks, texts) - want_q).abs().max() <= TOLERANCE
     assert (enc.encode_target(images, masks) - want_t).abs().max() <= TOLERANCE
-    assert enc.embed_dim == model.embed_dim and enc.needs_masks and enc.query_needs_mask and enc.target_needs_mask
+    assert enc.embed_dim == model.embed_dim and enc.uses_masks and enc.uses_query_mask and enc.uses_target_mask
     with pytest.raises(ValueError, match="masks are required"):
         enc.encode_query(images, None, texts)
 
@@ -137,7 +137,7 @@ def test_graphs_without_masks(ablation, query_inputs, target_inputs, tmp_path):
     with torch.inference_mode():
         want = model.encode_target(images, None)
     assert (enc.encode_target(images, None) - want).abs().max() <= TOLERANCE
-    assert enc.target_needs_mask is False and enc.needs_masks is (ablation != "wo_fm")
+    assert enc.uses_target_mask is False and enc.uses_masks is (ablation != "wo_fm")
 
 
 def test_refuses_non_empty_out_unless_overwrite(tiny_ckpt, tmp_path, capsys):

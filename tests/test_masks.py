@@ -23,6 +23,7 @@ from offset_cir.cli import main as cli_main  # noqa: E402
 from offset_cir.errors import DatasetError, OfflineError, UserInputError  # noqa: E402
 from offset_cir.masks import MaskGenerator, find_images, get_layout, plan, run_masks  # noqa: E402
 from offset_cir.masks.models import CLIPSegSegmenter, HFCaptioner  # noqa: E402
+from offset_cir.io import is_temporary  # noqa: E402
 from offset_cir.masks.pipeline import CAPTIONS_FILE, mask_is_valid  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from offset_cir.masks.testing import build_tiny_blip, build_tiny_clipseg
+    from offset_cir.testing.masks import build_tiny_blip, build_tiny_clipseg
 
     base = tmp_path_factory.mktemp("tiny_models")
     return build_tiny_blip(base / "blip"), build_tiny_clipseg(base / "clipseg")
@@ -98,7 +99,7 @@ def test_generator_api_with_folders(models, tmp_path):
 
 def test_blip2_captioner_in_half_precision(models, tmp_path):
     """The default captioner family (BLIP-2 + OPT) through the same folder path, in bfloat16 as on a GPU."""
-    from offset_cir.masks.testing import build_tiny_blip2
+    from offset_cir.testing.masks import build_tiny_blip2
 
     _, clipseg = models
     folder = build_tiny_blip2(tmp_path / "blip2")
@@ -241,14 +242,22 @@ def test_interrupted_run_resumes(models, tmp_path):
                   captions_out=out / CAPTIONS_FILE, progress=False)
     done = sorted(out.rglob("*-segmask.png"))
     assert len(done) == 4  # two batches of two
-    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or is_temporary(p)]
     first_caps = json.loads((out / CAPTIONS_FILE).read_text())
     assert len(first_caps) == 6  # saved on the way out, including the interrupted batch's captions
     before = {p: p.read_bytes() for p in done}
 
+    # what a run killed outright (no clean-up) leaves beside a mask and the captions file: removed on resume;
+    # a user's file of a similar name is not touched
+    left = [jobs[-1].mask.with_name(f".{jobs[-1].mask.name}.tmp4242"), out / f".{CAPTIONS_FILE}.tmp77"]
+    keep = jobs[-1].mask.with_name(".notes.tmp12")
+    for p in left + [keep]:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"partial")
     report = run_masks(jobs, MaskGenerator(captioner=cap, segmenter=seg, batch_size=3),
                        captions_out=out / CAPTIONS_FILE, progress=False)
     assert (report.skipped, report.written, report.ok) == (4, 6, True)
+    assert not any(p.exists() for p in left) and keep.read_bytes() == b"partial"
     assert all(p.read_bytes() == b for p, b in before.items())
     for job in jobs:
         assert mask_is_valid(job.mask, Image.open(job.image).size)
@@ -274,6 +283,22 @@ def test_a_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     monkeypatch.setattr(Image.Image, "save", real_save)
     pipeline.save_mask_atomic(Image.new("L", (30, 20), 9), target)
     assert mask_is_valid(target, (30, 20)) and not mask_is_valid(target, (20, 30))
+
+
+def test_masks_and_captions_are_on_disk_before_they_are_renamed_into_place(tmp_path, monkeypatch):
+    """A power cut after a run must not leave an empty mask or captions file under the real name."""
+    import os
+
+    from offset_cir.masks import pipeline
+
+    fsyncs, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
+    pipeline.save_mask_atomic(Image.new("L", (30, 20), 9), tmp_path / "m" / "x-segmask.png")
+    pipeline.write_json_atomic(tmp_path / "c" / CAPTIONS_FILE, {"b.jpg": "a red dress", "a.jpg": "café au lait"})
+    assert len(fsyncs) == 2
+    text = (tmp_path / "c" / CAPTIONS_FILE).read_text(encoding="utf-8")
+    assert text == '{\n "a.jpg": "café au lait",\n "b.jpg": "a red dress"\n}\n'  # the format as before
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["x-segmask.png"]
 
 
 # --------------------------------------------------------------------------------------------- datasets
@@ -417,3 +442,19 @@ def test_killed_process_resumes(models, tmp_path):
     assert f"{len(partial)} skipped" in done.stdout and f"{200 - len(partial)} written" in done.stdout
     assert len(list(out.rglob("*-segmask.png"))) == 200
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_mask_models_choose_their_device_by_the_package_rule(monkeypatch):
+    """``--device`` of `offset masks` means what it means for training and indexing (offset_cir.device)."""
+    from offset_cir.masks.models import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu" and resolve_device(None) == "cpu" and resolve_device("cpu") == "cpu"
+    with pytest.raises(UserInputError, match="--device 'cuda'.*CUDA is not available"):
+        resolve_device("cuda")
+    with pytest.raises(UserInputError, match="--device 'gpu0'"):  # refused here, not deep inside torch
+        resolve_device("gpu0")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")  # under torchrun: this process's own GPU
+    assert resolve_device("auto") == "cuda:1" and resolve_device("cuda") == "cuda:1"
+    assert resolve_device("cuda:0") == "cuda:0"

@@ -39,7 +39,7 @@ def _inputs(model, b=3):
 
 
 def _expected_tokens(cfg: ModelConfig, target: bool) -> int:
-    if not cfg.focus_projection or (target and not cfg.target_focus_projection):
+    if not cfg.use_focus_projection or (target and not cfg.use_target_focus_projection):
         return 2
     return cfg.p_global + cfg.p_local
 
@@ -81,7 +81,7 @@ def test_variant_shapes(backbone, variant):
 
 def test_wo_fm_needs_no_masks():
     model = build_model(ModelConfig().with_ablation("wo_fm"))
-    assert not model.needs_masks
+    assert not model.uses_masks and not model.uses_query_mask and not model.uses_target_mask
     x = _inputs(model)
     x["ref_masks"] = x["tgt_masks"] = None
     model.compute_loss(**x)["total"].backward()
@@ -370,3 +370,64 @@ def test_config_rejects_unknown_values():
         ModelConfig().with_ablation("wo_everything")
     with pytest.raises(ValueError, match="unknown ModelConfig fields"):
         ModelConfig.from_dict({"backbone": "tiny", "colour": 3})
+
+
+def test_config_reads_old_field_names_and_writes_new_ones(tmp_path):
+    """A checkpoint saved before the ablation switches were named use_<component> (issue 11) loads into the same
+    model; saving writes only the new names."""
+    import json
+
+    from offset_cir import load_checkpoint, save_checkpoint
+    from offset_cir.model.config import LEGACY_FIELD_NAMES
+
+    new_to_old = {new: old for old, new in LEGACY_FIELD_NAMES.items()}
+    model = build_model(ModelConfig().with_ablation("wo_tfm", "wo_revision")).eval()  # two switches off
+    folder = save_checkpoint(model, tmp_path / "ck")
+    meta = json.loads((folder / "config.json").read_text())
+    assert not set(LEGACY_FIELD_NAMES) & set(meta["model"]) and set(new_to_old) <= set(meta["model"])
+    meta["model"] = {new_to_old.get(k, k): v for k, v in meta["model"].items()}  # the file as it was written before
+    (folder / "config.json").write_text(json.dumps(meta, indent=2))
+    old = load_checkpoint(folder).eval()
+    assert old.config == model.config and old.tfm is None and old.revision is None
+    x = _inputs(model, 2)
+    with torch.no_grad():
+        assert torch.equal(old.encode_query(x["ref_images"], x["ref_masks"], x["texts"]),
+                           model.encode_query(x["ref_images"], x["ref_masks"], x["texts"]))
+        assert torch.equal(old.encode_target(x["tgt_images"], x["tgt_masks"]),
+                           model.encode_target(x["tgt_images"], x["tgt_masks"]))
+    for old_name, new_name in LEGACY_FIELD_NAMES.items():  # each old name reaches its own new field
+        cfg = ModelConfig.from_dict({old_name: False})
+        assert getattr(cfg, new_name) is False
+        assert all(v for k, v in cfg.to_dict().items() if k in new_to_old and k != new_name)
+    with pytest.raises(ValueError, match="both 'tfm'"):
+        ModelConfig.from_dict({"tfm": False, "use_tfm": True})
+
+
+def test_masks_must_be_image_shaped():
+    """None is the one "no mask" value: a zero-size (or otherwise mis-shaped) mask tensor is refused by name."""
+    model = build_model(ModelConfig())
+    x = _inputs(model, 2)
+    for bad in (torch.zeros(2, 0), x["tgt_masks"][:, :, :8, :8]):
+        with pytest.raises(ValueError, match=r"target masks have shape"):
+            model.encode_target(x["tgt_images"], bad)
+        with pytest.raises(ValueError, match=r"reference masks have shape"):
+            model.compute_loss(x["ref_images"], bad, x["texts"], x["tgt_images"], x["tgt_masks"])
+
+
+def test_run_config_yaml_with_old_field_names_loads(tmp_path):
+    """A run folder's config.yaml (or a YAML preset of one's own) written with the old switch names trains the
+    same model: the training config reads them through the same table; key=value overrides too."""
+    from offset_cir.errors import UserInputError
+    from offset_cir.train.config import config_from_dict, load_config
+
+    path = tmp_path / "mine.yaml"
+    path.write_text("model:\n  backbone: tiny\n  tfm: false\n  target_focus_projection: false\n")
+    cfg = load_config(str(path), ["model.fr_loss=false"])
+    assert (cfg.model.use_tfm, cfg.model.use_target_focus_projection, cfg.model.use_fr_loss) == (False, False, False)
+    assert cfg.model.use_revision and "tfm" not in cfg.to_dict()["model"]
+    saved = cfg.to_dict()
+    saved["model"] = {("revision" if k == "use_revision" else k): (False if k == "use_revision" else v)
+                      for k, v in saved["model"].items()}
+    assert config_from_dict(saved).model.use_revision is False  # trainer_state.json / config.yaml on --resume
+    with pytest.raises(UserInputError, match="both 'tfm'"):
+        load_config(str(path), ["model.use_tfm=true"])

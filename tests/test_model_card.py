@@ -149,3 +149,19 @@ def test_markers_out_of_order_do_not_duplicate_the_block(ckpt):
     assert text.count(C.BEGIN) == 1 and "intro" in text and "middle" in text
     C.write_model_card(ckpt)  # regenerating again keeps one block
     assert (ckpt / "README.md").read_text().count(C.BEGIN) == 1
+
+
+def test_a_failed_result_write_leaves_no_temporary_and_a_written_one_is_on_disk(ckpt, monkeypatch):
+    import os
+
+    fsyncs, real_fsync = [], os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
+    path = C.record_result(ckpt, _result())
+    assert len(fsyncs) == 1 and json.loads(path.read_text()) == _result()
+    monkeypatch.setattr(os, "replace", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full (simulated)")))
+    with pytest.raises(OSError, match="disk full"):
+        C.record_result(ckpt, _result("synthetic", "synthetic", "test"))
+    with pytest.raises(OSError, match="disk full"):
+        C.write_model_card(ckpt)
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors", "results"]

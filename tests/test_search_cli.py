@@ -64,7 +64,7 @@ def test_missing_mask_message_names_the_cli_flags(indexed, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--mask FILE" in err and "lonely-segmask.png" in err
     assert "--captioner DIR --segmenter DIR" in err
-    assert "MaskGenerator" not in err and "mask_generator" not in err and "needs_masks" not in err
+    assert "MaskGenerator" not in err and "mask_generator" not in err and "use_masks" not in err
 
 
 def test_mask_of_another_size_is_refused_naming_both(indexed, capsys):
@@ -82,6 +82,16 @@ def test_loading_the_checkpoint_is_logged(indexed, caplog):
     said = [r.getMessage() for r in caplog.records if r.name == "offset_cir.search.index"]
     assert any(m.startswith(f"loading checkpoint {ckpt}") for m in said), said
     assert any(m.startswith(f"loaded checkpoint {ckpt} in ") for m in said), said
+
+
+def test_index_prints_the_ann_tuning_table(indexed, tmp_path, capsys):
+    """A gallery above --exact-max gets FAISS; `offset index` shows how its search parameter was tuned."""
+    base, ckpt = indexed
+    capsys.readouterr()
+    assert cli_main(["index", "--checkpoint", str(ckpt), "--images", str(base / "g"), "--out", str(tmp_path / "a"),
+                     "--workers", "0", "--device", "cpu", "--no-progress", "--exact-max", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "efSearch" in out and "recall@" in out and "<- chosen" in out and "search: hnsw" in out
 
 
 def test_index_no_progress_draws_no_bar(indexed, tmp_path, capsys):

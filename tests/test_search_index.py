@@ -85,7 +85,7 @@ def test_manifest_float16_and_model_config(tmp_path):
     assert [it["id"] for it in items] == sorted(it["id"] for it in items)
     assert all(it["mask"].endswith("-segmask.png") for it in items)
     assert json.loads((tmp_path / "idx" / "model_config.json").read_text()) == {
-        "backbone": "fake", "dim": 12, "needs_masks": True, "seed": 0}
+        "backbone": "fake", "dim": 12, "use_masks": True, "seed": 0}
     assert not list((tmp_path / "idx" / "shards").iterdir())  # merged shards are removed
 
 
@@ -186,10 +186,10 @@ def test_killed_process_resumes(tmp_path):
 def test_masks_required_missing_or_unused(tmp_path):
     root = tmp_path / "g"
     make_gallery(root, n=6, masks=False)
-    with pytest.raises(DatasetError, match=r"needs_masks=True.*6 of 6.*segmask"):
+    with pytest.raises(DatasetError, match=r"use_masks=True.*6 of 6.*segmask"):
         build_index(tmp_path / "idx", root, model=FakeModel(), **KW)
     # a model trained without masks indexes the same folder
-    rep = build_index(tmp_path / "idx2", root, model=FakeModel(needs_masks=False), **KW)
+    rep = build_index(tmp_path / "idx2", root, model=FakeModel(uses_masks=False), **KW)
     assert rep.count == 6
     # masks from --masks DIR (flat)
     mdir = tmp_path / "masks"

@@ -1,5 +1,5 @@
 """The mask pipeline inside search: `offset index` makes masks for gallery images that have none, and the service
-makes one for an uploaded reference (tiny random BLIP + CLIPSeg folders from offset_cir.masks.testing; their
+makes one for an uploaded reference (tiny random BLIP + CLIPSeg folders from offset_cir.testing.masks; their
 masks are meaningless, the plumbing is real)."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from PIL import Image
 
 pytest.importorskip("transformers")
 pytest.importorskip("offset_cir.model.offset", reason="the OFFSET model module is not available")
-testing = pytest.importorskip("offset_cir.masks.testing", reason="the mask pipeline is not available")
+testing = pytest.importorskip("offset_cir.testing.masks", reason="the mask pipeline is not available")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_search_support import make_gallery  # noqa: E402

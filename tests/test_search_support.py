@@ -1,7 +1,7 @@
 """Helpers for the search tests: a small deterministic stand-in for OFFSET and a generated image gallery.
 
 The stand-in implements the model contract the index relies on (docs/architecture.md, "Model contract"):
-encode_query / encode_target (L2-normalised), needs_masks, preprocess.image / preprocess.mask, config,
+encode_query / encode_target (L2-normalised), uses_masks, preprocess.image / .mask / .pair, config,
 embed_dim. It is not OFFSET; the end-to-end tests (test_search_e2e.py) use the real tiny model.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ SIZE = 16
 class FakeConfig:
     backbone: str = "fake"
     dim: int = 16
-    needs_masks: bool = True
+    use_masks: bool = True
     seed: int = 0
 
 
@@ -39,28 +39,31 @@ class FakePreprocess:
         pil = pil.convert("L").resize((SIZE, SIZE), Image.BILINEAR)
         return torch.from_numpy(np.asarray(pil, dtype=np.float32) / 255.0)[None].repeat(3, 1, 1).contiguous()
 
+    def pair(self, pil, mask_pil, train=False):
+        return self.image(pil, train), (self.mask(mask_pil, train) if mask_pil is not None else None)
+
 
 class FakeModel(torch.nn.Module):
     """Linear projection of (mask-weighted) pixels; the text adds a bag-of-words vector."""
 
-    def __init__(self, dim=16, needs_masks=True, seed=0, delay=0.0, fail_after=None):
+    def __init__(self, dim=16, uses_masks=True, seed=0, delay=0.0, fail_after=None):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.proj = torch.nn.Linear(3 * SIZE * SIZE, dim, bias=False)
         with torch.no_grad():
             self.proj.weight.copy_(torch.randn(dim, 3 * SIZE * SIZE, generator=g))
         self.register_buffer("words", torch.randn(97, dim, generator=g))
-        self.needs_masks = needs_masks
+        self.uses_masks = uses_masks
         self.embed_dim = dim
         self.preprocess = FakePreprocess()
-        self.config = FakeConfig(dim=dim, needs_masks=needs_masks, seed=seed)
+        self.config = FakeConfig(dim=dim, use_masks=uses_masks, seed=seed)
         self.encoded = 0  # images passed to encode_target
         self.delay = delay
         self.fail_after = fail_after  # raise after this many encode_target batches
 
     def _visual(self, images, masks):
         x = images
-        if self.needs_masks:
+        if self.uses_masks:
             assert masks is not None and masks.shape == images.shape
             x = x * (0.25 + 0.75 * masks)
         return self.proj(x.flatten(1))

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from offset_cir.data import synthetic as S
+from offset_cir.data.synthetic import generator as G
 from offset_cir.errors import DatasetError, UserInputError
 
 N = {"n_train": 45, "n_val": 15, "n_test": 30}
@@ -316,7 +317,7 @@ def test_reuse_refuse_overwrite_and_interrupted_run(tmp_path, monkeypatch):
 
     # an interrupted run leaves no meta; the next run notices and regenerates the same files
     calls = {"n": 0}
-    real = S._render_chunk
+    real = G._render_chunk
 
     def dying(task):
         calls["n"] += 1
@@ -324,7 +325,7 @@ def test_reuse_refuse_overwrite_and_interrupted_run(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(task)
 
-    monkeypatch.setattr(S, "_render_chunk", dying)
+    monkeypatch.setattr(G, "_render_chunk", dying)
     root2 = tmp_path / "again"
     big = dict(kw, n_train=12, n_val=6, n_test=6)  # 96 images: two render chunks
     with pytest.raises(KeyboardInterrupt):
@@ -332,7 +333,7 @@ def test_reuse_refuse_overwrite_and_interrupted_run(tmp_path, monkeypatch):
     assert not (root2 / S.META_NAME).exists()
     with pytest.raises(DatasetError, match="interrupted"):
         S.load_meta(root2)
-    monkeypatch.setattr(S, "_render_chunk", real)
+    monkeypatch.setattr(G, "_render_chunk", real)
     assert S.generate(root2, **big)["reused"] is False
     S.generate(tmp_path / "fresh", **big)
     assert _files(root2) == _files(tmp_path / "fresh")
@@ -363,3 +364,101 @@ def test_cli_writes_prints_and_refuses(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main(args + ["--mask-noise", "0.3", "--overwrite"]) == 0
     assert S.load_meta(out)["mask_noise"] == 0.3
+
+
+# ------------------------------------------------------------------------------ the package (issue 11 item 3)
+# What the generator wrote before it became a package (offset_cir/data/synthetic.py at commit cf9e6ef) for
+# generate(root, seed=0, image_size=32, n_train=20, n_val=5, n_test=10): the JSON files byte for byte, the
+# images and masks of each split by their decoded pixels (a PNG's bytes also depend on the zlib inside Pillow).
+_OLD_CODE_DIGESTS = {
+    "captions/cap.rc2.test.json": "78333af26b7102c22da233074cf4ec3699a0d045dd0ecb08f432b42ae9926a3c",
+    "captions/cap.rc2.train.json": "4bbcef27a5e009f22458b5fb26617b3590ad41eb255269279f668dfe9714b01c",
+    "captions/cap.rc2.val.json": "1a7973f177dc26d2f7d0b6c6aeaddcae5836a647bd01c11c481f49790594b63d",
+    "image_splits/split.rc2.test.json": "6971fe155120b94d2d83b9c121eb9f0db8a2ab8f15a2dab02fa39d948d71313d",
+    "image_splits/split.rc2.train.json": "db9f1c3a9070830abec80ab14386585deb75c31139ca4e97502ea4782c16b006",
+    "image_splits/split.rc2.val.json": "afccca10e1dc84cdb0be6c74319b35bba82fdd373432673c252ce27c03ae58f3",
+    "synthetic_meta.json": "715e3535a332450e7a57a7d2512d5b4df596399d1bb74e726266fa0334142501",
+    "train/*.png pixels": "e7ac6d30e5d8c83a2f506bc14f66080233009c3ebe17460134b684214adc0c81",
+    "val/*.png pixels": "e19cbe1606cc0354337b99a1147c3e25caeb28eeb958d400576f6839bce658e6",
+    "test/*.png pixels": "0e052e19c9353c010c0c6c3f93b3774d5aa6ff5728280bfefbaa2de634067e2c",
+}
+
+
+def _digests(root: Path) -> dict[str, str]:
+    import hashlib
+
+    out = {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.json"))}
+    for split in ("train", "val", "test"):
+        h = hashlib.sha256()
+        for p in sorted((root / split).glob("*.png")):
+            with Image.open(p) as im:
+                h.update(f"{p.name} {im.mode} {im.size}\n".encode())
+                h.update(np.asarray(im).tobytes())
+        out[f"{split}/*.png pixels"] = h.hexdigest()
+    return out
+
+
+def test_the_package_writes_what_the_single_module_wrote(tmp_path):
+    S.generate(tmp_path / "b", seed=0, image_size=32, n_train=20, n_val=5, n_test=10, workers=1, progress=False)
+    got = _digests(tmp_path / "b")
+    assert got.keys() == _OLD_CODE_DIGESTS.keys()
+    assert [k for k in got if got[k] != _OLD_CODE_DIGESTS[k]] == []
+    assert not (tmp_path / "b" / S.PARTIAL_MARKER).exists()
+
+
+def test_loader_and_generator_read_the_meta_through_one_reader(bench, tmp_path):
+    from offset_cir.data import get_dataset
+
+    # the loader used to accept four layouts; a flat list of pair ids was one of them. One layout now, checked
+    # the same way whoever reads it
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / S.META_NAME).write_text(json.dumps({"unseen_pairids": [1, 2]}), encoding="utf-8")
+    ds = get_dataset("synthetic", bench, meta_file=flat / S.META_NAME)
+    with pytest.raises(DatasetError, match=r"flat/synthetic_meta.json: field 'images' missing"):
+        ds.unseen_pairids("test")
+    with pytest.raises(DatasetError, match=r"flat/synthetic_meta.json: field 'images' missing"):
+        S.load_meta(flat)
+    with pytest.raises(UserInputError, match="other settings"):  # the generator does not reuse it either
+        S.generate(flat, seed=3, workers=1, progress=False, **N)
+    assert json.loads((flat / S.META_NAME).read_text()) == {"unseen_pairids": [1, 2]}  # and left it alone
+
+    meta = _json(bench / S.META_NAME)
+    meta["unseen_pairids"]["test"] = ["7"]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / S.META_NAME).write_text(json.dumps(meta), encoding="utf-8")
+    ds = get_dataset("synthetic", bench, meta_file=bad / S.META_NAME)
+    with pytest.raises(DatasetError, match=r"field 'unseen_pairids.test' must be a list of pair ids"):
+        ds.eval_sets("test")
+    # without a meta file (a real CIRR folder) there is nothing to report
+    assert get_dataset("cirr", bench, meta_file=tmp_path / "none.json").unseen_pairids("test") is None
+
+
+_OLD_PUBLIC_NAMES = (  # every public name of the single module, importable from the package as before
+    "GENERATOR_VERSION", "META_NAME", "PARTIAL_MARKER", "SPLITS", "SHAPES", "COLOURS", "SIZES", "PATTERNS",
+    "ATTRIBUTES", "VOCAB", "DEFAULTS", "N_CHANGES_P", "CLUTTER_RANGE", "CLUTTER_DIAMETER", "shape_polygon",
+    "render_image", "degrade_mask", "make_caption", "choose_heldout", "generate", "load_meta", "unseen_pairids",
+)
+
+
+def test_package_names_import_lazily_and_each_module_has_one_named_job():
+    import importlib
+    import pkgutil
+    import subprocess
+    import sys
+
+    code = ("import sys, offset_cir.data.synthetic as s; "
+            "print(sorted(m for m in sys.modules if m.startswith('offset_cir.data.synthetic.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"  # importing the package loads none of its modules
+    assert set(_OLD_PUBLIC_NAMES) <= set(S.__all__) <= set(dir(S))
+    for name in S.__all__:
+        assert getattr(S, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        S.nope
+    for info in pkgutil.iter_modules(S.__path__):
+        module = importlib.import_module(f"{S.__name__}.{info.name}")
+        lines = Path(module.__file__).read_text(encoding="utf-8").splitlines()
+        assert module.__doc__ and module.__doc__.splitlines()[0].strip(), info.name
+        assert len(lines) < 500, (info.name, len(lines))

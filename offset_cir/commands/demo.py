@@ -1,6 +1,9 @@
 """`offset demo`: the synthetic benchmark end to end (what `make demo` runs)."""
 from __future__ import annotations
 
+NAME = "demo"
+HELP = "synthetic benchmark end to end: train OFFSET and two comparisons, evaluate, report"
+
 
 def add_arguments(p) -> None:
     p.add_argument("--out", default="runs/demo", help="where results.json, report.md, the plots and the index go")

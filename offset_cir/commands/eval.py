@@ -122,12 +122,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "eval elsewhere)")
 
 
-def default_device(device: str | None) -> str:
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _record_folder(args) -> Path | None:
     """The checkpoint folder the result is recorded in, or None (asked not to, a hub checkpoint, read-only)."""
     from offset_cir.model.checkpoint import checkpoint_folder, is_hub_checkpoint
@@ -212,6 +206,7 @@ def _run(args) -> int:
 
     import offset_cir
     from offset_cir.data import get_dataset
+    from offset_cir.device import choose_device
     from offset_cir.eval.evaluate import evaluate, get_protocol
     from offset_cir.model.card import default_name, format_result, record_result, result_path, write_model_card
 
@@ -233,9 +228,9 @@ def _run(args) -> int:
             "replace it, or write elsewhere (--out, --rankings, --sheet-out; --no-record leaves the checkpoint's "
             "results/ alone)")
     manifest = read_manifest(args.manifest or f"{bench.name}-manifest.json", bench, explicit=bool(args.manifest))
-    device = default_device(args.device)
+    device = choose_device(args.device, what="--device")
     model = offset_cir.load_checkpoint(args.checkpoint).to(device)
-    if not model.needs_masks:
+    if not model.uses_masks:
         bench.use_masks = False
     with tempfile.TemporaryDirectory(prefix="offset-eval-") as tmp:
         ranked = rankings or (Path(tmp) / "rankings.jsonl" if sheet is not None else None)

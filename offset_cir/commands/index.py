@@ -1,4 +1,4 @@
-"""``offset index``: encode a folder of images into a search index (see ``offset_cir.search.index``)."""
+"""``offset index``: encode a folder of images into a search index (see ``offset_cir.search.build``)."""
 from __future__ import annotations
 
 import argparse
@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from offset_cir.search import ann
-    from offset_cir.search.index import build_index, make_mask_generator
+    from offset_cir.search.build import build_index
+    from offset_cir.search.index import make_mask_generator
 
     gen = make_mask_generator(args.captioner, args.segmenter, args.device)
     model = None
@@ -52,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         prune=args.prune, limit=args.limit, device=args.device, progress=not args.no_progress,
     )
     if rep is not None:  # rank 0
+        if rep.ann_table:  # how the approximate search was tuned against exact search
+            print(rep.ann_table, flush=True)
         s = rep.search
         extra = ""
         if s["kind"] != "exact":

@@ -1,6 +1,9 @@
 """`offset info`: versions, backbones, presets and experiments."""
 from __future__ import annotations
 
+NAME = "info"
+HELP = "versions, registered backbones and presets"
+
 
 def add_arguments(p) -> None:
     p.add_argument("--all-backbones", action="store_true",

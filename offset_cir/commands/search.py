@@ -32,23 +32,22 @@ def _mask_beside(image: str):
     """``<stem>-segmask.png`` (or another name `offset index` looks for) beside ``image``, or None."""
     from pathlib import Path
 
-    from offset_cir.search.index import find_mask
+    from offset_cir.masks.layout import find_mask
 
-    p = Path(image)
-    return find_mask(p, p.stem, None, None)
+    return find_mask(Path(image))
 
 
 def run(args: argparse.Namespace) -> int:
     import sys
 
     from offset_cir.errors import UserInputError
-    from offset_cir.search.index import Index, MaskRequiredError, make_mask_generator, query_needs_mask
+    from offset_cir.search.index import Index, MaskRequiredError, make_mask_generator, uses_query_mask
 
     if args.k < 1:
         raise UserInputError(f"-k must be at least 1, got {args.k}")
     index = Index.open(args.index, checkpoint=args.checkpoint, device=args.device,
                        mask_generator=make_mask_generator(args.captioner, args.segmenter, args.device))
-    needs = query_needs_mask(index.model)
+    needs = uses_query_mask(index.model)
     mask = args.mask
     if args.image is not None and mask is None and needs:
         found = _mask_beside(args.image)

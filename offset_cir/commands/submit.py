@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from offset_cir.commands.eval import add_dataset_arguments, cli_names, dataset_settings, default_device
+from offset_cir.commands.eval import add_dataset_arguments, cli_names, dataset_settings
 from offset_cir.errors import UserInputError
 
 NAME = "submit"
@@ -31,13 +31,14 @@ def run(args) -> int:
 def _run(args) -> int:
     import offset_cir
     from offset_cir.data import get_dataset
+    from offset_cir.device import choose_device
     from offset_cir.eval.cirr_submission import predict_test, validate_submission, write_submission
 
     bench = get_dataset(args.benchmark, args.root, **dataset_settings(args))
     split = bench.canonical_split(args.split)
-    device = default_device(args.device)
+    device = choose_device(args.device, what="--device")
     model = offset_cir.load_checkpoint(args.checkpoint).to(device)
-    if not model.needs_masks:
+    if not model.uses_masks:
         bench.use_masks = False
     preds = predict_test(model, bench, split, batch_size=args.batch_size, num_workers=args.num_workers, device=device)
     paths = write_submission(preds, args.out, split=split, version=bench.version)

@@ -4,10 +4,14 @@ from __future__ import annotations
 import json
 import logging
 
+NAME = "train"
+HELP = "train a model from a YAML preset or file, with key=value overrides"
+
 
 def add_arguments(p) -> None:
     p.add_argument("--config", default=None, help="preset (fashioniq, shoes, cirr, fashion200k, synthetic), "
-                   "experiment name (e.g. cirr_wo_fm) or a YAML file")
+                   "experiment name (e.g. cirr_wo_fm) or a YAML file; machine=NAME (default, server, cpu or a "
+                   "YAML file) picks the machine settings: device, data.num_workers, data roots")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue an interrupted run from its folder; key=value may then raise its budget only "
                         "(max_steps, epochs, time_budget_minutes, early_stop_patience)")
@@ -38,8 +42,8 @@ def run(args) -> int:
 
 def _run(args, received: list[int]) -> int:
     from offset_cir.errors import UserInputError
-    from offset_cir.train.config import load_config
-    from offset_cir.train.trainer import Trainer, _to_yaml
+    from offset_cir.train.config import load_config, to_yaml
+    from offset_cir.train.trainer import Trainer
 
     if args.resume:
         if args.config:
@@ -54,7 +58,7 @@ def _run(args, received: list[int]) -> int:
             raise UserInputError("give --config PRESET_OR_FILE (see `offset info`) or --resume RUN_DIR")
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
-            print(_to_yaml(cfg.to_dict()))
+            print(to_yaml(cfg.to_dict()))
             return 0
         trainer = Trainer(cfg, progress=not args.no_progress, overwrite=args.overwrite, stop_signals=received)
     summary = trainer.fit()

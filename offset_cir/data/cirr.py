@@ -25,9 +25,8 @@ import re
 from pathlib import Path
 
 from offset_cir.data.common import Benchmark, EvalSet, Query, cached, field_of, load_json, mask_beside
+from offset_cir.data.synthetic.meta import META_NAME as META_FILE, unseen_pairids_if_any
 from offset_cir.errors import DatasetError
-
-META_FILE = "synthetic_meta.json"
 
 
 class CIRR(Benchmark):
@@ -132,28 +131,8 @@ class CIRR(Benchmark):
 
     @cached
     def unseen_pairids(self, split: str) -> set[int] | None:
-        """Pair ids of the unseen-pair queries of ``split`` from ``synthetic_meta.json`` (None without one).
-
-        Accepted shapes: ``{"unseen_pairids": {split: [...]}}``, ``{"unseen_pairids": [...]}``,
-        ``{"splits": {split: {"unseen_pairids": [...]}}}`` or ``{split: {"unseen_pairids": [...]}}``.
-        """
-        if not self.meta_path.is_file():
-            return None
-        meta = load_json(self.meta_path, "synthetic benchmark meta file")
-        if not isinstance(meta, dict):
-            raise DatasetError(f"{self.meta_path}: expected a JSON object")
-        candidates = [meta.get("unseen_pairids"), (meta.get("splits") or {}).get(split), meta.get(split)]
-        for c in candidates:
-            if isinstance(c, dict) and "unseen_pairids" in c:
-                c = c["unseen_pairids"]
-            elif isinstance(c, dict):
-                c = c.get(split)
-            if isinstance(c, list):
-                try:
-                    return {int(x) for x in c}
-                except (TypeError, ValueError):
-                    raise DatasetError(f"{self.meta_path}: unseen_pairids for {split} must be a list of pair ids") from None
-        return None
+        """Pair ids of the unseen-pair queries of ``split`` from ``synthetic_meta.json`` (None without one)."""
+        return unseen_pairids_if_any(self.meta_path, split)
 
     def eval_sets(self, split: str = "val") -> list[EvalSet]:
         split = self.canonical_split(split)
@@ -162,8 +141,7 @@ class CIRR(Benchmark):
         unseen = self.unseen_pairids(split)
         if unseen is not None:
             notes["unseen_pairids"] = sorted(unseen)
-        return [EvalSet("all", queries, {"all": list(self.image_table(split))}, self.image_path, self.mask_path,
-                        notes=notes)]
+        return [EvalSet("all", queries, {"all": list(self.image_table(split))}, notes=notes)]
 
 
 class Synthetic(CIRR):

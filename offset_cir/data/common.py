@@ -5,7 +5,11 @@
 - opening images (RGB) and masks ("L") lazily, one item at a time,
 - the record types (:class:`Query`, :class:`EvalSet`) and the torch Datasets built on them
   (:class:`TripletDataset`, :class:`QueryDataset`, :class:`ImageDataset`) and :func:`collate`,
-- :class:`Benchmark`, the base class of every loader.
+- :class:`Benchmark`, the base class of every loader, the one route by which those Datasets are opened (with
+  the check that a copy set up without masks is not asked for masks).
+
+"No mask" is ``None`` everywhere: a Dataset built with ``use_masks=False`` yields ``None`` for its masks,
+:func:`collate` keeps a batch of them ``None``, and the model takes ``None``.
 
 Nothing here reads a file at import time; a benchmark reads its annotation files on first use and
 never reads an image before a Dataset item is requested.
@@ -18,12 +22,13 @@ import logging
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
 from offset_cir.errors import DatasetError
+from offset_cir.masks.layout import mask_beside  # noqa: F401  (where a mask lives: said in one place, for the loaders)
 
 log = logging.getLogger(__name__)
 
@@ -153,18 +158,6 @@ def open_image(path: Path, mode: str = "RGB", what: str = "image"):
         raise DatasetError(f"{what} cannot be read (corrupt or not an image): {path} ({exc})") from None
 
 
-def mask_beside(image_path: Path, image_root: Path, mask_root: Path | None, suffix: str) -> Path:
-    """Mask path ``<stem><suffix>`` beside the image, or at the same relative place under ``mask_root``."""
-    name = Path(image_path).stem + suffix
-    if mask_root is None:
-        return Path(image_path).with_name(name)
-    try:
-        rel = Path(image_path).parent.relative_to(image_root)
-    except ValueError:
-        rel = Path()
-    return Path(mask_root) / rel / name
-
-
 # --------------------------------------------------------------------------------------------- records
 @dataclass(frozen=True)
 class Query:
@@ -187,51 +180,40 @@ class Query:
 
 @dataclass
 class EvalSet:
-    """Queries and galleries of one evaluation unit (a split, or one FashionIQ category of it).
+    """Queries and galleries of one evaluation unit (a split, or one FashionIQ category of it): records only.
 
     ``galleries`` maps a gallery name (``union``, ``full``, ``all``) to its image ids; ``keys`` maps
-    a gallery id to its match key (Fashion200K descriptions), None elsewhere.
+    a gallery id to its match key (Fashion200K descriptions), None elsewhere. Its Datasets are opened by its
+    benchmark (:meth:`Benchmark.unit_query_dataset`, :meth:`Benchmark.image_dataset`).
     """
 
     name: str
     queries: list[Query]
     galleries: dict[str, list[str]]
-    image_path: Callable[[str], Path]
-    mask_path: Callable[[str], Path]
     keys: dict[str, str] | None = None
     notes: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # what error messages name, e.g. "fashioniq split val, unit dress" (set by evaluate)
 
-    def _source(self) -> str:
+    def describe(self) -> str:
+        """What error messages about this unit's items name."""
         return self.source or f"evaluation unit {self.name}"
-
-    def query_dataset(self, preprocess, load_masks: bool, train: bool = False) -> "QueryDataset":
-        return QueryDataset(self.queries, self.image_path, self.mask_path, preprocess, load_masks, train,
-                            source=self._source())
-
-    def gallery_dataset(self, ids: Sequence[str], preprocess, load_masks: bool) -> "ImageDataset":
-        return ImageDataset(ids, self.image_path, self.mask_path, preprocess, load_masks,
-                            source=f"{self._source()}, gallery")
 
 
 # --------------------------------------------------------------------------------------------- datasets
-def _empty() -> torch.Tensor:
-    return torch.zeros(0)
-
-
 class _Loader:
     """Opens image and mask of an id and runs ``preprocess.pair`` (shared by the Datasets)."""
 
-    def __init__(self, image_path, mask_path, preprocess, load_masks: bool, train: bool, source: str = ""):
+    def __init__(self, image_path, mask_path, preprocess, use_masks: bool, train: bool, source: str = ""):
         self.image_path, self.mask_path = image_path, mask_path
-        self.preprocess, self.load_masks, self.train = preprocess, bool(load_masks), bool(train)
+        self.preprocess, self.use_masks, self.train = preprocess, bool(use_masks), bool(train)
         self.source = source
 
-    def load(self, image_id: str, record: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    def load(self, image_id: str, record: str = "") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(image tensor, mask tensor) of ``image_id``; the mask is None when masks are not used."""
         ipath = self.image_path(image_id)
         img = open_image(ipath, "RGB", "image")
         mask = None
-        if self.load_masks:
+        if self.use_masks:
             mpath = self.mask_path(image_id)
             if not Path(mpath).is_file():
                 raise DatasetError(
@@ -246,23 +228,25 @@ class _Loader:
                     f"{where}: mask {mpath} is {mask.size[0]}x{mask.size[1]} (width x height) but its image {ipath} "
                     f"is {img.size[0]}x{img.size[1]}; a mask must have its image's size (remake it with `offset masks`)")
         img_t, mask_t = self.preprocess.pair(img, mask, self.train)
-        return img_t, (mask_t if mask_t is not None else _empty())
+        return img_t, mask_t
 
 
+# The three Datasets take their arguments in one order: records (queries or image ids), image_path, mask_path,
+# preprocess, then by keyword use_masks, train (for those with a training transform) and source. Open them through
+# a Benchmark (triplets, query_dataset, unit_query_dataset, image_dataset), which checks the mask setting.
 class TripletDataset(Dataset):
     """Training/eval triplets: items ``{"ref_image","ref_mask","text","tgt_image","tgt_mask","index"}``.
 
-    Images are read from disk when an item is requested; masks hold ``torch.zeros(0)`` when
-    ``load_masks`` is False.
+    Images are read from disk when an item is requested; the masks are None when ``use_masks`` is False.
     """
 
-    def __init__(self, queries: list[Query], image_path, mask_path, preprocess, train: bool, load_masks: bool,
+    def __init__(self, queries: list[Query], image_path, mask_path, preprocess, *, use_masks: bool, train: bool,
                  source: str = ""):
         missing = [q for q in queries if q.target is None]
         if missing:
             raise DatasetError(f"triplets need targets; query {missing[0].index} (reference {missing[0].reference}) has none")
         self.queries = queries
-        self._loader = _Loader(image_path, mask_path, preprocess, load_masks, train, source)
+        self._loader = _Loader(image_path, mask_path, preprocess, use_masks, train, source)
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -276,12 +260,13 @@ class TripletDataset(Dataset):
 
 
 class QueryDataset(Dataset):
-    """Evaluation queries: ``{"ref_image","ref_mask","text","index"}`` (evaluation transform)."""
+    """Evaluation queries: ``{"ref_image","ref_mask","text","index"}`` (evaluation transform unless ``train``);
+    ``ref_mask`` is None when ``use_masks`` is False."""
 
-    def __init__(self, queries: list[Query], image_path, mask_path, preprocess, load_masks: bool, train: bool = False,
-                 source: str = ""):
+    def __init__(self, queries: list[Query], image_path, mask_path, preprocess, *, use_masks: bool,
+                 train: bool = False, source: str = ""):
         self.queries = queries
-        self._loader = _Loader(image_path, mask_path, preprocess, load_masks, train, source)
+        self._loader = _Loader(image_path, mask_path, preprocess, use_masks, train, source)
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -293,10 +278,12 @@ class QueryDataset(Dataset):
 
 
 class ItemSeededDataset(Dataset):
-    """Wraps a Dataset so that item ``i``'s random augmentation (torch's RNG: the training crop) is drawn from a
-    generator seeded by ``(seed, salt, i)`` alone: the same crops whatever the DataLoader's worker count, batch
-    size or order, and the caller's RNG state is left untouched. (Training's ``SeededItems`` does the same per
-    epoch.) ``salt`` tells evaluation units apart (FashionIQ categories share item indices)."""
+    """Wraps a Dataset so that each item's random augmentation (torch's RNG: the training crop) is drawn from a
+    generator seeded by ``(seed, unit, index)`` alone: the same crops whatever the DataLoader's worker count, batch
+    size, order, rank or interruption, and the caller's RNG state is left untouched.
+
+    Evaluation asks for item ``i``; its unit is ``salt`` (the evaluation unit's name: FashionIQ categories share
+    item indices). Training asks for ``(epoch, i)``, as its sampler yields them; the unit is the epoch."""
 
     def __init__(self, base: Dataset, seed: int, salt: str = ""):
         import zlib
@@ -307,41 +294,65 @@ class ItemSeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def item_seed(self, i: int) -> int:
-        return (self.seed * 1_000_003 + self._salt_code * 10_007 + int(i)) % (2**63)
+    def item_seed(self, i: int, unit: int | None = None) -> int:
+        """The seed of item ``i`` of ``unit`` (an integer such as the epoch; None: this dataset's ``salt``)."""
+        code = self._salt_code if unit is None else int(unit)
+        return (self.seed * 1_000_003 + code * 10_007 + int(i)) % (2**63)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        unit, i = key if isinstance(key, tuple) else (None, key)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.item_seed(i))
+            torch.manual_seed(self.item_seed(i, unit))
             return self.base[i]
 
 
 class ImageDataset(Dataset):
-    """Gallery images: ``{"image","mask","index"}`` (evaluation transform)."""
+    """Gallery images: ``{"image","mask","index"}`` (evaluation transform); ``mask`` is None when ``use_masks``
+    is False.
 
-    def __init__(self, ids: Sequence[str], image_path, mask_path, preprocess, load_masks: bool, source: str = ""):
+    ``report_unreadable``: an image or mask that cannot be loaded gives ``{"index": i, "error": message}`` instead
+    of raising, so one broken file does not stop a long run (the search index lists it as unreadable)."""
+
+    def __init__(self, ids: Sequence[str], image_path, mask_path, preprocess, *, use_masks: bool, source: str = "",
+                 report_unreadable: bool = False):
         self.ids = list(ids)
-        self._loader = _Loader(image_path, mask_path, preprocess, load_masks, False, source)
+        self._loader = _Loader(image_path, mask_path, preprocess, use_masks, False, source)
+        self.report_unreadable = bool(report_unreadable)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def __getitem__(self, i: int) -> dict:
-        img, mask = self._loader.load(self.ids[i], f"image {i} ({self.ids[i]})")
+        if not self.report_unreadable:
+            img, mask = self._loader.load(self.ids[i], f"image {i} ({self.ids[i]})")
+            return {"image": img, "mask": mask, "index": i}
+        try:
+            img, mask = self._loader.load(self.ids[i], f"image {self.ids[i]}")
+        except DatasetError as exc:
+            return {"index": i, "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001  a broken file must not stop a million-image run
+            return {"index": i, "error": f"{self._loader.image_path(self.ids[i])}: {type(exc).__name__}: {exc}"}
         return {"image": img, "mask": mask, "index": i}
 
 
 def collate(batch: list[dict]) -> dict:
     """DataLoader collate: tensors stacked, ``text`` kept a list of str, ``index`` a LongTensor.
 
-    Empty masks (``torch.zeros(0)``, masks not loaded) stack to a ``[B, 0]`` tensor.
+    A key whose values are all None (the masks of a Dataset built with ``use_masks=False``) stays None; None
+    beside tensors under one key is refused (a batch either has its masks or has none).
     """
     if not batch:
         raise ValueError("collate got an empty batch")
     out: dict[str, Any] = {}
     for key in batch[0]:
         values = [item[key] for item in batch]
-        if key == "text":
+        nones = sum(v is None for v in values)
+        if nones:
+            if nones != len(values):
+                raise ValueError(f"collate: {key!r} is None in {nones} of {len(values)} items; "
+                                 "expected all None (no masks) or all tensors")
+            out[key] = None
+        elif key == "text":
             out[key] = list(values)
         elif key == "index":
             out[key] = torch.as_tensor(values, dtype=torch.long)
@@ -413,30 +424,39 @@ class Benchmark:
         """The composed queries (triplets) of a split, in file order."""
         return self._queries(self.canonical_split(split))
 
-    def _check_masks(self, load_masks: bool) -> bool:
-        if load_masks and not self.use_masks:
+    # -- Datasets: every one is opened by _open, which checks the mask setting
+    def _open(self, dataset_cls, records, preprocess, use_masks: bool, source: str, **kwargs):
+        """``dataset_cls(records, image_path, mask_path, preprocess, use_masks=..., source=..., **kwargs)``;
+        asking for masks from a copy set up with ``use_masks=False`` is refused here, for every Dataset."""
+        if use_masks and not self.use_masks:
             raise DatasetError(f"{self.name} was set up with use_masks=False but the model needs masks; "
                                "give use_masks=True and the mask location, or use a model without masks (w/o FM)")
-        return bool(load_masks)
+        return dataset_cls(records, self.image_path, self.mask_path, preprocess, use_masks=bool(use_masks),
+                           source=source, **kwargs)
 
-    def triplets(self, split: str, preprocess, train: bool = True, load_masks: bool = True) -> TripletDataset:
+    def triplets(self, split: str, preprocess, train: bool = True, use_masks: bool = True) -> TripletDataset:
         """Triplets of a split as a lazily loading torch Dataset (architecture: data contract)."""
-        load_masks = self._check_masks(load_masks)
         split = self.canonical_split(split)
-        return TripletDataset(self.queries(split), self.image_path, self.mask_path, preprocess, train, load_masks,
-                              source=f"{self.name} split {split}")
+        return self._open(TripletDataset, self.queries(split), preprocess, use_masks, f"{self.name} split {split}",
+                          train=train)
 
-    def query_dataset(self, split: str, preprocess, load_masks: bool = True) -> QueryDataset:
+    def query_dataset(self, split: str, preprocess, use_masks: bool = True) -> QueryDataset:
         """All queries of a split (evaluation transform); targets may be absent."""
-        load_masks = self._check_masks(load_masks)
         split = self.canonical_split(split)
-        return QueryDataset(self.queries(split), self.image_path, self.mask_path, preprocess, load_masks,
-                            source=f"{self.name} split {split}")
+        return self._open(QueryDataset, self.queries(split), preprocess, use_masks, f"{self.name} split {split}")
 
-    def gallery_dataset(self, split: str, preprocess, load_masks: bool = True, gallery: str | None = None,
+    def unit_query_dataset(self, unit: EvalSet, preprocess, use_masks: bool = True,
+                           train: bool = False) -> QueryDataset:
+        """The queries of one evaluation unit (evaluation transform unless ``train``, SPEC 4 A2)."""
+        return self._open(QueryDataset, unit.queries, preprocess, use_masks, unit.describe(), train=train)
+
+    def image_dataset(self, ids: Sequence[str], preprocess, use_masks: bool = True, source: str = "") -> ImageDataset:
+        """Images of this benchmark by id (evaluation transform): a gallery, or any list of ids."""
+        return self._open(ImageDataset, list(ids), preprocess, use_masks, source or f"{self.name} images")
+
+    def gallery_dataset(self, split: str, preprocess, use_masks: bool = True, gallery: str | None = None,
                         group: str | None = None) -> ImageDataset:
         """The gallery images of a split (first evaluation unit unless ``group`` names one)."""
-        load_masks = self._check_masks(load_masks)
         split = self.canonical_split(split)
         sets = self.eval_sets(split)
         es = next((s for s in sets if group in (None, s.name)), None)
@@ -446,7 +466,7 @@ class Benchmark:
         if name not in es.galleries:
             raise DatasetError(f"{self.name}: unknown gallery {name!r}; choose from {', '.join(es.galleries)}")
         es.source = es.source or f"{self.name} split {split}, unit {es.name}"
-        return es.gallery_dataset(es.galleries[name], preprocess, load_masks)
+        return self.image_dataset(es.galleries[name], preprocess, use_masks, source=f"{es.describe()}, gallery")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root)!r})"

@@ -176,5 +176,5 @@ class Fashion200K(Benchmark):
         desc = self.descriptions(split)
         source = str(self.test_queries_file) if (split == "test" and self.test_queries_file.is_file()) \
             else f"generated (one per image with a one-word neighbour, seed {self.seed})"
-        return [EvalSet("all", self._queries(split), {"all": list(desc)}, self.image_path, self.mask_path,
-                        keys=desc, notes={"test_queries": source})]
+        return [EvalSet("all", self._queries(split), {"all": list(desc)}, keys=desc,
+                        notes={"test_queries": source})]

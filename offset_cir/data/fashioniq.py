@@ -145,5 +145,5 @@ class FashionIQ(Benchmark):
                 if q.target:
                     union[q.target] = None
             galleries = {"union": list(union), "full": [f"{cat}/{a}" for a in dict.fromkeys(self.split_list(cat, split))]}
-            sets.append(EvalSet(cat, queries, galleries, self.image_path, self.mask_path))
+            sets.append(EvalSet(cat, queries, galleries))
         return sets

@@ -119,4 +119,4 @@ class Shoes(Benchmark):
         split = self.canonical_split(split)
         queries = self._queries(split)
         notes = {"queries_with_target_equal_reference": sum(q.reference == q.target for q in queries)}
-        return [EvalSet("all", queries, {"all": self.image_list(split)}, self.image_path, self.mask_path, notes=notes)]
+        return [EvalSet("all", queries, {"all": self.image_list(split)}, notes=notes)]

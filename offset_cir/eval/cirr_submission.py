@@ -42,7 +42,7 @@ def predict_test(model, bench, split: str = "test1", batch_size: int = 32, num_w
         model.eval()
     try:
         with torch.no_grad():
-            enc = _Encoder(model, batch_size, num_workers, device, progress)
+            enc = _Encoder(model, bench, batch_size, num_workers, device, progress)
             ranked = rank_unit(enc, es, ("all",), top_k=SIZES["recall"], subset=True,
                                subset_k=SIZES["recall_subset"], need_top=True)
     finally:

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from offset_cir.data.common import EvalSet, ItemSeededDataset, collate
+from offset_cir.device import choose_device, device_of
 from offset_cir.errors import DatasetError, UserInputError
 from offset_cir.eval import metrics as M
 
@@ -49,16 +50,22 @@ class Protocol:
     per_unit: bool = False  # FashionIQ: metrics per category, then averaged
     query_transform: str = "eval"  # SPEC 4, A2: the release uses the training transform for FashionIQ queries
     description: str = ""
+    # The checkpoint-selection rule (SPEC section 5): the R@K summed into ``selection_score`` (over the categories
+    # when per_unit, plus every R_subset@K when subset_ks); None: every K of ks.
+    selection_ks: tuple[int, ...] | None = None
 
 
 PROTOCOLS: dict[str, Protocol] = {p.name: p for p in [
     Protocol("fashioniq", ("fashioniq",), "val", ("union", "full"), (10, 50), per_unit=True, query_transform="train",
+             selection_ks=(10,),
              description="FashionIQ val, per category R@10/R@50 and averages; galleries union and full"),
     Protocol("fashioniq-union", ("fashioniq",), "val", ("union",), (10, 50), per_unit=True, query_transform="train",
+             selection_ks=(10,),
              description="FashionIQ val, gallery union (reference and target images of the category's val triplets)"),
     Protocol("fashioniq-full", ("fashioniq",), "val", ("full",), (10, 50), per_unit=True, query_transform="train",
+             selection_ks=(10,),
              description="FashionIQ val, gallery full (every image of split.<cat>.val.json)"),
-    Protocol("shoes", ("shoes",), "eval", ("all",), (1, 10, 50),
+    Protocol("shoes", ("shoes",), "eval", ("all",), (1, 10, 50), selection_ks=(10, 50),
              description="Shoes eval triplets, gallery the eval images; R@1/10/50 and mean"),
     Protocol("cirr-val", ("cirr", "synthetic"), "val", ("all",), (1, 5, 10, 50), (1, 2, 3),
              description="CIRR val, gallery all val images; R@K, R_subset@K over set members minus the reference"),
@@ -83,15 +90,6 @@ def get_protocol(name: str | None, bench) -> Protocol:
 
 
 # ------------------------------------------------------------------------------------------ encoding
-def _device_of(model, device) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration, TypeError):
-        return torch.device("cpu")
-
-
 def _loader(ds, batch_size: int, num_workers: int) -> DataLoader:
     return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate,
                       persistent_workers=False)
@@ -106,22 +104,25 @@ def _progress(it, total: int, desc: str, enabled: bool):
 
 
 class _Encoder:
-    """Runs the model over an EvalSet's gallery and queries (no_grad, eval mode)."""
+    """Runs the model over the gallery and queries of ``bench``'s evaluation units (no_grad, eval mode).
 
-    def __init__(self, model, batch_size: int, num_workers: int, device, progress: bool,
+    ``device``: None = the model's own device, else ``offset_cir.device.choose_device``'s rule."""
+
+    def __init__(self, model, bench, batch_size: int, num_workers: int, device, progress: bool,
                  query_train_transform: bool = False, seed: int = 0):
-        self.model, self.batch_size, self.num_workers = model, int(batch_size), int(num_workers)
+        self.model, self.bench, self.batch_size, self.num_workers = model, bench, int(batch_size), int(num_workers)
         self.query_train_transform, self.seed = bool(query_train_transform), int(seed)
-        self.device = _device_of(model, device)
-        self.needs_masks = bool(getattr(model, "needs_masks", True))
+        self.device = device_of(model) if device is None else choose_device(device)
+        self.uses_masks = bool(getattr(model, "uses_masks", True))
         self.preprocess = model.preprocess
         self.progress = progress
 
     def _masks(self, batch: dict, key: str):
-        return batch[key].to(self.device) if self.needs_masks else None
+        masks = batch[key]  # None when the Dataset was opened without masks
+        return None if masks is None else masks.to(self.device)
 
     def gallery(self, es: EvalSet, ids: list[str]) -> torch.Tensor:
-        ds = es.gallery_dataset(ids, self.preprocess, self.needs_masks)
+        ds = self.bench.image_dataset(ids, self.preprocess, self.uses_masks, source=f"{es.describe()}, gallery")
         loader = _loader(ds, self.batch_size, self.num_workers)
         out = []
         for batch in _progress(loader, len(loader), f"gallery {es.name}", self.progress):
@@ -136,7 +137,7 @@ class _Encoder:
         """Query features in file order. With the training transform (A2) each query's random crop is drawn from
         a generator seeded by (``seed``, unit, query index) alone, so results repeat and do not depend on the
         number of DataLoader workers or the batch size (the caller's RNG state is left untouched)."""
-        ds = es.query_dataset(self.preprocess, self.needs_masks, train=self.query_train_transform)
+        ds = self.bench.unit_query_dataset(es, self.preprocess, self.uses_masks, train=self.query_train_transform)
         if self.query_train_transform:
             ds = ItemSeededDataset(ds, self.seed, salt=es.name)
         loader = _loader(ds, self.batch_size, self.num_workers)
@@ -272,7 +273,8 @@ def _model_stamp(model) -> dict:
     else:
         config = None if cfg is None else repr(cfg)
     backbone = getattr(cfg, "backbone", None) if cfg is not None and not isinstance(cfg, dict) else (cfg or {}).get("backbone")
-    return {"class": type(model).__name__, "backbone": backbone, "needs_masks": bool(getattr(model, "needs_masks", True)),
+    # "needs_masks": the result file's key since its first version (model.uses_masks), kept for readers of results
+    return {"class": type(model).__name__, "backbone": backbone, "needs_masks": bool(getattr(model, "uses_masks", True)),
             "config": config}
 
 
@@ -282,10 +284,6 @@ def _put(metrics: dict[str, float], new: dict[str, float], unit: str) -> None:
     if clash:
         raise RuntimeError(f"evaluation unit {unit}: metric keys {clash} already set by another unit or gallery")
     metrics.update(new)
-
-
-def _metrics_of(ranks: torch.Tensor, ks, prefix: str = "") -> dict[str, float]:
-    return {f"{prefix}R@{k}": M.recall_at_k(ranks, k) for k in ks}
 
 
 def evaluate(model, bench, protocol: str | None = None, split: str | None = None, batch_size: int = 32,
@@ -315,7 +313,8 @@ def evaluate(model, bench, protocol: str | None = None, split: str | None = None
     was_training = bool(getattr(model, "training", False))
     if hasattr(model, "eval"):
         model.eval()
-    enc = _Encoder(model, batch_size, num_workers, device, progress, query_train_transform=query_transform == "train")
+    enc = _Encoder(model, bench, batch_size, num_workers, device, progress,
+                   query_train_transform=query_transform == "train")
     subset = bool(proto.subset_ks)
     need_top = save_rankings is not None
     metrics: dict[str, float] = {}
@@ -335,11 +334,11 @@ def evaluate(model, bench, protocol: str | None = None, split: str | None = None
                 for g in proto.galleries:
                     sizes[g][es.name] = len(es.galleries[g])
                     if proto.per_unit:
-                        _put(um, _metrics_of(r.ranks[g], proto.ks, f"{g}/{es.name}/"), es.name)
+                        _put(um, M.recalls(r.ranks[g], proto.ks, f"{g}/{es.name}/R"), es.name)
                     else:
-                        _put(um, _metrics_of(r.ranks[g], proto.ks), es.name)
+                        _put(um, M.recalls(r.ranks[g], proto.ks), es.name)
                 if subset:
-                    _put(um, {f"R_subset@{k}": M.recall_at_k(r.subset_ranks, k) for k in proto.subset_ks}, es.name)
+                    _put(um, M.recalls(r.subset_ranks, proto.subset_ks, "R_subset"), es.name)
                     _put(um, {"(R@5+R_subset@1)/2": (um["R@5"] + um["R_subset@1"]) / 2}, es.name)
                 unseen = es.notes.get("unseen_pairids")
                 if unseen is not None:
@@ -347,10 +346,9 @@ def evaluate(model, bench, protocol: str | None = None, split: str | None = None
                     sel = torch.as_tensor([q.pairid in unseen for q in es.queries], dtype=torch.bool)
                     counts[f"{es.name}/unseen" if len(units) > 1 else "unseen"] = int(sel.sum())
                     if sel.any():
-                        _put(um, _metrics_of(r.ranks["all"][sel], proto.ks, "unseen_"), es.name)
+                        _put(um, M.recalls(r.ranks["all"][sel], proto.ks, "unseen_R"), es.name)
                         if subset:
-                            _put(um, {f"unseen_R_subset@{k}": M.recall_at_k(r.subset_ranks[sel], k)
-                                      for k in proto.subset_ks}, es.name)
+                            _put(um, M.recalls(r.subset_ranks[sel], proto.subset_ks, "unseen_R_subset"), es.name)
                             _put(um, {"unseen_(R@5+R_subset@1)/2": (um["unseen_R@5"] + um["unseen_R_subset@1"]) / 2},
                                  es.name)
                 # Several units of a protocol that is not per unit: each unit's metrics under "<unit>/", and the
@@ -375,24 +373,25 @@ def evaluate(model, bench, protocol: str | None = None, split: str | None = None
     if several:
         shared = [k for k in unit_metrics[0] if all(k in um for um in unit_metrics)]
         _put(metrics, {k: sum(um[k] for um in unit_metrics) / len(unit_metrics) for k in shared}, "mean over units")
+    selection_ks = proto.selection_ks or proto.ks
     if proto.per_unit:
         for g in proto.galleries:
             for k in proto.ks:
                 metrics[f"{g}/avg/R@{k}"] = sum(metrics[f"{g}/{u.name}/R@{k}"] for u in units) / len(units)
             metrics[f"{g}/avg"] = sum(metrics[f"{g}/avg/R@{k}"] for k in proto.ks) / len(proto.ks)
-        selection = sum(metrics[f"{proto.galleries[0]}/{u.name}/R@10"] for u in units)
-        selection_rule = f"sum over categories of R@10 ({proto.galleries[0]} gallery)"
+        selection = sum(metrics[f"{proto.galleries[0]}/{u.name}/R@{k}"] for u in units for k in selection_ks)
+        selection_rule = (f"sum over categories of {' + '.join(f'R@{k}' for k in selection_ks)} "
+                          f"({proto.galleries[0]} gallery)")
     elif subset:
         metrics["mean"] = sum(metrics[f"R@{k}"] for k in proto.ks) / len(proto.ks)
-        selection = sum(metrics[f"R@{k}"] for k in proto.ks) + sum(metrics[f"R_subset@{k}"] for k in proto.subset_ks)
-        selection_rule = "sum of R@1/5/10/50 and R_subset@1/2/3"
+        selection = sum(metrics[f"R@{k}"] for k in selection_ks) + sum(metrics[f"R_subset@{k}"] for k in proto.subset_ks)
+        selection_rule = (f"sum of R@{'/'.join(map(str, selection_ks))} and "
+                          f"R_subset@{'/'.join(map(str, proto.subset_ks))}")
     else:
         metrics["mean"] = sum(metrics[f"R@{k}"] for k in proto.ks) / len(proto.ks)
-        if bench.name == "shoes":
-            selection, selection_rule = metrics["R@10"] + metrics["R@50"], "R@10 + R@50"
-        else:
-            selection = sum(metrics[f"R@{k}"] for k in proto.ks)
-            selection_rule = "sum of " + "/".join(f"R@{k}" for k in proto.ks)
+        selection = sum(metrics[f"R@{k}"] for k in selection_ks)
+        selection_rule = (" + ".join(f"R@{k}" for k in selection_ks) if proto.selection_ks
+                          else "sum of " + "/".join(f"R@{k}" for k in selection_ks))
     result = {
         "protocol": proto.name,
         "protocol_description": proto.description,
@@ -421,13 +420,3 @@ def evaluate(model, bench, protocol: str | None = None, split: str | None = None
         result["rankings_file"] = str(path)
     return result
 
-
-def format_table(result: dict) -> str:
-    """The metrics of a result as an aligned two-column text table."""
-    lines = [f"{result['dataset']} {result['split']}  protocol {result['protocol']}  "
-             f"queries {result['num_queries']}  gallery {result['gallery_size']}"]
-    width = max(len(k) for k in result["metrics"]) + 2
-    for k, v in result["metrics"].items():
-        lines.append(f"  {k:<{width}}{v:7.2f}")
-    lines.append(f"  {'selection':<{width}}{result['selection_score']:7.2f}  ({result['selection_rule']})")
-    return "\n".join(lines)

@@ -65,7 +65,8 @@ def recall_at_k(ranks: torch.Tensor | Sequence[int], k: int) -> float:
 
 
 def recalls(ranks, ks: Iterable[int], prefix: str = "R") -> dict[str, float]:
-    """``{"R@k": recall}`` for every k."""
+    """``{f"{prefix}@{k}": recall_at_k(ranks, k)}`` for every k: ``"R@10"``, ``"R_subset@1"``,
+    ``"dress/union/R@10"`` (the keys of every result of :func:`offset_cir.evaluate`)."""
     return {f"{prefix}@{k}": recall_at_k(ranks, k) for k in ks}
 
 

@@ -84,11 +84,11 @@ class _TargetGraphNoMask(_TargetGraph):
 
 
 def _query_uses_masks(model) -> bool:
-    return bool(model.needs_masks) and bool(getattr(model, "query_needs_mask", True))
+    return bool(model.uses_masks) and bool(getattr(model, "uses_query_mask", True))
 
 
 def _target_uses_masks(model) -> bool:
-    return bool(model.needs_masks) and bool(getattr(model, "target_needs_mask", True))
+    return bool(model.uses_masks) and bool(getattr(model, "uses_target_mask", True))
 
 
 def graph_inputs(model) -> dict[str, list[str]]:
@@ -332,7 +332,8 @@ def export_onnx(model, out: str | os.PathLike, *, checkpoint: str | os.PathLike 
             "format": FORMAT, "version": VERSION, "exporter": exporter, "opset": opset,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "graphs": graphs, "embed_dim": d,
-            "needs_masks": bool(model.needs_masks), "query_needs_mask": "masks" in names["query"],
+            # export.json's keys since its first version (model.uses_masks / uses_query_mask / uses_target_mask)
+            "needs_masks": bool(model.uses_masks), "query_needs_mask": "masks" in names["query"],
             "target_needs_mask": "masks" in names["target"],
             "preprocess": _preprocess_meta(model), "tokenizer": _tokenizer_meta(model),
             "model_config": cfg.to_dict() if hasattr(cfg, "to_dict") else dataclasses.asdict(cfg),

@@ -3,7 +3,7 @@
 ``OnnxEncoder(folder)`` reads an export folder written by ``offset export`` (``offset_cir.export.onnx``) and offers
 the part of the model's interface the index and the service use: ``encode_query(images, masks, texts)``,
 ``encode_target(images, masks)`` (torch tensors in and out, L2-normalised [B, D]), ``preprocess``, ``tokenize``,
-``embed_dim``, ``config``, ``needs_masks`` / ``query_needs_mask`` / ``target_needs_mask``. Image preprocessing and
+``embed_dim``, ``config``, ``uses_masks`` / ``uses_query_mask`` / ``uses_target_mask``. Image preprocessing and
 the tokenizer are the model's own (torchvision + the backbone's tokenizer); only the networks run in onnxruntime.
 
 ``load_encoder(checkpoint, runtime, onnx_dir=...)`` is the one place that picks the runtime. Features from either
@@ -126,15 +126,15 @@ class OnnxEncoder:
 
     # -- what the index and the service ask of a model
     @property
-    def needs_masks(self) -> bool:
-        return bool(self.meta.get("needs_masks", True))
+    def uses_masks(self) -> bool:
+        return bool(self.meta.get("needs_masks", True))  # export.json's key (its format is unchanged)
 
     @property
-    def query_needs_mask(self) -> bool:
+    def uses_query_mask(self) -> bool:
         return "masks" in self.input_names["query"]
 
     @property
-    def target_needs_mask(self) -> bool:
+    def uses_target_mask(self) -> bool:
         return "masks" in self.input_names["target"]
 
     @property
@@ -207,7 +207,7 @@ class OnnxEncoder:
     def _feed(self, role: str, images, masks) -> dict[str, np.ndarray]:
         feed = {"images": _as_numpy(images, np.float32)}
         if "masks" in self.input_names[role]:
-            if masks is None or getattr(masks, "size", 1) == 0 or (hasattr(masks, "numel") and masks.numel() == 0):
+            if masks is None:
                 what = "reference" if role == "query" else "target"
                 raise ValueError(f"{what} masks are required by this model configuration (use_masks=True); "
                                  "pass the dominant-portion masks or use the 'wo_fm' ablation")

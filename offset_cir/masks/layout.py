@@ -1,4 +1,9 @@
-"""Where images are and where their masks go (SPEC section 6: release naming; every location is a setting).
+"""Where images are and where their masks live (SPEC section 6: release naming; every location is a setting).
+
+The one place that says where an image's mask is: :func:`mask_beside` (a loader's single naming rule),
+:func:`find_mask` (the names ``offset index`` / ``offset search`` look for, :data:`MASK_SUFFIXES`),
+:func:`is_mask_file` / :func:`walk_images` / :func:`scan_images` (which files of a folder are images, not masks)
+and, for writing masks, :class:`MaskLayout`.
 
 A :class:`MaskLayout` maps an image path to its mask path with a pattern over these fields:
 ``{root}`` (the image root), ``{out}`` (output root; the image root unless ``--out`` is given),
@@ -12,12 +17,16 @@ from __future__ import annotations
 
 import os
 import string
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from offset_cir.errors import DatasetError, UserInputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+#: mask file names tried for image ``<stem>.<ext>`` (CIRR/Fashion200K, Shoes, FashionIQ naming; SPEC section 6)
+MASK_SUFFIXES = ("-segmask.png", "-segmask.jpg", "-seg.png")
+_MASK_STEM_ENDINGS = ("-segmask", "-seg")
 PATTERN_FIELDS = ("root", "out", "rel_parent", "parent", "stem", "name", "ext")
 
 
@@ -93,21 +102,82 @@ def relative_name(path: str | os.PathLike, root: str | os.PathLike) -> str:
     return Path(os.path.relpath(Path(path), Path(root))).as_posix()
 
 
-def is_mask_file(path: Path) -> bool:
-    """A file this module (or the release) writes as a mask, or one of our temporary files."""
-    return (path.stem.endswith("-segmask") or path.parent.name.endswith("_segmask")
+def is_mask_file(path: str | os.PathLike) -> bool:
+    """A mask (``<stem>-segmask.*`` or ``<stem>-seg.*``, any case, or a file in a ``*_segmask`` folder), or a hidden
+    or temporary file: never an image of a gallery or a benchmark."""
+    path = Path(path)
+    return (path.stem.lower().endswith(_MASK_STEM_ENDINGS) or path.parent.name.endswith("_segmask")
             or path.name.startswith(".") or path.name.endswith(".tmp"))
 
 
-def _walk(folder: Path) -> list[Path]:
+def walk_images(folder: str | os.PathLike, exclude: tuple = ()) -> list[Path]:
+    """Every image file under ``folder``, recursively, sorted: hidden entries, ``*_segmask`` folders, mask files
+    (:func:`is_mask_file`) and the folders in ``exclude`` (other than ``folder`` itself) are skipped."""
+    folder = Path(folder)
+    skip = {Path(e).resolve() for e in exclude} - {folder.resolve()}
     found = []
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and not d.endswith("_segmask"))
+        d = Path(dirpath)
+        dirnames[:] = sorted(n for n in dirnames if not n.startswith(".") and not n.endswith("_segmask")
+                             and (not skip or (d / n).resolve() not in skip))
         for fname in filenames:
-            p = Path(dirpath) / fname
+            p = d / fname
             if p.suffix.lower() in IMAGE_EXTENSIONS and not is_mask_file(p):
                 found.append(p)
-    return found
+    return sorted(found)
+
+
+def scan_images(root: str | os.PathLike, exclude: Iterable[str | os.PathLike] = ()) -> list[tuple[str, Path]]:
+    """Every image of a gallery folder (:func:`walk_images`) as ``(id, path)``, for the search index.
+
+    The id is the path relative to ``root`` without its extension (``shoes/img_1``); when two files differ only by
+    extension both keep it (``a.png``, ``a.jpg``). Sorted by id; ``root`` is resolved.
+    """
+    root = Path(root).resolve()
+    if not root.is_dir():
+        raise DatasetError(f"images folder {root} does not exist or is not a folder")
+    found = walk_images(root, tuple(exclude))
+    rels = [p.relative_to(root).as_posix() for p in found]
+    stems = [r.rsplit(".", 1)[0] for r in rels]
+    counts: dict[str, int] = {}
+    for s in stems:
+        counts[s] = counts.get(s, 0) + 1
+    out = [(s if counts[s] == 1 else r, p) for s, r, p in zip(stems, rels, found)]
+    out.sort(key=lambda t: t[0])
+    return out
+
+
+def mask_beside(image_path: str | os.PathLike, image_root: str | os.PathLike, mask_root: str | os.PathLike | None,
+                suffix: str) -> Path:
+    """Mask path ``<stem><suffix>`` beside the image, or at the same relative place under ``mask_root``."""
+    name = Path(image_path).stem + suffix
+    if mask_root is None:
+        return Path(image_path).with_name(name)
+    try:
+        rel = Path(image_path).parent.relative_to(image_root)
+    except ValueError:
+        rel = Path()
+    return Path(mask_root) / rel / name
+
+
+def find_mask(image: str | os.PathLike, root: str | os.PathLike | None = None,
+              mask_root: str | os.PathLike | None = None, generated: str | os.PathLike | None = None) -> Path | None:
+    """The stored mask of ``image`` (resolved), or None: ``<stem><suffix>`` for each of :data:`MASK_SUFFIXES`
+    beside the image, else in ``mask_root`` at the image's place relative to ``root`` (mirroring sub-folders),
+    else flat in ``mask_root``; else ``generated`` (a mask the caller made earlier) when that file exists."""
+    image = Path(image)
+    root = Path(root) if root is not None else image.parent
+    candidates = [mask_beside(image, root, None, suf) for suf in MASK_SUFFIXES]
+    if mask_root is not None:
+        candidates += [mask_beside(image, root, mask_root, suf) for suf in MASK_SUFFIXES]
+        if image.parent != root:
+            candidates += [Path(mask_root) / (image.stem + suf) for suf in MASK_SUFFIXES]
+    if generated is not None:
+        candidates.append(Path(generated))
+    for cand in candidates:
+        if cand.is_file():
+            return cand.resolve()
+    return None
 
 
 # Where each release keeps its images, relative to --root (SPEC section 6).
@@ -141,7 +211,7 @@ def find_images(layout: str, root: str | os.PathLike, exclude: tuple = ()) -> li
         folders = [root / "women"] if (root / "women").is_dir() else []
     else:
         raise UserInputError(f"unknown layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
-    images = sorted({p for folder in folders for p in _walk(folder)
+    images = sorted({p for folder in folders for p in walk_images(folder, exclude)
                      if not any(Path(os.path.abspath(p)).is_relative_to(e) for e in skip)})
     if not images:
         where = _RELEASE_FOLDERS.get(layout, (None, "<any sub folder>/<image>"))[1]

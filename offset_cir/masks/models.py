@@ -15,13 +15,11 @@ hub unreachable within two seconds) they only look in the local cache and fail a
 from __future__ import annotations
 
 import logging
-import os
-import socket
 from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
-from urllib.parse import urlparse
 
 from offset_cir.errors import OfflineError, UserInputError
+from offset_cir.hub import env_flag, hub_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +41,12 @@ class Segmenter(Protocol):
 
 # --------------------------------------------------------------------------------------------- device and dtype
 def resolve_device(device: str | None) -> str:
-    """``auto``/None -> ``cuda`` when available, else ``cpu``; anything else is passed through."""
-    import torch
+    """The device for ``--device`` as a string (``"cpu"``, ``"cuda:0"`` ...), by the package's one rule
+    (:func:`offset_cir.device.choose_device`: ``auto``/None -> this process's GPU when CUDA is available, else the
+    CPU; CUDA asked for without it, or no device at all, is a UserInputError naming ``--device``)."""
+    from offset_cir.device import choose_device
 
-    if device in (None, "", "auto"):
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserInputError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
-    return device
+    return str(choose_device(device, what="--device"))
 
 
 def resolve_dtype(dtype: str | None, device: str):
@@ -69,21 +65,6 @@ def resolve_dtype(dtype: str | None, device: str):
 
 
 # --------------------------------------------------------------------------------------------- hub / folder
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def hub_reachable(timeout: float = 2.0) -> bool:
-    """One TCP connection attempt to the hub endpoint (``HF_ENDPOINT`` or huggingface.co), ``timeout`` seconds."""
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def resolve_source(name_or_dir: str, option: str) -> tuple[str, bool]:
     """Return (what to pass to ``from_pretrained``, local_files_only).
 
@@ -95,7 +76,7 @@ def resolve_source(name_or_dir: str, option: str) -> tuple[str, bool]:
     if path.exists() or str(name_or_dir).startswith((".", "/", "~")) or str(name_or_dir).count("/") > 1:
         raise UserInputError(f"{option} {name_or_dir}: not a folder (expected a model folder saved with "
                              f"save_pretrained, or a hub name such as {DEFAULT_CAPTIONER})")
-    offline = _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE") or not hub_reachable()
+    offline = env_flag("TRANSFORMERS_OFFLINE") or not hub_reachable(timeout=2.0)  # HF_HUB_OFFLINE: in the probe
     return str(name_or_dir), offline
 
 

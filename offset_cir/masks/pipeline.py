@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 from PIL import Image
 
+from offset_cir import io
 from offset_cir.errors import UserInputError
 from offset_cir.masks.layout import MaskLayout, relative_name
 
@@ -103,14 +104,9 @@ def lookup_caption(captions: dict[str, str], job: MaskJob) -> str | None:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
+    """``data`` as UTF-8 JSON (sorted keys, non-ASCII captions kept as they are), written atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_name(path)
-    try:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    io.write_text(path, json.dumps(data, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
 
 
 # ------------------------------------------------------------------------------------------- files
@@ -126,24 +122,32 @@ def mask_is_valid(mask: Path, size: tuple[int, int]) -> bool:
         return False
 
 
-def _temp_name(path: Path) -> Path:
-    """Hidden temporary name beside ``path``; fixed, so a resumed run overwrites what a killed one left."""
-    return path.with_name(f".{path.name}.tmp")
-
-
 def save_mask_atomic(mask_image: Image.Image, path: Path) -> None:
     """Write to a temporary file in the same folder, then rename: never a partial mask under the real name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
     options = {"quality": 95} if fmt == "JPEG" else {"compress_level": 3}  # level 6 is 3x slower, 10% smaller
-    tmp = _temp_name(path)
-    try:
-        with open(tmp, "wb") as fh:
-            mask_image.save(fh, format=fmt, **options)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with io.atomic_open(path, "wb") as fh:
+        mask_image.save(fh, format=fmt, **options)
+
+
+def remove_stale_temporaries(paths: Sequence[Path]) -> int:
+    """Delete the temporary files a killed run left beside ``paths`` (``.<name>.tmp<pid>``, see offset_cir.io);
+    nothing else is touched. Returns how many were removed."""
+    names: dict[Path, set[str]] = {}
+    for path in paths:
+        names.setdefault(path.parent, set()).add(path.name)
+    removed = 0
+    for folder, wanted in names.items():
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:  # not there yet
+            continue
+        for entry in entries:
+            if io.is_temporary(entry.name) and entry.name[1:].rpartition(".tmp")[0] in wanted:
+                Path(entry.path).unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def _load_image(path: Path) -> Image.Image:
@@ -185,6 +189,9 @@ def run_masks(jobs: Sequence[MaskJob], generator, captions_out: str | os.PathLik
             logger.warning("ignoring unreadable captions file %s (%s); it will be rewritten", out_path, exc)
     given = {} if overwrite else dict(used)  # --overwrite redoes captions too, unless given by the user
     given.update(captions or {})
+    stale = remove_stale_temporaries([job.mask for job in jobs] + ([out_path] if out_path is not None else []))
+    if stale:
+        logger.info("removed %d temporary files left by an interrupted run", stale)
 
     pool = ThreadPoolExecutor(max(1, int(workers)))
     pending: list = []  # (job, caption, future of the file write)

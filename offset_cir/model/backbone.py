@@ -27,7 +27,6 @@ import importlib
 import logging
 import math
 import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -35,7 +34,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from offset_cir.errors import CheckpointError, OfflineError, UserInputError
+from offset_cir.errors import OfflineError, UserInputError
+from offset_cir.hub import hub_reachable
+from offset_cir.model.weights import load_state_strict, load_weights_file  # noqa: F401  (public here too)
 
 log = logging.getLogger(__name__)
 
@@ -155,39 +156,6 @@ def available_backbones() -> list[str]:
     return names + [m for m in open_clip.list_models() if backbone_family(m) is not None]
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
-        return False
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def load_weights_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """A state dict from a local file: safetensors, or a torch file loaded with ``weights_only=True``."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"weights file {path} does not exist")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickled modules and other objects are refused
-        raise CheckpointError(
-            f"{path}: cannot be read as a plain state dict with weights_only=True ({type(exc).__name__}: {exc}). "
-            "Save a state dict (model.state_dict()) or a .safetensors file instead of a pickled module."
-        ) from exc
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: expected a dict of tensors (a state dict)")
-    return obj
-
-
 def build_clip_from_config(cfg: dict) -> nn.Module:
     """An OpenCLIP model from a config dict (OpenCLIP's schema), random init, nothing downloaded.
 
@@ -214,20 +182,23 @@ def build_clip_from_config(cfg: dict) -> nn.Module:
     return model
 
 
-def _tag_normalisation(name: str) -> tuple[tuple, tuple] | None:
-    """(mean, std) shared by every OpenCLIP pretrained tag of ``name``, or None when they differ / there is none."""
+def _tag_normalisation(name: str, tag: str | None = None) -> tuple[tuple, tuple] | None:
+    """(mean, std) of the OpenCLIP pretrained tag ``tag`` of ``name``; with no (known) tag, the one shared by every
+    tag of ``name``, or None when they differ / there is none."""
     import open_clip
 
+    tags = open_clip.list_pretrained_tags_by_model(name)
     seen = set()
-    for tag in open_clip.list_pretrained_tags_by_model(name):
-        pcfg = open_clip.get_pretrained_cfg(name, tag) or {}
+    for known in ([tag] if tag in tags else tags):
+        pcfg = open_clip.get_pretrained_cfg(name, known) or {}
         seen.add((tuple(pcfg.get("mean", OPENAI_MEAN)), tuple(pcfg.get("std", OPENAI_STD))))
     return seen.pop() if len(seen) == 1 else None
 
 
-def _set_normalisation(model: nn.Module, name: str) -> None:
-    """Without a tag, OpenCLIP sets OpenAI's normalisation; the tower's own (SigLIP's 0.5/0.5 ...) is the tags'."""
-    norm = _tag_normalisation(name)
+def _set_normalisation(model: nn.Module, name: str, tag: str | None = None) -> None:
+    """Without weights from a tag, OpenCLIP sets OpenAI's normalisation; the tower's own (SigLIP's 0.5/0.5 ...) is
+    that of ``tag`` (the tag the weights come from) or, with none, the one all its tags share."""
+    norm = _tag_normalisation(name, tag)
     visual = model.visual
     pcfg = dict(getattr(visual, "preprocess_cfg", None) or {})
     if norm is not None:
@@ -235,21 +206,28 @@ def _set_normalisation(model: nn.Module, name: str) -> None:
     visual.preprocess_cfg = pcfg
 
 
-def create_clip(name: str, pretrained: str | None) -> nn.Module:
-    """An OpenCLIP model by name; ``pretrained`` is a tag, a local file, or None."""
+_DO_NOT_FIT = "weights do not fit this backbone"
+
+
+def create_clip(name: str, pretrained: str | None, load_weights: bool = True) -> nn.Module:
+    """An OpenCLIP model by name; ``pretrained`` is a tag, a local file, or None (random init).
+
+    ``load_weights=False`` builds the architecture ``pretrained`` names with random weights, reading and fetching
+    nothing (``pretrained`` is not checked), and with the normalisation of its tag: for a model whose weights come
+    from elsewhere next (a checkpoint, a resumed run), as open_clip's ``create_model(load_weights=False)``."""
     import open_clip
 
     if name in PACKAGED_FACTORIES:
-        return PACKAGED_FACTORIES[name].create_clip(name, pretrained)
+        return PACKAGED_FACTORIES[name].create_clip(name, pretrained if load_weights else None)
     if name in PACKAGE_BACKBONES:
         model = build_clip_from_config(PACKAGE_BACKBONES[name])
-        if pretrained:
+        if pretrained and load_weights:
             if not Path(pretrained).is_file():
                 raise UserInputError(
                     f"backbone {name!r} is a package configuration: pretrained must be a local weights file, "
                     f"got {pretrained!r}"
                 )
-            _load_into(model, load_weights_file(pretrained), pretrained)
+            load_state_strict(model, load_weights_file(pretrained), pretrained, what=_DO_NOT_FIT)
         return model
     if name not in open_clip.list_models():
         raise UserInputError(
@@ -261,9 +239,13 @@ def create_clip(name: str, pretrained: str | None) -> nn.Module:
             f"backbone {name!r}: this OpenCLIP architecture is not supported (see `offset info` for those that are)"
         )
     hf_text = "hf_model_name" in (open_clip.get_model_config(name) or {}).get("text_cfg", {})
+    if not load_weights:
+        model = _create_random(name, hf_text)
+        _set_normalisation(model, name, pretrained)
+        return model
     if pretrained and Path(pretrained).is_file():
         model = _create_random(name, hf_text)
-        _load_into(model, load_weights_file(pretrained), pretrained)
+        load_state_strict(model, load_weights_file(pretrained), pretrained, what=_DO_NOT_FIT)
         _set_normalisation(model, name)
         return model
     if pretrained:
@@ -272,7 +254,7 @@ def create_clip(name: str, pretrained: str | None) -> nn.Module:
             raise UserInputError(
                 f"pretrained={pretrained!r} is neither a local file nor an OpenCLIP tag of {name} (tags: {known})"
             )
-        if not _hub_reachable():
+        if not hub_reachable():
             # Weights may still be cached locally; try without the network, fail fast otherwise.
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:
@@ -317,23 +299,6 @@ def _set_context_length(model: nn.Module, name: str) -> None:
         model.context_length = int(text_cfg.get("context_length", 77))
 
 
-def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    wrong = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} keys (first: {missing[:3]})")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} keys (first: {unexpected[:3]})")
-        if wrong:
-            parts.append("shape mismatch " + ", ".join(f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:3]))
-        raise CheckpointError(f"{source}: weights do not fit this backbone: " + "; ".join(parts))
-    model.load_state_dict(state)
-
-
 def _apply_projection(proj, x: torch.Tensor) -> torch.Tensor:
     """A projection that OpenCLIP stores as a [C, D] Parameter, an nn.Module (Linear ...) or None (identity)."""
     if proj is None:
@@ -356,10 +321,11 @@ class BackboneDims:
 class Backbone(nn.Module):
     """An OpenCLIP model with the token-level outputs OFFSET needs (SPEC section 2), over every tower family."""
 
-    def __init__(self, name: str, pretrained: str | None = None):
+    def __init__(self, name: str, pretrained: str | None = None, load_weights: bool = True):
+        """``load_weights=False``: the architecture of ``pretrained`` without its weights (see :func:`create_clip`)."""
         super().__init__()
         self.name = name
-        self.clip = create_clip(name, pretrained)
+        self.clip = create_clip(name, pretrained, load_weights)
         self.vision_kind = self._vision_kind(self.clip.visual)
         self.text_kind = self._text_kind(self.clip)
         visual_width, grid = self._vision_shape()

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
+from offset_cir import io
 from offset_cir.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -44,13 +44,6 @@ def result_path(folder, dataset: str, protocol: str, split: str) -> Path:
     return Path(folder) / RESULTS_DIR / result_name(dataset, protocol, split)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def record_result(folder, result: dict, overwrite: bool = False) -> Path:
     """Write ``result`` to ``folder/results/<dataset>-<protocol>-<split>.json``; an existing file is replaced
     only with ``overwrite`` (otherwise :class:`~offset_cir.errors.UserInputError` naming it)."""
@@ -59,7 +52,8 @@ def record_result(folder, result: dict, overwrite: bool = False) -> Path:
     path = result_path(folder, result["dataset"], result["protocol"], result["split"])
     if path.exists() and not overwrite:
         raise UserInputError(f"{path} already exists (a result recorded earlier): pass overwrite=True to replace it")
-    _atomic_write_text(path, json.dumps(result, indent=2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    io.write_text(path, json.dumps(result, indent=2))
     return path
 
 
@@ -396,5 +390,5 @@ def write_model_card(folder, name: str | None = None) -> Path:
     """Regenerate ``folder/README.md`` from the checkpoint and its recorded results (see the module doc)."""
     path = Path(folder) / CARD_NAME
     existing = path.read_text(encoding="utf-8") if path.is_file() else None
-    _atomic_write_text(path, render_card(folder, existing, name))
+    io.write_text(path, render_card(folder, existing, name))
     return path

@@ -17,19 +17,16 @@ from pathlib import Path
 
 import torch
 
+from offset_cir import io
 from offset_cir.errors import CheckpointError, OfflineError
-from offset_cir.model.config import ModelConfig
+from offset_cir.hub import hub_reachable
+from offset_cir.model.config import ModelConfig, upgrade_field_names
+from offset_cir.model.weights import compare_state, load_state_strict  # noqa: F401  (compare_state: public here too)
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT = "offset-cir/1"
 log = logging.getLogger(__name__)
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -44,11 +41,11 @@ def save_checkpoint(model, path: str | os.PathLike, extra: dict | None = None) -
 
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(folder / WEIGHTS_NAME, save(state_tensors(model), metadata={"format": FORMAT}))
+    io.write_bytes(folder / WEIGHTS_NAME, save(state_tensors(model), metadata={"format": FORMAT}))
     meta = {"format": FORMAT, "offset_cir_version": offset_cir.__version__, "model": model.config.to_dict()}
     if extra:
         meta.update(extra)
-    _atomic_write_bytes(folder / CONFIG_NAME, json.dumps(meta, indent=2).encode())
+    io.write_text(folder / CONFIG_NAME, json.dumps(meta, indent=2))
     return folder
 
 
@@ -74,8 +71,6 @@ def _hub_cache_dir() -> str | None:
 def resolve_hub_checkpoint(spec: str) -> Path:
     """``hf-hub:ORG/NAME[@REVISION]`` -> the local snapshot folder: the cache first, the hub only when it can be
     reached; offline and not cached fails at once with an :class:`OfflineError` saying what to do."""
-    from offset_cir.model.backbone import _hub_reachable
-
     repo, _, revision = spec[len(HUB_PREFIX):].partition("@")
     if not _REPO_ID.match(repo):
         raise CheckpointError(f"{spec}: expected hf-hub:ORG/NAME (optionally @REVISION), e.g. hf-hub:my-org/offset-cirr")
@@ -88,7 +83,7 @@ def resolve_hub_checkpoint(spec: str) -> Path:
     try:
         folder = huggingface_hub.snapshot_download(local_files_only=True, **kwargs)
     except LocalEntryNotFoundError:
-        if not _hub_reachable():
+        if not hub_reachable():
             raise OfflineError(
                 f"{spec}: not in the Hugging Face cache ({_hub_cache_dir() or 'the default cache'}) and the hub is "
                 "not reachable (HF_HUB_OFFLINE is set or there is no network). Download the folder elsewhere "
@@ -189,6 +184,10 @@ def read_checkpoint_config(path: str | os.PathLike) -> ModelConfig:
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
         raise CheckpointError(f"{config}: not a valid offset-cir checkpoint config (expected a JSON object with "
                               "a \"model\" object holding the model's settings)")
+    try:  # a config written before the use_<component> switch names: its old names are checked as the new ones
+        meta["model"] = upgrade_field_names(meta["model"])
+    except ValueError as exc:
+        raise CheckpointError(f"{config}: not a valid offset-cir checkpoint config ({exc})") from exc
     check_config_types(meta["model"], str(config))
     if "focus_channels" in meta["model"] and meta["model"]["focus_channels"] is None:
         # None means "read P from the weights", which only convert_release_checkpoint does
@@ -198,25 +197,6 @@ def read_checkpoint_config(path: str | os.PathLike) -> ModelConfig:
         return ModelConfig.from_dict(meta["model"])
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{config}: not a valid offset-cir checkpoint config ({exc})") from exc
-
-
-def compare_state(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], source: str, note: str = "") -> None:
-    """Raise CheckpointError naming missing, unexpected and mis-shaped keys, if any."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(found) if tuple(expected[k].shape) != tuple(found[k].shape))
-    if not (missing or unexpected or wrong):
-        return
-    lines = [f"{source}: checkpoint does not match this model's architecture" + (f" ({note})" if note else "")]
-    if missing:
-        lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else ""))
-    if unexpected:
-        lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected[:8]) + (" ..." if len(unexpected) > 8 else ""))
-    if wrong:
-        lines.append(f"  shapes differ for {len(wrong)} keys:")
-    for k in wrong[:8]:
-        lines.append(f"  shape of {k}: checkpoint {tuple(found[k].shape)}, model {tuple(expected[k].shape)}")
-    raise CheckpointError("\n".join(lines))
 
 
 def config_differences(saved: ModelConfig, wanted: ModelConfig) -> str:
@@ -235,8 +215,7 @@ def load_weights(model, path: str | os.PathLike) -> None:
         note = config_differences(read_checkpoint_config(path), model.config)
     except CheckpointError:
         note = ""
-    compare_state(model.state_dict(), state, str(path), note)
-    model.load_state_dict(state)
+    load_state_strict(model, state, str(path), note)
 
 
 def load_checkpoint(path: str | os.PathLike, config: ModelConfig | None = None, map_location: str = "cpu"):
@@ -250,8 +229,7 @@ def load_checkpoint(path: str | os.PathLike, config: ModelConfig | None = None, 
     saved = read_checkpoint_config(path)
     cfg = config or saved
     # The weights are in the checkpoint: never fetch the backbone's pretrained weights again.
-    model = OFFSET(dataclasses.replace(cfg, pretrained=None))
-    model.config = dataclasses.replace(model.config, pretrained=cfg.pretrained)
+    model = OFFSET(cfg, load_weights=False)
     load_weights(model, path)
     return model.to(map_location)
 

@@ -21,14 +21,15 @@ log = logging.getLogger(__name__)
 Gather = Callable[[torch.Tensor], tuple[torch.Tensor, int]]
 
 
-def build_model(config: ModelConfig | None = None, **overrides) -> "OFFSET":
-    """Build OFFSET from a ``ModelConfig`` (keyword overrides are applied on top)."""
+def build_model(config: ModelConfig | None = None, *, load_weights: bool = True, **overrides) -> "OFFSET":
+    """Build OFFSET from a ``ModelConfig`` (keyword overrides are applied on top). ``load_weights=False``: the
+    architecture only, no pretrained weights read or fetched; ``config.pretrained`` is kept as given."""
     import dataclasses
 
     config = config or ModelConfig()
     if overrides:
         config = dataclasses.replace(config, **overrides)
-    return OFFSET(config)
+    return OFFSET(config, load_weights=load_weights)
 
 
 def _zero_key_part(width: int, grad: torch.Tensor) -> torch.Tensor:
@@ -62,22 +63,24 @@ class OFFSET(nn.Module):
     features; ``compute_loss`` returns ``{"total", "bbc", "fr"}``.
     """
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, load_weights: bool = True):
+        """``load_weights=False`` builds the architecture of ``config`` (``pretrained`` names its normalisation)
+        without reading or fetching the pretrained weights, for weights loaded next (a checkpoint, a resume)."""
         super().__init__()
         self.config = cfg = config
         if cfg.focus_channels is None:
             raise ValueError("ModelConfig.focus_channels is unset (None): give P, or let convert_release_checkpoint "
                              "read it from the release's weights")
-        self.backbone = Backbone(cfg.backbone, cfg.pretrained)
+        self.backbone = Backbone(cfg.backbone, cfg.pretrained, load_weights=load_weights)
         dims = self.backbone.dims
         c_v, d, c_t = dims.visual_width, dims.embed_dim, dims.text_width
         self.embed_dim = d
         self.image_fc = nn.Linear(c_v, d)  # FC_I
         self.text_fc = nn.Linear(c_t, d)  # FC_T
-        self.vfm = VisualFocusMapping(c_v, cfg.vfm_heads) if (cfg.reference_vfm or cfg.target_vfm) else None
-        self.tfm = TextualFocusMapping(d, cfg.tfm_heads, cfg.tfm_attention) if cfg.tfm else None
+        self.vfm = VisualFocusMapping(c_v, cfg.vfm_heads) if (cfg.use_reference_vfm or cfg.use_target_vfm) else None
+        self.tfm = TextualFocusMapping(d, cfg.tfm_heads, cfg.tfm_attention) if cfg.use_tfm else None
         separate = cfg.p_local != cfg.p_global  # D1
-        if cfg.focus_projection:
+        if cfg.use_focus_projection:
             self.visual_projection = FocusProjection(d, cfg.p_global)
             self.visual_projection_local = FocusProjection(d, cfg.p_local) if separate else None
             self.text_projection = FocusProjection(d, cfg.p_global)
@@ -85,8 +88,8 @@ class OFFSET(nn.Module):
         else:
             self.visual_projection = self.visual_projection_local = None
             self.text_projection = self.text_projection_local = None
-        self.revision = FocusRevision(d, cfg.gate_split) if cfg.revision else None
-        self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.logit_scale_init))) if cfg.bbc_loss else None
+        self.revision = FocusRevision(d, cfg.gate_split) if cfg.use_revision else None
+        self.logit_scale = nn.Parameter(torch.full((1,), float(cfg.logit_scale_init))) if cfg.use_bbc_loss else None
         pcfg = getattr(self.backbone.clip.visual, "preprocess_cfg", None) or {}
         self.preprocess = Preprocess(
             dims.image_size, pcfg.get("mean", OPENAI_MEAN), pcfg.get("std", OPENAI_STD), shared_crop=cfg.shared_crop
@@ -104,16 +107,19 @@ class OFFSET(nn.Module):
 
     # ----------------------------------------------------------------- helpers
     @property
-    def needs_masks(self) -> bool:
+    def uses_masks(self) -> bool:
+        """Whether the model uses dominant-portion masks at all (``ModelConfig.use_masks``; False: "w/o FM")."""
         return self.config.use_masks
 
     @property
-    def query_needs_mask(self) -> bool:
-        return self.config.reference_vfm or self.config.tfm
+    def uses_query_mask(self) -> bool:
+        """Whether ``encode_query`` uses the reference's mask (its VFM or TFM is on)."""
+        return self.config.use_reference_vfm or self.config.use_tfm
 
     @property
-    def target_needs_mask(self) -> bool:
-        return self.config.target_vfm
+    def uses_target_mask(self) -> bool:
+        """Whether ``encode_target`` uses the target's mask (its VFM is on; off for "w/o Target_VFM")."""
+        return self.config.use_target_vfm
 
     @property
     def device(self) -> torch.device:
@@ -132,12 +138,19 @@ class OFFSET(nn.Module):
             return list(zip(tokens.split(sizes), pooled.split(sizes)))
         return [self.backbone.encode_image(b) for b in batches]
 
-    def _check_masks(self, masks, needed: bool, role: str):
-        if needed and (masks is None or masks.numel() == 0):
+    def _require_masks(self, masks, images, needed: bool, role: str) -> None:
+        """Where this configuration uses a branch's masks, refuse a missing one (None is the one "no mask" value)
+        and one that is not an image-shaped [B, 3, H, W] tensor beside its images."""
+        if not needed:
+            return
+        if masks is None:
             raise ValueError(
                 f"{role} masks are required by this model configuration (use_masks=True); "
                 "pass the dominant-portion masks or use the 'wo_fm' ablation"
             )
+        if tuple(masks.shape) != tuple(images.shape):
+            raise ValueError(f"{role} masks have shape {tuple(masks.shape)}, their images {tuple(images.shape)}: "
+                             "each mask is rendered as an image of its image's size (model.preprocess.mask)")
 
     def _pool(self, tokens, projection: FocusProjection | None, attention: bool, valid=None) -> torch.Tensor:
         return projection(tokens, valid) if attention and projection is not None else mean_pool(tokens, valid)
@@ -183,7 +196,7 @@ class OFFSET(nn.Module):
             global_set = t[:, None]
         local_set = self.text_fc(text_tokens)
         local_proj = self.text_projection_local or self.text_projection
-        attention = cfg.focus_projection
+        attention = cfg.use_focus_projection
         return torch.cat(
             [self._pool(global_set, self.text_projection, attention), self._pool(local_set, local_proj, attention, valid)],
             dim=1,
@@ -204,12 +217,12 @@ class OFFSET(nn.Module):
         """F_c [B, K, D]: the composed token set before the mean (SPEC TGFR)."""
         cfg = self.config
         if image_enc is None:
-            need = self.query_needs_mask
-            self._check_masks(masks, need, "reference")
+            need = self.uses_query_mask
+            self._require_masks(masks, images, need, "reference")
             encs = self._encode_images([images, masks] if need else [images])
             image_enc, mask_enc = encs[0], (encs[1] if need else None)
-        global_set, local_set = self._visual_sets(image_enc, mask_enc, cfg.reference_vfm)
-        visual = self._visual_tokens(global_set, local_set, cfg.focus_projection)
+        global_set, local_set = self._visual_sets(image_enc, mask_enc, cfg.use_reference_vfm)
+        visual = self._visual_tokens(global_set, local_set, cfg.use_focus_projection)
         text = self._text_tokens(self._as_tokens(texts), mask_enc)
         return self._compose(visual, text)
 
@@ -217,12 +230,13 @@ class OFFSET(nn.Module):
         """F_t [B, K, D]: target through VFM and the shared visual MG-FP, no text (SPEC Target)."""
         cfg = self.config
         if image_enc is None:
-            need = self.target_needs_mask
-            self._check_masks(masks, need, "target")
+            need = self.uses_target_mask
+            self._require_masks(masks, images, need, "target")
             encs = self._encode_images([images, masks] if need else [images])
             image_enc, mask_enc = encs[0], (encs[1] if need else None)
-        global_set, local_set = self._visual_sets(image_enc, mask_enc, cfg.target_vfm)
-        return self._visual_tokens(global_set, local_set, cfg.focus_projection and cfg.target_focus_projection)
+        global_set, local_set = self._visual_sets(image_enc, mask_enc, cfg.use_target_vfm)
+        return self._visual_tokens(global_set, local_set,
+                                   cfg.use_focus_projection and cfg.use_target_focus_projection)
 
     def encode_query(self, images, masks, texts) -> torch.Tensor:
         return F.normalize(self.query_tokens(images, masks, texts).mean(dim=1), dim=-1)
@@ -232,9 +246,9 @@ class OFFSET(nn.Module):
 
     def forward(self, ref_images, ref_masks, texts, tgt_images, tgt_masks):
         """(query features, target features, target tokens), encoding all images in one backbone call."""
-        need_q, need_t = self.query_needs_mask, self.target_needs_mask
-        self._check_masks(ref_masks, need_q, "reference")
-        self._check_masks(tgt_masks, need_t, "target")
+        need_q, need_t = self.uses_query_mask, self.uses_target_mask
+        self._require_masks(ref_masks, ref_images, need_q, "reference")
+        self._require_masks(tgt_masks, tgt_images, need_t, "target")
         batches = [ref_images] + ([ref_masks] if need_q else []) + [tgt_images] + ([tgt_masks] if need_t else [])
         encs = iter(self._encode_images(batches))
         ref_enc = next(encs)
@@ -264,9 +278,9 @@ class OFFSET(nn.Module):
             keys, offset, teacher_all = k, 0, teacher
         labels = torch.arange(q.shape[0], device=q.device) + offset
         zero = q.new_zeros(())
-        bbc = batch_based_classification(q, keys, self.logit_scale.float(), labels) if cfg.bbc_loss else zero
-        fr = focus_regularisation(q, keys, teacher, teacher_all, cfg.tau) if cfg.fr_loss else zero
-        total = (bbc if cfg.bbc_loss else zero) + (cfg.mu * fr if cfg.fr_loss else zero)
+        bbc = batch_based_classification(q, keys, self.logit_scale.float(), labels) if cfg.use_bbc_loss else zero
+        fr = focus_regularisation(q, keys, teacher, teacher_all, cfg.tau) if cfg.use_fr_loss else zero
+        total = (bbc if cfg.use_bbc_loss else zero) + (cfg.mu * fr if cfg.use_fr_loss else zero)
         return {"total": total, "bbc": bbc, "fr": fr}
 
     # -------------------------------------------------------- optimiser groups

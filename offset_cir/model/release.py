@@ -12,9 +12,8 @@ import os
 import torch
 
 from offset_cir.errors import CheckpointError
-from offset_cir.model.backbone import load_weights_file
-from offset_cir.model.checkpoint import compare_state
 from offset_cir.model.config import ModelConfig
+from offset_cir.model.weights import compare_state, load_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +118,7 @@ def convert_release_checkpoint(state_dict_path: str | os.PathLike, config: Model
                 f"{state_dict_path}: the release checkpoint has P={p_file} focus channels ({FOCUS_CHANNEL_KEYS[0]} has "
                 f"{p_file} rows) but the config sets {asked}; set focus_channels={p_file}, or leave it unset (None) "
                 "to take it from the checkpoint")
-    model = OFFSET(dataclasses.replace(config, pretrained=None))
+    model = OFFSET(config, load_weights=False)  # every weight comes from the release file
     expected = model.state_dict()
     mapped = map_release_state(state, expected)
     compare_state(expected, mapped, f"{state_dict_path} (release layout)")

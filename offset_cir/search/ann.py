@@ -160,7 +160,7 @@ class FaissReport:
     factory: str
     param_name: str
     chosen: int
-    recall_at_k: float
+    neighbour_recall: float  # of the chosen parameter (the JSON key stays "recall_at_k")
     k: int
     n_queries: int
     build_s: float
@@ -178,7 +178,7 @@ class FaissReport:
     def to_json(self) -> dict:
         return {
             "kind": self.kind, "factory": self.factory, "param_name": self.param_name, "param": self.chosen,
-            "recall_at_k": self.recall_at_k, "k": self.k, "n_queries": self.n_queries, "build_s": self.build_s,
+            "recall_at_k": self.neighbour_recall, "k": self.k, "n_queries": self.n_queries, "build_s": self.build_s,
             "tuning": [[r.param, r.recall, r.ms_per_query] for r in self.rows],
         }
 
@@ -252,8 +252,9 @@ def sample_queries(features: np.ndarray, n_queries: int, seed: int = 0) -> np.nd
     return q
 
 
-def recall_at_k(approx_rows: np.ndarray, exact_rows: np.ndarray) -> float:
-    """Mean over queries of |approx top-k ∩ exact top-k| / k."""
+def neighbour_recall(approx_rows: np.ndarray, exact_rows: np.ndarray) -> float:
+    """Mean over queries of |approx top-k ∩ exact top-k| / k: how many of the exact k nearest neighbours the
+    approximate search finds (a fraction; not the retrieval metric R@k of ``offset_cir.eval.metrics``)."""
     k = exact_rows.shape[1]
     hits = [len(set(a[a >= 0].tolist()) & set(e[e >= 0].tolist())) for a, e in zip(approx_rows, exact_rows)]
     return float(np.mean(hits) / k)
@@ -314,7 +315,7 @@ def build_faiss(features: np.ndarray, kind: str, *, k: int = 10, n_queries: int 
         t = time.perf_counter()
         _, approx_rows = ann.search(queries, k)
         ms = (time.perf_counter() - t) * 1000.0 / len(queries)
-        rows.append(TuneRow(p, recall_at_k(approx_rows, exact_rows), ms))
+        rows.append(TuneRow(p, neighbour_recall(approx_rows, exact_rows), ms))
         if rows[-1].recall >= target_recall:
             chosen = p
             break

@@ -42,7 +42,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from offset_cir.errors import UserInputError
-from offset_cir.search.index import Index, _clip, query_needs_mask
+from offset_cir.search.index import Index, _clip, uses_query_mask
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +403,7 @@ def create_app(index: Index, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pi
     sem = asyncio.Semaphore(slots)
     html = page_html()
     model = index.model  # load now, not on the first request
-    needs = query_needs_mask(model)
+    needs = uses_query_mask(model)
     metrics = Metrics(index, registry)
     app.state.metrics = metrics
     hosts = allowed_host_names(host, allowed_hosts)
@@ -433,7 +433,8 @@ def create_app(index: Index, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pi
     async def health():
         return {"status": "ok", "images": len(index), "dim": index.manifest["dim"],
                 "search": index.manifest.get("search", {}).get("kind", "exact"),
-                "checkpoint_hash": index.manifest["checkpoint"]["hash"], "needs_masks": needs,
+                "checkpoint_hash": index.manifest["checkpoint"]["hash"],
+                "needs_masks": needs,  # the /health field the page reads (wire format unchanged)
                 "mask_pipeline": index.mask_generator is not None, "read_only": True,
                 "runtime": getattr(model, "runtime", "torch"),
                 "limits": {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels, "max_k": max_k,

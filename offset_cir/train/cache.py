@@ -37,6 +37,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from offset_cir import io
+from offset_cir.device import device_of
 from offset_cir.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -131,9 +133,7 @@ class _Store:
         folder.mkdir(parents=True, exist_ok=True)
         info_path = folder / "cache_info.json"
         if not info_path.is_file():
-            tmp = info_path.with_name(f".{info_path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(info, indent=2))
-            os.replace(tmp, info_path)
+            io.write_text(info_path, json.dumps(info, indent=2))
         self.memory: dict[str, torch.Tensor] = {}
         self.hits = self.misses = 0
 
@@ -176,9 +176,7 @@ class _Store:
         value = value.detach().to("cpu", torch.float32).contiguous()
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(save({"x": value}))
-        os.replace(tmp, path)
+        io.write_bytes(path, save({"x": value}))
         self._remember(key, value)
         self.misses += 1
 
@@ -222,7 +220,7 @@ class FeatureCache:
 
     # ------------------------------------------------------------------ images
     def _device(self) -> torch.device:
-        return next(self.backbone.parameters()).device
+        return device_of(self.backbone)
 
     def _compute_images(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         out = []
@@ -421,6 +419,6 @@ def setup_small_compute(cfg, model, bench=None, progress: bool = False) -> Featu
     cache = cached_model(model, cfg.feature_cache, image_blocks=cfg.trainable_image_blocks)
     if bench is not None:
         splits = [cfg.data.train_split] + ([cfg.data.val_split] if cfg.data.val_split else [])
-        n = warm_benchmark(cache, bench, splits, masks=model.needs_masks, progress=progress)
+        n = warm_benchmark(cache, bench, splits, masks=model.uses_masks, progress=progress)
         log.info("feature cache %s: %d images encoded, the rest found", cache.root, n)
     return cache

@@ -1,11 +1,28 @@
 """Training configuration: typed dataclasses, YAML presets (``offset_cir/configs``) and ``key=value`` overrides.
 
-A preset names a dataset (``fashioniq``, ``shoes``, ``cirr``, ``fashion200k``, ``synthetic``); an experiment
-(``configs/experiment/<name>.yaml``) starts from a preset (``base:``) and changes a few keys, one per paper row.
+Three kinds of YAML file, each a mapping that may start from another with ``base: NAME`` (merged key by key):
+
+- ``configs/release.yaml``: the release's training recipe (SPEC section 5: ViT-H-14, AdamW, learning rates and
+  their decay, batch, precision, epochs, evaluation, early stopping, seed). Not a preset of its own: it names no
+  dataset.
+- a preset per dataset (``fashioniq``, ``shoes``, ``cirr``, ``fashion200k``: ``base: release``; ``synthetic``, the
+  tiny backbone from scratch, and the demo presets on top of it), and an experiment per paper row
+  (``configs/experiment/<name>.yaml``: ``base:`` a preset, a few keys changed).
+- ``configs/machine/<name>.yaml``: the settings of the machine a run trains on, apart from any experiment:
+  ``device``, ``data.num_workers`` and ``data_roots`` (where each benchmark lives: ``data.root`` of a config
+  that sets none). ``default`` (device auto, data loaded in the main process), ``server`` (the release presets':
+  four loader workers), ``cpu`` (the CPU even where a GPU is present); a YAML file path works too.
+
+The machine is picked with the key ``machine: NAME`` (in a config, or ``machine=NAME`` on the command line; the
+release presets say ``server``, the others fall back to ``default``). Its settings lie under the experiment's:
+a config or an override that sets ``device`` or ``data.num_workers`` itself wins. Precision stays with the
+experiment: ``precision: auto`` already follows the device (fp16 with a grad scaler on CUDA, fp32 on the CPU).
+A run's ``config.yaml`` records the resolved values, so a resume needs no machine file.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,7 +33,7 @@ from typing import Any
 import yaml
 
 from offset_cir.errors import UserInputError
-from offset_cir.model.config import ModelConfig
+from offset_cir.model.config import ModelConfig, upgrade_field_names
 
 
 @dataclass
@@ -76,29 +93,47 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-PRESETS = ("fashioniq", "shoes", "cirr", "fashion200k", "synthetic")
+#: the base that carries the release's recipe: read through ``base:``, not listed as a preset
+RECIPE_BASE = "release"
+#: the machine settings of a config whose chain names no ``machine:``
+DEFAULT_MACHINE = "default"
+#: what a machine file may set (top-level keys, and the keys of its ``data:``)
+MACHINE_KEYS = ("base", "device", "data", "data_roots")
+MACHINE_DATA_KEYS = ("num_workers",)
+
+
+def _names(folder) -> list[str]:
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
 
 
 def preset_names() -> dict[str, list[str]]:
+    """The packaged ``presets``, ``experiments`` and ``machines`` by name."""
     root = resources.files("offset_cir") / "configs"
     return {
-        "presets": sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml")),
-        "experiments": sorted(p.name[:-5] for p in (root / "experiment").iterdir() if p.name.endswith(".yaml")),
+        "presets": [n for n in _names(root) if n != RECIPE_BASE],
+        "experiments": _names(root / "experiment"),
+        "machines": _names(root / "machine"),
     }
 
 
-def _read_yaml(name_or_path: str) -> tuple[dict, str]:
+def _read_yaml(name_or_path: str, kind: str = "config") -> tuple[dict, str]:
+    """A config (``kind="config"``: preset, experiment, the recipe base) or a machine file (``kind="machine"``) by
+    packaged name or YAML path: (its mapping, where it came from for messages)."""
     path = Path(name_or_path)
+    root = resources.files("offset_cir") / "configs"
     if path.suffix in (".yaml", ".yml") and path.is_file():
         text, where = path.read_text(), str(path)
     else:
-        root = resources.files("offset_cir") / "configs"
-        for candidate in (root / f"{name_or_path}.yaml", root / "experiment" / f"{name_or_path}.yaml"):
+        folders = (root / "machine",) if kind == "machine" else (root, root / "experiment")
+        for candidate in (folder / f"{name_or_path}.yaml" for folder in folders):
             if candidate.is_file():
-                text, where = candidate.read_text(), f"preset {name_or_path}"
+                text, where = candidate.read_text(), f"{'machine' if kind == 'machine' else 'preset'} {name_or_path}"
                 break
         else:
             names = preset_names()
+            if kind == "machine":
+                raise UserInputError(f"machine {name_or_path!r}: not a YAML file and not a packaged machine; "
+                                     f"machines: {names['machines']}")
             raise UserInputError(
                 f"config {name_or_path!r}: not a YAML file and not a preset; presets: {names['presets']}, "
                 f"experiments: {names['experiments']}"
@@ -119,14 +154,46 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-def _resolve_yaml(name_or_path: str, seen: tuple = ()) -> dict:
-    data, where = _read_yaml(name_or_path)
+def _resolve_yaml(name_or_path: str, seen: tuple = (), kind: str = "config") -> dict:
+    data, where = _read_yaml(name_or_path, kind)
+    if kind == "machine":
+        _check_machine(data, where)
     base = data.pop("base", None)
     if base:
         if base in seen:
             raise UserInputError(f"{where}: circular 'base: {base}'")
-        data = _merge(_resolve_yaml(base, seen + (name_or_path,)), data)
+        data = _merge(_resolve_yaml(base, seen + (name_or_path,), kind), data)
     return data
+
+
+def _check_machine(data: dict, where: str) -> None:
+    """A machine file sets machine settings only (``MACHINE_KEYS``): the experiment's keys stay in configs."""
+    unknown = sorted(set(data) - set(MACHINE_KEYS))
+    data_part = data.get("data", {})
+    if not isinstance(data_part, dict):
+        raise UserInputError(f"{where}: data: expected a mapping, got {data_part!r}")
+    unknown += sorted(f"data.{k}" for k in set(data_part) - set(MACHINE_DATA_KEYS))
+    if unknown:
+        raise UserInputError(f"{where}: {unknown} are not machine settings; a machine file sets "
+                             f"{', '.join(k for k in MACHINE_KEYS if k != 'data')} and data.num_workers only "
+                             "(put the others into the experiment's config)")
+    roots = data.get("data_roots", {})
+    if not isinstance(roots, dict) or not all(isinstance(v, str) for v in roots.values()):
+        raise UserInputError(f"{where}: data_roots: expected a mapping of dataset name to folder, got {roots!r}")
+
+
+def _with_machine(data: dict, machine: str) -> dict:
+    """``data`` (a resolved config) on top of the machine's settings; ``data.root`` from the machine's
+    ``data_roots`` when the config sets none."""
+    settings = _resolve_yaml(str(machine), kind="machine")
+    roots = settings.pop("data_roots", None) or {}
+    out = _merge(settings, data)
+    part = out.get("data")
+    if roots and isinstance(part, dict) and "root" not in part:
+        dataset = part.get("dataset", DataConfig.dataset)
+        if dataset in roots:
+            out["data"] = {**part, "root": roots[dataset]}
+    return out
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -169,6 +236,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 def _build(cls, data: dict, prefix: str = ""):
     if not isinstance(data, dict):
         raise UserInputError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    if cls is ModelConfig:  # a config.yaml or preset written with the old switch names reads as the new ones
+        try:
+            data = upgrade_field_names(data)
+        except ValueError as exc:
+            raise UserInputError(f"{prefix or 'config'}: {exc}") from exc
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(known))
@@ -207,9 +279,14 @@ def parse_overrides(overrides: list[str]) -> dict:
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> TrainConfig:
-    """A TrainConfig from a preset name, an experiment name or a YAML file, with ``key=value`` overrides."""
+    """A TrainConfig from a preset name, an experiment name or a YAML file, with ``key=value`` overrides, on top
+    of the settings of the machine it names (``machine:``; see the module docstring)."""
     data = _merge(_resolve_yaml(name_or_path), parse_overrides(overrides or []))
     data.pop("demo", None)  # a demo preset's own section (offset_cir.demo): not a training setting
+    machine = data.pop("machine", None)
+    if machine is not None and not isinstance(machine, str):
+        raise UserInputError(f"machine: expected the name of a machine file or a YAML path, got {machine!r}")
+    data = _with_machine(data, machine or DEFAULT_MACHINE)
     ablations = (data.get("model") or {}).pop("ablate", None) if isinstance(data.get("model"), dict) else None
     cfg = _build(TrainConfig, data)
     if ablations:
@@ -218,4 +295,11 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> TrainC
 
 
 def config_from_dict(data: dict) -> TrainConfig:
+    """A TrainConfig from a resolved dict (``TrainConfig.to_dict()``, a run's saved config): no presets, no
+    machine file."""
     return _build(TrainConfig, data)
+
+
+def to_yaml(data: dict) -> str:
+    """A config dict as YAML, keys in their order (tuples written as lists): a run's ``config.yaml``."""
+    return yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=False)

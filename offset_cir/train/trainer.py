@@ -5,133 +5,47 @@ Data order and augmentation are deterministic: the sampler permutes indices with
 (seed, epoch), and every item's random crop is drawn from an RNG seeded by (seed, epoch, index). So a run
 that is interrupted and resumed sees exactly the data an uninterrupted run sees, and N processes with batch B
 see the same triplets as one process with batch N*B.
+
+``Trainer.fit`` is a set-up (``_set_up``: device, process group, data, model, optimiser, resumed state, run
+folder), then epochs of steps (``_train_epoch``: ``_forward_backward`` per micro-batch, ``_optimizer_step``), each
+step followed by ``_after_step`` (log, save, evaluate, decide whether to stop), and an end (``_end``,
+``_summary``). The data order lives in :mod:`offset_cir.train.sampling`, the run's state and its checkpoint
+folders in :mod:`offset_cir.train.state`.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
 import random
 import re
-import shutil
 import time
 from pathlib import Path
-from typing import Any, Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
-from offset_cir.errors import CheckpointError, DatasetError, TrainingError, UserInputError
-from offset_cir.model.checkpoint import WEIGHTS_NAME, load_weights, save_checkpoint
-from offset_cir.train.config import TrainConfig, _merge, config_from_dict, parse_overrides
-from offset_cir.train.distributed import any_rank, barrier, gather_with_grad, init_distributed
+from offset_cir.data.common import ItemSeededDataset
+from offset_cir.device import choose_device
+from offset_cir.errors import DatasetError, TrainingError, UserInputError
+from offset_cir.extras import import_extra
+from offset_cir.io import atomic_path, write_json, write_text
+from offset_cir.train.config import TrainConfig, _merge, config_from_dict, parse_overrides, to_yaml
+from offset_cir.distributed import any_rank, barrier, gather_with_grad, init_distributed
+from offset_cir.train.sampling import EpochSampler
 from offset_cir.train.signals import stop_signals_handled_by
+from offset_cir.train.state import (CURVES_NAME, STATE_JSON, TrainState, find_resumable, load_training_state,
+                                    read_state_json, remove_run_outputs, save_best, save_training_state)
+
+__all__ = ["Trainer", "train", "open_benchmark", "plot_curves", "EpochSampler", "TrainState", "RESUME_OVERRIDES"]
 
 log = logging.getLogger(__name__)
 
-STATE_TENSORS = "trainer_state.safetensors"
-STATE_JSON = "trainer_state.json"
-CURVES_NAME = "curves.png"
-# What a run writes into its folder: `overwrite=True` (`offset train --overwrite`) removes these, nothing else.
-RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", "best_result.json", ".best_result.json.tmp",
-               CURVES_NAME, "curves.tmp.png", "tensorboard", "best", "best.tmp", "best.old", "last", "last.tmp",
-               "last.old")
 # The keys a resumed run may change (`offset train --resume DIR max_steps=N`): its budget. Everything else
 # stays as saved, so that the data order and the optimisation continue exactly.
 RESUME_OVERRIDES = ("max_steps", "epochs", "time_budget_minutes", "early_stop_patience")
-
-
-# ------------------------------------------------------------------ data order
-class EpochSampler(Sampler):
-    """Yields ``(epoch, index)``: a permutation seeded by (seed, epoch), cut to whole global batches,
-    this rank's share ``perm[rank::world]``, starting after ``skip`` items (resume)."""
-
-    def __init__(self, n: int, seed: int, global_batch: int, rank: int = 0, world: int = 1):
-        if n < global_batch:
-            raise UserInputError(f"the training split has {n} triplets, fewer than one global batch ({global_batch})")
-        self.n, self.seed, self.global_batch, self.rank, self.world = n, seed, global_batch, rank, world
-        self.epoch, self.skip = 0, 0
-
-    def set_epoch(self, epoch: int, skip: int = 0) -> None:
-        self.epoch, self.skip = epoch, skip
-
-    def per_rank(self) -> int:
-        return (self.n // self.global_batch) * self.global_batch // self.world
-
-    def __len__(self) -> int:
-        return self.per_rank() - self.skip
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        perm = torch.randperm(self.n, generator=g)[: (self.n // self.global_batch) * self.global_batch]
-        mine = perm[self.rank:: self.world].tolist()
-        for i in mine[self.skip:]:
-            yield self.epoch, i
-
-
-class SeededItems(Dataset):
-    """Each item's augmentation drawn from an RNG seeded by (seed, epoch, index): independent of workers,
-    ranks and interruptions."""
-
-    def __init__(self, base: Dataset, seed: int):
-        self.base, self.seed = base, seed
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, key):
-        epoch, index = key
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + epoch * 10_007 + index) % (2**63))
-            return self.base[index]
-
-
-# -------------------------------------------------------------- state on disk
-def _atomic_dir_write(target: Path, write: Callable[[Path], None]) -> None:
-    """Write a folder completely under a temporary name, then swap it in (never a half-written checkpoint)."""
-    tmp = target.with_name(target.name + ".tmp")
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_resumable(run_dir: Path) -> Path | None:
-    for name in ("last", "last.old"):  # .old survives a crash between the two renames
-        cand = run_dir / name
-        if (cand / STATE_JSON).is_file() and (cand / WEIGHTS_NAME).is_file():
-            return cand
-    return None
-
-
-def _optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    sd = opt.state_dict()
-    tensors, meta = {}, {}
-    for pid, st in sd["state"].items():
-        meta[str(pid)] = {}
-        for k, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"optim.{pid}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                meta[str(pid)][k] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": meta}
-
-
-def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
-    state: dict[int, dict[str, Any]] = {int(pid): dict(v) for pid, v in meta["scalars"].items()}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
-    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 # --------------------------------------------------------------------- trainer
@@ -148,13 +62,13 @@ class Trainer:
                  stop_after_steps: int | None = None, overwrite: bool = False, overrides: list[str] | None = None,
                  stop_signals: list[int] | None = None):
         self.resume_from = None
-        self._resume_meta: dict | None = None
+        self._resume_state: TrainState | None = None
         if resume is not None:
             self.resume_from = find_resumable(Path(resume))
             if self.resume_from is None:
                 raise UserInputError(f"--resume {resume}: no complete checkpoint (last/{STATE_JSON}) found there")
-            saved = _read_state_json(self.resume_from)
-            self._resume_meta = saved
+            saved = read_state_json(self.resume_from)
+            self._resume_state = TrainState.from_dict(saved)
             data = saved["config"]
             if overrides:
                 changes = parse_overrides(overrides)
@@ -183,16 +97,6 @@ class Trainer:
         return self._signals[0] if self._signals else None
 
     # ........................................................ set-up helpers
-    def _device(self) -> torch.device:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        if self.cfg.device != "auto":
-            device = torch.device(self.cfg.device)
-            # a bare "cuda" under torchrun means this process's own GPU
-            return torch.device("cuda", local_rank) if device.type == "cuda" and device.index is None else device
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank)
-        return torch.device("cpu")
-
     def _precision(self, device: torch.device) -> str:
         p = self.cfg.precision
         if p == "auto":  # the release's fp16 autocast with a grad scaler on GPUs (SPEC section 5)
@@ -207,6 +111,13 @@ class Trainer:
         if precision == "fp32":
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+    def _check_extras(self) -> None:
+        """What the `train` extra installs, checked before anything is trained or written."""
+        import_extra("matplotlib", "train", "training (its curves.png)")
+        if self.cfg.tensorboard:
+            import_extra("tensorboard", "train",
+                         "TensorBoard logging (tensorboard=true; tensorboard=false trains without it)")
 
     @staticmethod
     def _seed_all(seed: int) -> None:
@@ -225,101 +136,37 @@ class Trainer:
         log.warning("signal %d: stopping at the next safe point (after the current step or the set-up), "
                     "then saving a checkpoint; a second one stops at once", signum)
 
-    # ................................................................ saving
-    def _save_state(self, name: str, model, opt, scaler, st: dict) -> None:
-        if not self.dist.is_main:
-            return
-        from safetensors.torch import save_file
-
-        def write(folder: Path):
-            save_checkpoint(model, folder)
-            tensors, opt_meta = _optimizer_to_files(opt)
-            tensors["rng.torch"] = torch.get_rng_state()
-            save_file(tensors, str(folder / STATE_TENSORS))
-            np_state = np.random.get_state()
-            meta = {
-                "config": self.cfg.to_dict(),
-                "optimizer": opt_meta,
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": {"python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-                        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]},
-                **st,
-            }
-            meta["world_size"] = self.dist.world_size
-            (folder / STATE_JSON).write_text(json.dumps(meta, indent=1))
-
-        _atomic_dir_write(self.run_dir / name, write)
-
-    def _load_state(self, model, opt, scaler) -> dict:
-        from safetensors.torch import load_file
-
-        folder = self.resume_from
-        load_weights(model, folder)
-        meta = _read_state_json(folder)
-        if meta.get("world_size", 1) != self.dist.world_size:
-            raise UserInputError(
-                f"{folder}: the run was saved with {meta.get('world_size', 1)} process(es); resume it with the same "
-                f"number (now {self.dist.world_size}) so that the data order continues exactly")
-        try:
-            tensors = load_file(str(folder / STATE_TENSORS))
-            opt.load_state_dict(_optimizer_from_files(tensors, meta["optimizer"]))
-        except Exception as exc:
-            raise CheckpointError(f"{folder / STATE_TENSORS}: optimiser state unreadable or of another model ({exc})") from exc
-        if scaler is not None and meta.get("scaler"):
-            scaler.load_state_dict(meta["scaler"])
-        torch.set_rng_state(tensors["rng.torch"])
-        py = meta["rng"]["python"]
-        random.setstate((py[0], tuple(py[1]), py[2]))
-        npst = meta["rng"]["numpy"]
-        np.random.set_state((npst[0], np.array(npst[1], dtype=np.uint32), *npst[2:]))
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", folder, meta["step"], meta["epoch"], meta["batch_in_epoch"])
-        return meta
-
     def _small_compute(self, model, bench):
         """Freeze the backbone and attach the feature cache as the config asks; returns the cache or None."""
         from offset_cir.train.cache import setup_small_compute
 
         return setup_small_compute(self.cfg, model, bench, progress=self.progress and self.dist.is_main)
 
-    # .............................................................. evaluate
-    def _evaluate(self, model, bench) -> dict | None:
-        from offset_cir.eval.evaluate import evaluate
-
-        if not self.dist.is_main:
-            return None
-        cfg = self.cfg
-        result = evaluate(model, bench, cfg.data.protocol, split=cfg.data.val_split, batch_size=cfg.eval_batch_size,
-                          num_workers=cfg.data.num_workers, progress=self.progress)
-        if cfg.selection:
-            result["selection_score"] = sum(result["metrics"][k] for k in cfg.selection)
-            result["selection_rule"] = " + ".join(cfg.selection)
-        return result
-
     # ............................................................ run folder
-    def _finished_reason(self, st: dict) -> tuple[str, str] | None:
+    def _finished_reason(self, st: TrainState) -> tuple[str, str] | None:
         """(what ended the run, the key that raises that budget) when a saved state has used up the budget."""
         cfg = self.cfg
-        if cfg.max_steps and st["step"] >= cfg.max_steps:
+        if cfg.max_steps and st.step >= cfg.max_steps:
             return f"max_steps={cfg.max_steps} reached", "max_steps"
-        if st["epoch"] >= cfg.epochs:
+        if st.epoch >= cfg.epochs:
             return f"epochs={cfg.epochs} done", "epochs"
-        if cfg.time_budget_minutes and st.get("elapsed_s", 0.0) >= cfg.time_budget_minutes * 60:
+        if cfg.time_budget_minutes and st.elapsed_s >= cfg.time_budget_minutes * 60:
             return f"time_budget_minutes={cfg.time_budget_minutes:g} used", "time_budget_minutes"
         patience = cfg.early_stop_patience
-        if patience is not None and st.get("evals_since_best", 0) >= patience:
-            return (f"early stopping after {st['evals_since_best']} evaluations without improvement "
+        if patience is not None and st.evals_since_best >= patience:
+            return (f"early stopping after {st.evals_since_best} evaluations without improvement "
                     f"(early_stop_patience={patience})"), "early_stop_patience"
         return None
 
     def _already_finished(self, reason: str, key: str) -> dict:
-        st = self._resume_meta
+        st = self._resume_state
         if self.dist.is_main:
             log.warning("%s: the run is already finished (%s at step %d): nothing to train, nothing changed. To train "
                         "it further, raise that budget: `offset train --resume %s %s=...`",
-                        self.run_dir, reason, st["step"], self.run_dir, key)
-        return {"name": self.cfg.name, "stopped": "already finished", "reason": reason, "steps": st["step"],
-                "epochs": st["epoch"], "best_score": st.get("best_score"), "best_step": st.get("best_step"),
-                "history": st.get("history", []), "seconds": 0.0, "run_dir": str(self.run_dir),
+                        self.run_dir, reason, st.step, self.run_dir, key)
+        return {"name": self.cfg.name, "stopped": "already finished", "reason": reason, "steps": st.step,
+                "epochs": st.epoch, "best_score": st.best_score, "best_step": st.best_step,
+                "history": st.history, "seconds": 0.0, "run_dir": str(self.run_dir),
                 "triplets": 0, "triplets_per_s": 0.0}
 
     def _check_run_dir(self, device) -> None:
@@ -338,36 +185,38 @@ class Trainer:
     def _make_run_dir(self) -> None:
         run_dir = self.run_dir
         if self.resume_from is None and self.overwrite and run_dir.is_dir():
-            removed = [name for name in RUN_OUTPUTS if (run_dir / name).exists() or (run_dir / name).is_symlink()]
-            for name in removed:
-                path = run_dir / name
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
+            removed = remove_run_outputs(run_dir)
             if removed:
                 log.warning("--overwrite: removed the previous run's %s from %s", ", ".join(removed), run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(_to_yaml(self.cfg.to_dict()))
+        write_text(run_dir / "config.yaml", to_yaml(self.cfg.to_dict()))
 
-    def _interrupted_in_setup(self, st: dict) -> dict:
+    def _interrupted_in_setup(self) -> dict:
+        st = self.state
         if self.dist.is_main:
             if self.resume_from is None:
                 log.warning("interrupted during the set-up: nothing trained, nothing written")
             else:
                 log.warning("interrupted during the set-up: %s is unchanged (step %d); continue with "
-                            "`offset train --resume %s`", self.resume_from, st["step"], self.run_dir)
-        return {"name": self.cfg.name, "stopped": "interrupted", "steps": st["step"], "epochs": st["epoch"],
-                "best_score": st["best_score"], "best_step": st["best_step"], "history": st["history"],
+                            "`offset train --resume %s`", self.resume_from, st.step, self.run_dir)
+        return {"name": self.cfg.name, "stopped": "interrupted", "steps": st.step, "epochs": st.epoch,
+                "best_score": st.best_score, "best_step": st.best_step, "history": st.history,
                 "seconds": 0.0, "run_dir": str(self.run_dir), "triplets": 0, "triplets_per_s": 0.0}
 
-    def _draw_curves(self, metrics_path: Path) -> None:
-        if not self.dist.is_main or not metrics_path.is_file():
+    def _draw_curves(self) -> None:
+        if not self.dist.is_main or not self.metrics_path.is_file():
             return
         try:
-            plot_curves(metrics_path, self.run_dir / CURVES_NAME, title=self.cfg.name)
+            plot_curves(self.metrics_path, self.run_dir / CURVES_NAME, title=self.cfg.name)
         except Exception as exc:  # a figure must never stop a run
             log.warning("%s not drawn (%s)", self.run_dir / CURVES_NAME, exc)
+
+    def _tensorboard(self):
+        if not self.cfg.tensorboard:
+            return None
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
 
     # ................................................................... fit
     def fit(self) -> dict:
@@ -377,260 +226,327 @@ class Trainer:
             return self._fit()
 
     def _fit(self) -> dict:
-        from offset_cir.data import collate, get_dataset
+        ended_early = self._set_up()
+        if ended_early is not None:
+            return ended_early
+        stop_reason = None
+        self.model.train()
+        try:
+            while self.state.epoch < self.cfg.epochs and stop_reason is None:
+                stop_reason = self._train_epoch()
+                if stop_reason == "interrupted":
+                    break
+                if stop_reason is None:  # the epoch ran to its end
+                    stop_reason = self._after_epoch()
+            stop_reason = stop_reason or "epochs done"
+            self._end(stop_reason)
+        finally:
+            if self.writer:
+                self.writer.close()
+        return self._summary(stop_reason)
+
+    # ................................................................ set-up
+    def _set_up(self) -> dict | None:
+        """Everything before the first step. Returns the summary of a run that ends here (already finished, or
+        interrupted during the set-up), else None with the trainer ready to train."""
+        cfg = self.cfg
+        self.device = device = choose_device(cfg.device, what="device")
+        self.dist = dist = init_distributed(device.type)
+        self.precision = self._precision(device)
+        self.run_dir = Path(cfg.out_dir)
+        if self.resume_from is not None:
+            finished = self._finished_reason(self._resume_state)
+            if finished:
+                return self._already_finished(*finished)
+        self._check_extras()
+        if self.resume_from is None:
+            self._check_run_dir(device)
+        # The data before anything is written: a wrong data.root leaves no run folder behind.
+        from offset_cir.data import get_dataset
+
+        self.bench = open_benchmark(cfg, get_dataset)
+        cache = self._build_model()
+        self._set_up_data(train_transform=cache is None)
+        self.train_model = self.model
+        if dist.enabled:
+            self.train_model = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.gather = gather_with_grad if (dist.enabled and cfg.gather_features) else None
+        # The first safe point: a signal received during the set-up stops here, before anything is written
+        # (a new run leaves no folder, a resumed one keeps its checkpoint as it was).
+        self.writer = None
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        if any_rank(self._stop_signal is not None, dist, device):
+            return self._interrupted_in_setup()
+        if dist.is_main:
+            self._make_run_dir()
+        self.writer = self._tensorboard() if dist.is_main else None
+        self.started = time.monotonic() - self.state.elapsed_s  # the run's clock, over all its invocations
+        # this invocation's throughput: triplets through forward and backward, seconds spent evaluating
+        self.loop_started, self.eval_s, self.triplets_seen = time.monotonic(), 0.0, 0
+        self.budget_s = cfg.time_budget_minutes * 60 if cfg.time_budget_minutes else None
+        if dist.is_main:
+            log.info("training %s: %s on %s (%s), %d triplets, %d steps/epoch, global batch %d, %d process(es)",
+                     cfg.name, cfg.model.backbone, device, self.precision, len(self.train_set), self.steps_per_epoch,
+                     cfg.batch_size * dist.world_size, dist.world_size)
+        return None
+
+    def _build_model(self):
+        """The model (with its small-compute set-up), the optimiser, the grad scaler and the state, resumed when
+        asked; returns the feature cache or None."""
         from offset_cir.model.offset import OFFSET
 
         cfg = self.cfg
-        device = self._device()
-        self.dist = dist = init_distributed(device.type)
-        precision = self._precision(device)
-        self.run_dir = Path(cfg.out_dir)
-        if self.resume_from is not None:
-            finished = self._finished_reason(self._resume_meta)
-            if finished:
-                return self._already_finished(*finished)
-        else:
-            self._check_run_dir(device)
-        # The data before anything is written: a wrong data.root leaves no run folder behind.
-        bench = open_benchmark(cfg, get_dataset)
         self._seed_all(cfg.seed)
-        model_cfg = cfg.model if self.resume_from is None else dataclasses.replace(cfg.model, pretrained=None)
-        model = OFFSET(model_cfg).to(device)
-        model.config = cfg.model
-        cache = self._small_compute(model, bench)  # freeze_backbone / feature_cache
+        # a resumed run's weights come from its last/ folder: build the architecture without downloading any
+        model = OFFSET(cfg.model, load_weights=self.resume_from is None).to(self.device)
+        cache = self._small_compute(model, self.bench)  # freeze_backbone / feature_cache
         groups = model.parameter_groups(cfg.optim.backbone_lr, cfg.optim.new_lr, cfg.optim.weight_decay)
         for g in groups:
             g["initial_lr"] = g["lr"]
-        opt = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
-        scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-        st = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_score": None, "best_step": None,
-              "evals_since_best": 0, "history": [], "elapsed_s": 0.0}
+        self.model = model
+        self.opt = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+        self.state = TrainState()
         if self.resume_from is not None:
-            meta = self._load_state(model, opt, scaler)
-            st.update({k: meta[k] for k in st if k in meta})
+            self.state = load_training_state(self.resume_from, model, self.opt, self.scaler, self.dist.world_size)
+        return cache
 
+    def _set_up_data(self, train_transform: bool) -> None:
+        """The training split, its sampler and the DataLoader's settings."""
+        from offset_cir.data import collate
+
+        cfg, dist = self.cfg, self.dist
         # a feature cache holds the evaluation transform only: no random crops then
-        train_set = bench.triplets(cfg.data.train_split, model.preprocess, train=cache is None,
-                                   load_masks=model.needs_masks)
-        sampler = EpochSampler(len(train_set), cfg.seed, cfg.batch_size * dist.world_size, dist.rank, dist.world_size)
-        loader_kw = dict(batch_size=cfg.batch_size, sampler=sampler, collate_fn=collate, num_workers=cfg.data.num_workers,
-                         persistent_workers=False, pin_memory=device.type == "cuda")
-        steps_per_epoch = sampler.per_rank() // cfg.batch_size // cfg.optim.grad_accum
-        if steps_per_epoch < 1:
+        self.train_set = self.bench.triplets(cfg.data.train_split, self.model.preprocess, train=train_transform,
+                                             use_masks=self.model.uses_masks)
+        self.sampler = EpochSampler(len(self.train_set), cfg.seed, cfg.batch_size * dist.world_size, dist.rank,
+                                    dist.world_size)
+        self.loader_kw = dict(batch_size=cfg.batch_size, sampler=self.sampler, collate_fn=collate,
+                              num_workers=cfg.data.num_workers, persistent_workers=False,
+                              pin_memory=self.device.type == "cuda")
+        self.steps_per_epoch = self.sampler.per_rank() // cfg.batch_size // cfg.optim.grad_accum
+        if self.steps_per_epoch < 1:
             raise UserInputError("fewer training batches than optim.grad_accum: lower grad_accum or batch_size")
 
-        train_model = model
-        if dist.enabled:
-            train_model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[device.index] if device.type == "cuda" else None)
-        gather = gather_with_grad if (dist.enabled and cfg.gather_features) else None
-        # The first safe point: a signal received during the set-up stops here, before anything is written
-        # (a new run leaves no folder, a resumed one keeps its checkpoint as it was).
-        if any_rank(self._stop_signal is not None, dist, device):
-            return self._interrupted_in_setup(st)
-        if dist.is_main:
-            self._make_run_dir()
-        writer = self._tensorboard() if dist.is_main else None
-        metrics_path = self.run_dir / "metrics.jsonl"
-        started = time.monotonic() - st["elapsed_s"]
-        loop_started, eval_s, triplets_seen = time.monotonic(), 0.0, 0  # this invocation's throughput
-        budget_s = cfg.time_budget_minutes * 60 if cfg.time_budget_minutes else None
+    # ................................................................. steps
+    def _train_epoch(self) -> str | None:
+        """The current epoch (its rest, on resume): why the run stops, or None when the epoch ran to its end."""
+        cfg, st = self.cfg, self.state
+        epoch = st.epoch
+        factor = self._lr_factor(epoch)
+        for g in self.opt.param_groups:
+            g["lr"] = g["initial_lr"] * factor
+        self.sampler.set_epoch(epoch, skip=st.batch_in_epoch * cfg.batch_size)
+        loader = DataLoader(ItemSeededDataset(self.train_set, cfg.seed), **self.loader_kw)
+        bar = None
+        if self.progress and self.dist.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.steps_per_epoch, initial=st.batch_in_epoch // cfg.optim.grad_accum,
+                       desc=f"{cfg.name} epoch {epoch}", unit="step", leave=False, dynamic_ncols=True)
+        self._speed_since, self._triplets_since = time.monotonic(), 0  # this process's, since the last log row
+        micro, stop_reason = 0, None
+        self.opt.zero_grad(set_to_none=True)
+        for batch in loader:
+            losses = self._forward_backward(batch, micro)
+            micro += 1
+            st.batch_in_epoch += 1
+            self._triplets_since += batch["ref_image"].shape[0]
+            self.triplets_seen += batch["ref_image"].shape[0] * self.dist.world_size
+            if micro < cfg.optim.grad_accum:
+                continue
+            micro = 0
+            self._optimizer_step()
+            if bar is not None:
+                bar.update(1)
+            stop_reason = self._after_step(losses, bar)
+            if stop_reason:
+                break
+        if bar is not None:
+            bar.close()
+        return stop_reason
+
+    def _forward_backward(self, batch: dict, micro: int) -> dict:
+        """Forward and backward of one micro-batch (its gradient scaled for accumulation); returns its losses.
+        A non-finite loss on any rank stops the run (``TrainingError``)."""
+        cfg, dist, device = self.cfg, self.dist, self.device
+        # DDP all-reduces gradients in the backward pass: only the step's last micro-batch needs it, the
+        # others accumulate locally (no_sync around their forward and backward).
+        accumulating = dist.enabled and micro + 1 < cfg.optim.grad_accum
+        with self.train_model.no_sync() if accumulating else contextlib.nullcontext():
+            with self._autocast(device, self.precision):
+                q, k, f_t = self.train_model(
+                    batch["ref_image"].to(device, non_blocking=True), _masks(batch["ref_mask"], device),
+                    batch["text"], batch["tgt_image"].to(device, non_blocking=True), _masks(batch["tgt_mask"], device))
+            losses = self.model.loss_from_features(q, k, f_t, self.gather)
+            loss = losses["total"] / cfg.optim.grad_accum
+            finite = not any_rank(not bool(torch.isfinite(losses["total"]).item()), dist, device)
+            if not finite:
+                raise TrainingError(
+                    f"non-finite loss at step {self.state.step} (epoch {self.state.epoch}): "
+                    f"total={losses['total'].item()}, bbc={losses['bbc'].item()}, fr={losses['fr'].item()}. "
+                    f"Training stopped; the last good checkpoint in {self.run_dir / 'last'} is kept. Lower the "
+                    f"learning rates or use fp32.")
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        return losses
+
+    def _optimizer_step(self) -> None:
+        """Clip, step and zero the accumulated gradients; one more step done."""
+        cfg, opt, scaler = self.cfg, self.opt, self.scaler
+        if cfg.optim.max_grad_norm:
+            if scaler is not None:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.max_grad_norm)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.state.elapsed_s = time.monotonic() - self.started
+
+    # ............................................................ after-step
+    def _after_step(self, losses: dict, bar=None) -> str | None:
+        """Log, save and evaluate as the config asks after a step; why the run stops now, or None."""
+        cfg, st = self.cfg, self.state
+        if st.step % cfg.log_every_steps == 0 or st.step == 1:
+            self._log_step(losses, bar)
+        if cfg.save_every_steps and st.step % cfg.save_every_steps == 0:
+            self._save_last()
         stop_reason = None
-        if dist.is_main:
-            log.info("training %s: %s on %s (%s), %d triplets, %d steps/epoch, global batch %d, %d process(es)",
-                     cfg.name, cfg.model.backbone, device, precision, len(train_set), steps_per_epoch,
-                     cfg.batch_size * dist.world_size, dist.world_size)
+        if cfg.eval_every_steps and st.step % cfg.eval_every_steps == 0 and self._evaluate_and_keep_best():
+            stop_reason = "early stop"
+        return self._stop_reason(stop_reason)
 
-        def log_row(row: dict) -> None:
-            if dist.is_main:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+    def _log_step(self, losses: dict, bar=None) -> None:
+        """A training row of metrics.jsonl (and TensorBoard, and the progress bar)."""
+        st, world = self.state, self.dist.world_size
+        now = time.monotonic()
+        speed = self._triplets_since * world / max(now - self._speed_since, 1e-9)
+        self._speed_since, self._triplets_since = now, 0
+        row = {"step": st.step, "epoch": st.epoch, "loss": losses["total"].item(),
+               "bbc": losses["bbc"].item(), "fr": losses["fr"].item(),
+               "lr_backbone": self.opt.param_groups[0]["lr"], "lr_new": self.opt.param_groups[1]["lr"],
+               "triplets_per_s": speed, "elapsed_s": st.elapsed_s}
+        self._log_row(row)
+        if self.writer:
+            for key in ("loss", "bbc", "fr", "triplets_per_s"):
+                self.writer.add_scalar(f"train/{key}", row[key], st.step)
+        if bar is not None:
+            bar.set_postfix(loss=f"{row['loss']:.3f}", trip_s=f"{speed:.0f}")
 
-        def do_eval() -> bool:
-            """Evaluate, keep the best; True when early stopping says stop."""
-            nonlocal eval_s
-            eval_started = time.monotonic()
-            result = self._evaluate(model, bench)
-            stop = False
-            if dist.is_main and result is not None:
-                score = result["selection_score"]
-                row = {"step": st["step"], "epoch": st["epoch"], "eval": result["metrics"], "selection": score}
-                st["history"].append(row)
-                log_row(row)
-                self._draw_curves(metrics_path)
-                if writer:
-                    for k, v in result["metrics"].items():
-                        writer.add_scalar(f"val/{k}", v, st["step"])
-                if st["best_score"] is None or score > st["best_score"]:
-                    st.update(best_score=score, best_step=st["step"], evals_since_best=0)
+    def _log_row(self, row: dict) -> None:
+        if self.dist.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
 
-                    def write_best(folder: Path) -> None:
-                        save_checkpoint(model, folder, extra={"selection_score": score, "step": st["step"], "result": result})
+    def _save_last(self) -> None:
+        """``last/``: the resumable checkpoint (rank 0 writes it)."""
+        if self.dist.is_main:
+            save_training_state(self.run_dir / "last", self.model, self.opt, self.scaler, self.cfg.to_dict(),
+                                self.state, self.dist.world_size)
 
-                    _atomic_dir_write(self.run_dir / "best", write_best)
-                    tmp = self.run_dir / ".best_result.json.tmp"
-                    tmp.write_text(json.dumps(result, indent=2))
-                    os.replace(tmp, self.run_dir / "best_result.json")
-                else:
-                    st["evals_since_best"] += 1
-                log.info("eval step %d: selection %.2f (best %.2f at step %s)", st["step"], score, st["best_score"], st["best_step"])
-                p = cfg.early_stop_patience
-                stop = p is not None and st["evals_since_best"] >= p
-            eval_s += time.monotonic() - eval_started
-            return any_rank(stop, dist, device)  # only rank 0 evaluates: share its decision
+    def _evaluate(self) -> dict | None:
+        from offset_cir.eval.evaluate import evaluate
 
-        model.train()
-        try:
-            while st["epoch"] < cfg.epochs and stop_reason is None:
-                epoch = st["epoch"]
-                factor = self._lr_factor(epoch)
-                for g in opt.param_groups:
-                    g["lr"] = g["initial_lr"] * factor
-                sampler.set_epoch(epoch, skip=st["batch_in_epoch"] * cfg.batch_size)
-                loader = DataLoader(SeededItems(train_set, cfg.seed), **loader_kw)
-                bar = None
-                if self.progress and dist.is_main:
-                    from tqdm import tqdm
+        if not self.dist.is_main:
+            return None
+        cfg = self.cfg
+        result = evaluate(self.model, self.bench, cfg.data.protocol, split=cfg.data.val_split,
+                          batch_size=cfg.eval_batch_size, num_workers=cfg.data.num_workers, progress=self.progress)
+        if cfg.selection:
+            result["selection_score"] = sum(result["metrics"][k] for k in cfg.selection)
+            result["selection_rule"] = " + ".join(cfg.selection)
+        return result
 
-                    bar = tqdm(total=steps_per_epoch, initial=st["batch_in_epoch"] // cfg.optim.grad_accum,
-                               desc=f"{cfg.name} epoch {epoch}", unit="step", leave=False, dynamic_ncols=True)
-                t_last, n_last = time.monotonic(), 0
-                micro = 0
-                opt.zero_grad(set_to_none=True)
-                for batch in loader:
-                    # DDP all-reduces gradients in the backward pass: only the step's last micro-batch needs it, the
-                    # others accumulate locally (no_sync around their forward and backward).
-                    accumulating = dist.enabled and micro + 1 < cfg.optim.grad_accum
-                    with train_model.no_sync() if accumulating else contextlib.nullcontext():
-                        with self._autocast(device, precision):
-                            q, k, f_t = train_model(
-                                batch["ref_image"].to(device, non_blocking=True), _masks(batch["ref_mask"], device),
-                                batch["text"], batch["tgt_image"].to(device, non_blocking=True), _masks(batch["tgt_mask"], device))
-                        losses = model.loss_from_features(q, k, f_t, gather)
-                        loss = losses["total"] / cfg.optim.grad_accum
-                        finite = not any_rank(not bool(torch.isfinite(losses["total"]).item()), dist, device)
-                        if not finite:
-                            raise TrainingError(
-                                f"non-finite loss at step {st['step']} (epoch {epoch}): total={losses['total'].item()}, "
-                                f"bbc={losses['bbc'].item()}, fr={losses['fr'].item()}. Training stopped; the last good "
-                                f"checkpoint in {self.run_dir / 'last'} is kept. Lower the learning rates or use fp32.")
-                        if scaler is not None:
-                            scaler.scale(loss).backward()
-                        else:
-                            loss.backward()
-                    micro += 1
-                    st["batch_in_epoch"] += 1
-                    n_last += batch["ref_image"].shape[0]
-                    triplets_seen += batch["ref_image"].shape[0] * dist.world_size
-                    if micro < cfg.optim.grad_accum:
-                        continue
-                    micro = 0
-                    if cfg.optim.max_grad_norm:
-                        if scaler is not None:
-                            scaler.unscale_(opt)
-                        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-                    if scaler is not None:
-                        scaler.step(opt)
-                        scaler.update()
-                    else:
-                        opt.step()
-                    opt.zero_grad(set_to_none=True)
-                    st["step"] += 1
-                    st["elapsed_s"] = time.monotonic() - started
-                    if bar is not None:
-                        bar.update(1)
-                    if st["step"] % cfg.log_every_steps == 0 or st["step"] == 1:
-                        now = time.monotonic()
-                        speed = n_last * dist.world_size / max(now - t_last, 1e-9)
-                        t_last, n_last = now, 0
-                        row = {"step": st["step"], "epoch": epoch, "loss": losses["total"].item(),
-                               "bbc": losses["bbc"].item(), "fr": losses["fr"].item(),
-                               "lr_backbone": opt.param_groups[0]["lr"], "lr_new": opt.param_groups[1]["lr"],
-                               "triplets_per_s": speed, "elapsed_s": st["elapsed_s"]}
-                        log_row(row)
-                        if writer:
-                            for key in ("loss", "bbc", "fr", "triplets_per_s"):
-                                writer.add_scalar(f"train/{key}", row[key], st["step"])
-                        if bar is not None:
-                            bar.set_postfix(loss=f"{row['loss']:.3f}", trip_s=f"{speed:.0f}")
-                    if cfg.save_every_steps and st["step"] % cfg.save_every_steps == 0:
-                        self._save_state("last", model, opt, scaler, st)
-                    if cfg.eval_every_steps and st["step"] % cfg.eval_every_steps == 0 and do_eval():
-                        stop_reason = "early stop"
-                    if cfg.max_steps and st["step"] >= cfg.max_steps:
-                        stop_reason = stop_reason or "max_steps"
-                    # Clocks and signals differ between ranks: every rank must take the same decision.
-                    out_of_time = any_rank(bool(budget_s) and time.monotonic() - started >= budget_s, dist, device)
-                    if out_of_time:
-                        stop_reason = stop_reason or "time budget"
-                    if any_rank(self._stop_signal is not None, dist, device):
-                        stop_reason = "interrupted"
-                    if self.stop_after_steps is not None and st["step"] >= self.stop_after_steps:
-                        stop_reason = "interrupted"
-                    if stop_reason:
-                        break
-                if bar is not None:
-                    bar.close()
-                if stop_reason == "interrupted":
-                    break
-                end_of_epoch = stop_reason is None
-                if end_of_epoch:
-                    st["epoch"] += 1
-                    st["batch_in_epoch"] = 0
-                    if cfg.eval_every_epochs and st["epoch"] % cfg.eval_every_epochs == 0 and do_eval():
-                        stop_reason = "early stop"
-                    self._save_state("last", model, opt, scaler, st)
-            if stop_reason is None:
-                stop_reason = "epochs done"
-            if stop_reason in ("max_steps", "time budget") and not cfg.eval_every_steps:
-                do_eval()  # the run ends mid-epoch: evaluate what it reached
-            st["elapsed_s"] = time.monotonic() - started  # a resume then knows whether the time budget is used
-            self._save_state("last", model, opt, scaler, st)
-            barrier(dist)
-        finally:
-            if writer:
-                writer.close()
-        train_s = max(time.monotonic() - loop_started - eval_s, 1e-9)
-        summary = {"name": cfg.name, "stopped": stop_reason, "steps": st["step"], "epochs": st["epoch"],
-                   "best_score": st["best_score"], "best_step": st["best_step"], "history": st["history"],
-                   "seconds": time.monotonic() - started, "run_dir": str(self.run_dir),
+    def _evaluate_and_keep_best(self) -> bool:
+        """Evaluate (rank 0), keep the best in ``best/``; True on every rank when early stopping says stop."""
+        eval_started = time.monotonic()
+        st, cfg = self.state, self.cfg
+        result = self._evaluate()
+        stop = False
+        if self.dist.is_main and result is not None:
+            score = result["selection_score"]
+            row = {"step": st.step, "epoch": st.epoch, "eval": result["metrics"], "selection": score}
+            st.history.append(row)
+            self._log_row(row)
+            self._draw_curves()
+            if self.writer:
+                for k, v in result["metrics"].items():
+                    self.writer.add_scalar(f"val/{k}", v, st.step)
+            if st.best_score is None or score > st.best_score:
+                st.best_score, st.best_step, st.evals_since_best = score, st.step, 0
+                save_best(self.run_dir, self.model, score, st.step, result)
+            else:
+                st.evals_since_best += 1
+            log.info("eval step %d: selection %.2f (best %.2f at step %s)", st.step, score, st.best_score, st.best_step)
+            p = cfg.early_stop_patience
+            stop = p is not None and st.evals_since_best >= p
+        self.eval_s += time.monotonic() - eval_started
+        return any_rank(stop, self.dist, self.device)  # only rank 0 evaluates: share its decision
+
+    def _stop_reason(self, reason: str | None) -> str | None:
+        """``reason`` (early stopping), or the budget that is used up, or an interruption; the same on every rank."""
+        cfg, st, dist, device = self.cfg, self.state, self.dist, self.device
+        if cfg.max_steps and st.step >= cfg.max_steps:
+            reason = reason or "max_steps"
+        # Clocks and signals differ between ranks: every rank must take the same decision.
+        out_of_time = any_rank(bool(self.budget_s) and time.monotonic() - self.started >= self.budget_s, dist, device)
+        if out_of_time:
+            reason = reason or "time budget"
+        if any_rank(self._stop_signal is not None, dist, device):
+            reason = "interrupted"
+        if self.stop_after_steps is not None and st.step >= self.stop_after_steps:
+            reason = "interrupted"
+        return reason
+
+    def _after_epoch(self) -> str | None:
+        """The epoch ran to its end: evaluate as the config asks and save ``last/``; "early stop" or None."""
+        cfg, st = self.cfg, self.state
+        st.epoch += 1
+        st.batch_in_epoch = 0
+        stop_reason = None
+        if cfg.eval_every_epochs and st.epoch % cfg.eval_every_epochs == 0 and self._evaluate_and_keep_best():
+            stop_reason = "early stop"
+        self._save_last()
+        return stop_reason
+
+    # ................................................................... end
+    def _end(self, stop_reason: str) -> None:
+        """Evaluate a run that ends mid-epoch on a budget, save ``last/``, wait for every rank."""
+        if stop_reason in ("max_steps", "time budget") and not self.cfg.eval_every_steps:
+            self._evaluate_and_keep_best()  # the run ends mid-epoch: evaluate what it reached
+        self.state.elapsed_s = time.monotonic() - self.started  # a resume then knows whether the time budget is used
+        self._save_last()
+        barrier(self.dist)
+
+    def _summary(self, stop_reason: str) -> dict:
+        """The run's summary (written to summary.json by rank 0), with the curves drawn and the end logged."""
+        cfg, st = self.cfg, self.state
+        train_s = max(time.monotonic() - self.loop_started - self.eval_s, 1e-9)
+        triplets = self.triplets_seen
+        summary = {"name": cfg.name, "stopped": stop_reason, "steps": st.step, "epochs": st.epoch,
+                   "best_score": st.best_score, "best_step": st.best_step, "history": st.history,
+                   "seconds": time.monotonic() - self.started, "run_dir": str(self.run_dir),
                    # this invocation's throughput: triplets through forward and backward per second of training
                    # (evaluation excluded), all processes together
-                   "triplets": triplets_seen, "train_seconds": train_s, "triplets_per_s": triplets_seen / train_s}
-        if dist.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-            self._draw_curves(metrics_path)
-            speed = f"{summary['triplets_per_s']:.1f} triplets/s ({triplets_seen} triplets in {train_s:.1f} s of training)"
+                   "triplets": triplets, "train_seconds": train_s, "triplets_per_s": triplets / train_s}
+        if self.dist.is_main:
+            write_json(self.run_dir / "summary.json", summary, indent=2)
+            self._draw_curves()
+            speed = f"{summary['triplets_per_s']:.1f} triplets/s ({triplets} triplets in {train_s:.1f} s of training)"
             if stop_reason == "interrupted":
                 log.warning("interrupted at step %d: checkpoint saved; %s; continue with `offset train --resume %s`",
-                            st["step"], speed, self.run_dir)
+                            st.step, speed, self.run_dir)
             else:
                 log.info("%s stopped (%s) at step %d: %s; best selection %s at step %s", cfg.name, stop_reason,
-                         st["step"], speed, st["best_score"], st["best_step"])
+                         st.step, speed, st.best_score, st.best_step)
         return summary
-
-    def _tensorboard(self):
-        if not self.cfg.tensorboard:
-            return None
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except Exception as exc:  # tensorboard missing: JSONL still has everything
-            log.warning("TensorBoard logging off (%s)", exc)
-            return None
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
-
-
-def _read_state_json(folder: Path) -> dict:
-    path = folder / STATE_JSON
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: unreadable trainer state ({exc}); the weights in {folder} are still usable "
-                              "with `offset eval --checkpoint`") from exc
-    missing = [k for k in ("config", "optimizer", "rng", "step", "epoch", "batch_in_epoch") if k not in meta]
-    if missing:
-        raise CheckpointError(f"{path}: trainer state lacks the fields {missing}")
-    return meta
 
 
 def open_benchmark(cfg: TrainConfig, get_dataset):
@@ -650,7 +566,8 @@ def open_benchmark(cfg: TrainConfig, get_dataset):
 def plot_curves(metrics_path: Path, png: Path, title: str = "") -> None:
     """Training losses and validation metrics of ``metrics.jsonl`` drawn to ``png``, written whole or not at all
     (a temporary file renamed over it: a crash never leaves half a PNG)."""
-    from matplotlib.figure import Figure  # no pyplot: no global backend, no display needed
+    # no pyplot: no global backend, no display needed
+    Figure = import_extra("matplotlib.figure", "train", "drawing curves.png").Figure
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train = [r for r in rows if "loss" in r]
@@ -682,22 +599,12 @@ def plot_curves(metrics_path: Path, png: Path, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.subplots_adjust(left=0.06, right=0.79, bottom=0.12, top=0.86, wspace=0.32)  # tight_layout costs twice the time
-    tmp = png.with_name(png.stem + ".tmp.png")
-    try:
+    with atomic_path(png) as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, png)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
-def _masks(t: torch.Tensor, device) -> torch.Tensor | None:
-    return None if t.numel() == 0 else t.to(device, non_blocking=True)
-
-
-def _to_yaml(data: dict) -> str:
-    import yaml
-
-    return yaml.safe_dump(json.loads(json.dumps(data)), sort_keys=False)
+def _masks(t: torch.Tensor | None, device) -> torch.Tensor | None:
+    return None if t is None else t.to(device, non_blocking=True)
 
 
 def train(cfg: TrainConfig, resume=None, progress: bool = True, overwrite: bool = False) -> dict:

@@ -1,7 +1,7 @@
 """Tiny placeholder images for checking loaders and protocols without the benchmark's images.
 
 Each placeholder is an 8x8 black-and-white image whose pixels spell an integer code (32 bits, row-major, one
-bit per pixel), so a test double (:mod:`offset_cir.eval.oracle`) can tell which file a tensor came from even
+bit per pixel), so a test double (:mod:`offset_cir.testing.oracle`) can tell which file a tensor came from even
 after JPEG compression. Never written into the repository: tests write them under ``tmp_path``.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Test doubles that follow the model interface (architecture: model contract), for checking the data and
 evaluation path without a trained model: they read the code spelled by a placeholder image
-(:mod:`offset_cir.data.placeholders`).
+(:mod:`offset_cir.testing.placeholders`).
 
 - :class:`OracleModel` (``sign=+1``): the query feature is the target's one-hot code, so the target is always
   the nearest (every recall is 100); ``sign=-1`` (reversed) makes the target the farthest; ``signs`` sets
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from offset_cir.data.placeholders import CodePreprocess, decode
+from offset_cir.testing.placeholders import CodePreprocess, decode
 
 
 @dataclass
@@ -28,15 +28,15 @@ class FakeConfig:
 
 
 class _CodeModel(torch.nn.Module):
-    def __init__(self, needs_masks: bool = True):
+    def __init__(self, uses_masks: bool = True):
         super().__init__()
-        self.needs_masks = needs_masks
+        self.uses_masks = uses_masks
         self.preprocess = CodePreprocess()
         self._anchor = torch.nn.Parameter(torch.zeros(0), requires_grad=False)  # gives the model a device
 
     def _codes(self, images: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
         codes = decode(images)
-        if self.needs_masks:
+        if self.uses_masks:
             if masks is None or masks.shape != images.shape:
                 raise AssertionError(f"model needs masks, got {None if masks is None else tuple(masks.shape)}")
             if not torch.equal(decode(masks), codes):
@@ -48,9 +48,9 @@ class OracleModel(_CodeModel):
     """Perfect (``sign=1``) or reversed (``sign=-1``) oracle over ``dim`` codes; ``targets``: target code per
     query in evaluation order."""
 
-    def __init__(self, targets: list[int], dim: int, sign: float = 1.0, needs_masks: bool = True,
+    def __init__(self, targets: list[int], dim: int, sign: float = 1.0, uses_masks: bool = True,
                  signs: list[float] | None = None, random_dim: int | None = None):
-        super().__init__(needs_masks)
+        super().__init__(uses_masks)
         # random_dim: random unit features instead of one-hot codes (same ranking of the target, no ties among
         # the others, much cheaper for large galleries)
         self.table = None
@@ -91,8 +91,8 @@ class OracleModel(_CodeModel):
 class HashModel(_CodeModel):
     """A fixed random unit feature per code; the query feature mixes the reference's feature and a text hash."""
 
-    def __init__(self, dim: int = 512, max_code: int = 1 << 16, needs_masks: bool = True, seed: int = 0):
-        super().__init__(needs_masks)
+    def __init__(self, dim: int = 512, max_code: int = 1 << 16, uses_masks: bool = True, seed: int = 0):
+        super().__init__(uses_masks)
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("table", F.normalize(torch.randn(max_code + 1, dim, generator=g), dim=-1))
         self.config = FakeConfig("hash")

@@ -1,0 +1,43 @@
+"""The training data order: which triplet each process reads at each position of each epoch.
+
+The order of an epoch is a permutation of the training split seeded by (seed, epoch) alone, cut to whole global
+batches; under torchrun process ``rank`` of ``world`` takes every ``world``-th item of it. So N processes with batch
+B read the same triplets per step as one process with batch N*B, and a resumed run skips exactly what it had read.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Sampler
+
+from offset_cir.errors import UserInputError
+
+__all__ = ["EpochSampler"]
+
+
+class EpochSampler(Sampler):
+    """Yields ``(epoch, index)``: a permutation seeded by (seed, epoch), cut to whole global batches,
+    this rank's share ``perm[rank::world]``, starting after ``skip`` items (resume)."""
+
+    def __init__(self, n: int, seed: int, global_batch: int, rank: int = 0, world: int = 1):
+        if n < global_batch:
+            raise UserInputError(f"the training split has {n} triplets, fewer than one global batch ({global_batch})")
+        self.n, self.seed, self.global_batch, self.rank, self.world = n, seed, global_batch, rank, world
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """The epoch to yield next, and how many of this rank's items of it to leave out (already read)."""
+        self.epoch, self.skip = epoch, skip
+
+    def per_rank(self) -> int:
+        """Items of one whole epoch on this rank."""
+        return (self.n // self.global_batch) * self.global_batch // self.world
+
+    def __len__(self) -> int:
+        return self.per_rank() - self.skip
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g)[: (self.n // self.global_batch) * self.global_batch]
+        mine = perm[self.rank:: self.world].tolist()
+        for i in mine[self.skip:]:
+            yield self.epoch, i
