@@ -106,7 +106,28 @@ def _index_summary(report) -> dict:
     return {"path": report.path, "images": report.count, "encoded": report.encoded}
 
 
-def run_demo(out_dir="runs/demo", data_dir="data/synthetic-demo", seeds=(0,), overrides: list[str] | None = None,
+DEFAULT_DATA_DIR = "data/synthetic-demo"
+
+
+def demo_benchmark(data: Path, synth: dict, progress: bool = True) -> None:
+    """Generate the demo's synthetic benchmark in ``data`` (reused as is when it exists with these settings).
+
+    The demo's own folder (``DEFAULT_DATA_DIR``) holding the benchmark of another preset is generated again;
+    a folder the user named (``--data``) is never replaced: the generator's error says what to do.
+    """
+    from offset_cir.data.synthetic import META_NAME, generate
+    from offset_cir.errors import UserInputError
+
+    try:
+        generate(data, progress=progress, **synth)
+    except UserInputError:
+        if Path(data) != Path(DEFAULT_DATA_DIR) or not (Path(data) / META_NAME).is_file():
+            raise
+        log.warning("%s holds the synthetic benchmark of another demo preset: generating this preset's", data)
+        generate(data, progress=progress, overwrite=True, **synth)
+
+
+def run_demo(out_dir="runs/demo", data_dir=DEFAULT_DATA_DIR, seeds=(0,), overrides: list[str] | None = None,
              progress: bool = True, synth_kwargs: dict | None = None, preset: str = DEFAULT_PRESET,
              build_search_index: bool = True) -> dict:
     """Run the demo for each seed; returns the results dict also written to ``out_dir/results.json``.
@@ -115,7 +136,7 @@ def run_demo(out_dir="runs/demo", data_dir="data/synthetic-demo", seeds=(0,), ov
     generator settings of its ``demo.synthetic`` section.
     """
     from offset_cir.data import get_dataset
-    from offset_cir.data.synthetic import generate
+    from offset_cir.extras import import_extra
     from offset_cir.train.trainer import Trainer
 
     started = time.monotonic()
@@ -126,7 +147,8 @@ def run_demo(out_dir="runs/demo", data_dir="data/synthetic-demo", seeds=(0,), ov
     config_yaml.write_text(config_text)
     synth = {"seed": 0, **(section.get("synthetic") or {}), **(synth_kwargs or {})}
     log.info("synthetic benchmark in %s (%s)", data, ", ".join(f"{k}={v}" for k, v in synth.items()))
-    generate(data, progress=progress, **synth)  # reused as is when it exists with these settings
+    import_extra("matplotlib", "train", "the demo's figures")  # before anything is trained
+    demo_benchmark(data, synth, progress)
     bench = get_dataset("synthetic", data)
     overrides = list(overrides or [])
     probe = _train_cfg(config_yaml, "probe", [], data, out, 0, None, overrides)

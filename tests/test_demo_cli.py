@@ -4,6 +4,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 from offset_cir.cli import COMMANDS, main
 
@@ -96,3 +99,21 @@ def test_demo_recipe_is_the_measured_one():
     assert section["synthetic"]["n_train"] >= 4 * 1500 > section["synthetic"]["n_test"]
     # new modules below 1e-3: not the from-scratch recipe (lr 1e-3 everywhere) the issue rules out
     assert cfg.optim.new_lr < 1e-3 and cfg.optim.backbone_lr <= cfg.optim.new_lr
+
+
+def test_the_demos_own_data_folder_follows_the_preset_a_named_one_is_kept(tmp_path, monkeypatch):
+    from offset_cir.data.synthetic import load_meta
+    from offset_cir.demo import DEFAULT_DATA_DIR, demo_benchmark
+    from offset_cir.errors import UserInputError
+
+    monkeypatch.chdir(tmp_path)
+    small = {"seed": 0, "image_size": 32, "n_train": 6, "n_val": 3, "n_test": 4}
+    demo_benchmark(Path(DEFAULT_DATA_DIR), small, progress=False)
+    demo_benchmark(Path(DEFAULT_DATA_DIR), {**small, "n_train": 8}, progress=False)  # another preset's data
+    assert load_meta(Path(DEFAULT_DATA_DIR))["config"]["n_queries"]["train"] == 8
+    mine = tmp_path / "mine"
+    demo_benchmark(mine, small, progress=False)
+    before = {p: p.stat().st_mtime_ns for p in mine.rglob("*")}
+    with pytest.raises(UserInputError, match="other settings"):
+        demo_benchmark(mine, {**small, "n_train": 8}, progress=False)
+    assert {p: p.stat().st_mtime_ns for p in mine.rglob("*")} == before

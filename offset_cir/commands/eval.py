@@ -212,6 +212,10 @@ def _run(args) -> int:
 
     if args.sheet is not None and args.sheet < 1:
         raise UserInputError(f"--sheet expects a number of queries >= 1, got {args.sheet}")
+    if args.sheet is not None:  # checked before the evaluation, not after it
+        from offset_cir.extras import import_extra
+
+        import_extra("matplotlib", "train", "--sheet (a contact sheet of rankings)")
     bench = get_dataset(args.dataset, args.root, **dataset_settings(args))
     proto = get_protocol(args.protocol, bench)  # fail before loading a large checkpoint
     split = bench.canonical_split(args.split or proto.split)

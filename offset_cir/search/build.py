@@ -80,7 +80,7 @@ def _collate(batch: list[dict]):
     bad = [(b["index"], b["error"]) for b in batch if "error" in b]
     rows = [b["index"] for b in ok]
     imgs = torch.stack([b["image"] for b in ok]) if ok else None
-    has_masks = bool(ok) and ok[0]["mask"] is not None and ok[0]["mask"].numel() > 0
+    has_masks = bool(ok) and ok[0]["mask"] is not None
     masks = torch.stack([b["mask"] for b in ok]) if has_masks else None
     return rows, imgs, masks, bad
 
@@ -454,7 +454,7 @@ def _merge(out: Path, images: Path, masks_dir, model, checkpoint, ckpt_hash, dim
             engine.save(tmp)
         search.update(rep.to_json(), file=faiss_name)
         table = rep.table()  # the caller shows it (`offset index` prints it)
-        log.info("index %s: %s search tuned against exact search\n%s", out, kind, table)
+        log.debug("index %s: %s search tuned against exact search\n%s", out, kind, table)
 
     manifest = {
         "format": FORMAT, "version": VERSION, "generation": gen, "count": n, "dim": dim, "dtype": dtype,

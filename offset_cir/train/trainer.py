@@ -91,6 +91,7 @@ class Trainer:
         self.overwrite = overwrite
         self.stop_after_steps = stop_after_steps  # tests: simulate an interruption after this many steps
         self._signals: list[int] = stop_signals if stop_signals is not None else []
+        self._curves = True  # curves.png is drawn (False when matplotlib is missing)
 
     @property
     def _stop_signal(self) -> int | None:
@@ -113,8 +114,15 @@ class Trainer:
         return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
     def _check_extras(self) -> None:
-        """What the `train` extra installs, checked before anything is trained or written."""
-        import_extra("matplotlib", "train", "training (its curves.png)")
+        """What the `train` extra installs, checked before anything is trained or written.
+
+        TensorBoard logging needs it (an error); curves.png is best effort, as every figure is (a warning).
+        """
+        try:
+            import_extra("matplotlib", "train", "drawing curves.png")
+        except UserInputError as exc:
+            self._curves = False
+            log.warning("%s; training goes on without curves.png", exc)
         if self.cfg.tensorboard:
             import_extra("tensorboard", "train",
                          "TensorBoard logging (tensorboard=true; tensorboard=false trains without it)")
@@ -204,7 +212,7 @@ class Trainer:
                 "seconds": 0.0, "run_dir": str(self.run_dir), "triplets": 0, "triplets_per_s": 0.0}
 
     def _draw_curves(self) -> None:
-        if not self.dist.is_main or not self.metrics_path.is_file():
+        if not self.dist.is_main or not self.metrics_path.is_file() or not self._curves:
             return
         try:
             plot_curves(self.metrics_path, self.run_dir / CURVES_NAME, title=self.cfg.name)
