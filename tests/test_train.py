@@ -764,3 +764,9 @@ def test_model_data_and_eval_import_neither_tensorboard_nor_matplotlib():
     loaded, modules = proc.stdout.splitlines()
     assert loaded == "[]"
     assert int(modules) >= 8  # the walk did import the packages' modules
+
+
+def test_the_release_base_is_not_a_config_of_its_own():
+    with pytest.raises(UserInputError, match=r"--config release: .*base of the presets.*presets: .*fashioniq"):
+        load_config("release")
+    assert load_config("cirr").optim.new_lr == 1e-4  # the presets still rest on it

@@ -281,6 +281,9 @@ def parse_overrides(overrides: list[str]) -> dict:
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> TrainConfig:
     """A TrainConfig from a preset name, an experiment name or a YAML file, with ``key=value`` overrides, on top
     of the settings of the machine it names (``machine:``; see the module docstring)."""
+    if name_or_path == RECIPE_BASE:
+        raise UserInputError(f"--config {RECIPE_BASE}: the release's recipe is the base of the presets, not a run of "
+                             f"its own (it names no dataset); presets: {', '.join(preset_names()['presets'])}")
     data = _merge(_resolve_yaml(name_or_path), parse_overrides(overrides or []))
     data.pop("demo", None)  # a demo preset's own section (offset_cir.demo): not a training setting
     machine = data.pop("machine", None)

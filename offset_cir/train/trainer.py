@@ -1,5 +1,7 @@
-"""The trainer (SPEC section 5): AdamW with two parameter groups, step decay, accumulation, autocast,
-evaluation and early stopping, atomic resumable checkpoints, and DistributedDataParallel under torchrun.
+"""The training loop (SPEC section 5): set-up, steps and after-step (log, save, evaluate, stop) of one run.
+
+What it runs: AdamW with two parameter groups, step decay, accumulation, autocast, evaluation and early stopping,
+atomic resumable checkpoints, and DistributedDataParallel under torchrun.
 
 Data order and augmentation are deterministic: the sampler permutes indices with a generator seeded by
 (seed, epoch), and every item's random crop is drawn from an RNG seeded by (seed, epoch, index). So a run
@@ -19,7 +21,6 @@ import json
 import logging
 import os
 import random
-import re
 import time
 from pathlib import Path
 
@@ -31,8 +32,9 @@ from offset_cir.data.common import ItemSeededDataset
 from offset_cir.device import choose_device
 from offset_cir.errors import DatasetError, TrainingError, UserInputError
 from offset_cir.extras import import_extra
-from offset_cir.io import atomic_path, write_json, write_text
+from offset_cir.io import write_json, write_text
 from offset_cir.train.config import TrainConfig, _merge, config_from_dict, parse_overrides, to_yaml
+from offset_cir.train.curves import plot_curves
 from offset_cir.distributed import any_rank, barrier, gather_with_grad, init_distributed
 from offset_cir.train.sampling import EpochSampler
 from offset_cir.train.signals import stop_signals_handled_by
@@ -569,46 +571,6 @@ def open_benchmark(cfg: TrainConfig, get_dataset):
                    f"--root FOLDER` checks one)")
         raise DatasetError(f"data.root={root} {what}: {how}, or set data.root=FOLDER to where the data is")
     return get_dataset(cfg.data.dataset, cfg.data.root, **cfg.data.settings)
-
-
-def plot_curves(metrics_path: Path, png: Path, title: str = "") -> None:
-    """Training losses and validation metrics of ``metrics.jsonl`` drawn to ``png``, written whole or not at all
-    (a temporary file renamed over it: a crash never leaves half a PNG)."""
-    # no pyplot: no global backend, no display needed
-    Figure = import_extra("matplotlib.figure", "train", "drawing curves.png").Figure
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-    train = [r for r in rows if "loss" in r]
-    evals = [r for r in rows if isinstance(r.get("eval"), dict)]
-    fig = Figure(figsize=(12, 4.2), dpi=100)
-    ax_loss, ax_val = fig.subplots(1, 2)
-    for key, style in (("loss", ".-"), ("bbc", ".--"), ("fr", ".:")):
-        points = [(r["step"], r[key]) for r in train if isinstance(r.get(key), (int, float))]
-        if points:
-            ax_loss.plot(*zip(*points), style, label="total" if key == "loss" else key)
-    ax_loss.set(xlabel="step", ylabel="training loss", title="training loss")
-    names = {k for r in evals for k, v in r["eval"].items() if isinstance(v, (int, float))}
-    # plain recalls (R@K) first, then the others; more than 10 lines are unreadable (metrics.jsonl has them all)
-    names = sorted(names, key=lambda k: (not re.fullmatch(r"R@\d+", k), len(k), k))[:10]
-    for name in names:
-        points = [(r["step"], r["eval"][name]) for r in evals if isinstance(r["eval"].get(name), (int, float))]
-        ax_val.plot(*zip(*points), "o-", markersize=3, label=name)
-    if evals and all(isinstance(r.get("selection"), (int, float)) for r in evals):
-        ax_sel = ax_val.twinx()
-        ax_sel.plot([r["step"] for r in evals], [r["selection"] for r in evals], "k--", label="selection score")
-        ax_sel.set_ylabel("selection score (black, dashed)")
-    ax_val.set(xlabel="step", ylabel="validation metric", title="validation" if evals else "validation (none yet)")
-    ax_loss.grid(alpha=0.3)
-    ax_val.grid(alpha=0.3)
-    if ax_loss.get_legend_handles_labels()[0]:
-        ax_loss.legend(fontsize=7)
-    if names:
-        ax_val.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.15, 1.0))
-    if title:
-        fig.suptitle(title)
-    fig.subplots_adjust(left=0.06, right=0.79, bottom=0.12, top=0.86, wspace=0.32)  # tight_layout costs twice the time
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png")
 
 
 def _masks(t: torch.Tensor | None, device) -> torch.Tensor | None:
