@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from offset_cir import io
 from offset_cir.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,7 @@ def write_submission(predictions: dict[str, dict[str, list[str]]], out_dir, spli
     for metric, table in predictions.items():
         body = {"version": version, "metric": metric, **table}
         path = out_dir / FILE_NAMES[metric].format(split=split)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(body), encoding="utf-8")
-        tmp.replace(path)
+        io.write_text(path, json.dumps(body))
         paths[metric] = path
         log.info("wrote %s (%d pair ids, %.2f MB)", path, len(table), path.stat().st_size / 1e6)
     return paths

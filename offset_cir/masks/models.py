@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol, Sequence, runtime_checkable
 
 from offset_cir.errors import OfflineError, UserInputError
+from offset_cir.extras import import_extra
 from offset_cir.hub import env_flag, hub_reachable
 
 logger = logging.getLogger(__name__)
@@ -91,13 +92,7 @@ def _load_error(role: str, option: str, keyword: str, name: str, local_only: boo
 
 
 def _import_transformers():
-    try:
-        import transformers
-    except ImportError as exc:  # the optional extra is missing
-        raise UserInputError(
-            "mask generation needs transformers: pip install 'offset-cir[segment]'"
-        ) from exc
-    return transformers
+    return import_extra("transformers", "segment", "mask generation")
 
 
 def _move(inputs, device: str, dtype) -> dict:
