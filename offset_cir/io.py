@@ -41,16 +41,20 @@ def _fsync(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block ends without an error it replaces ``path``.
 
-    For writers that take a file name (``safetensors.torch.save_file``, ``faiss.write_index``).
+    For writers that take a file name (``safetensors.torch.save_file``, ``faiss.write_index``). ``durable=False``
+    skips flushing the bytes to disk before the rename: a killed process still leaves the old file or the new one
+    whole, but after a power loss the new name may hold a torn file. Only for data that is derived and checked when
+    read (a cache entry, recomputed when unreadable), never for what a user keeps.
     """
     path = Path(path)
     tmp = _temporary_name(path)
     try:
         yield tmp
-        _fsync(tmp)
+        if durable:
+            _fsync(tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -58,20 +62,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = None) -> Iterator[IO]:
-    """``open(path, mode)`` whose content replaces ``path`` only when the block ends without an error."""
+def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None = None, *,
+                durable: bool = True) -> Iterator[IO]:
+    """``open(path, mode)`` whose content replaces ``path`` only when the block ends without an error
+    (``durable``: as in :func:`atomic_path`)."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open: mode {mode!r}; expected 'w' or 'wb'")
     if mode == "w" and encoding is None:
         encoding = "utf-8"
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable=durable) as tmp:
         with open(tmp, mode, encoding=encoding) as f:
             yield f
 
 
-def write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    with atomic_open(path, "wb") as f:
+def write_bytes(path: str | os.PathLike, data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically (``durable``: as in :func:`atomic_path`)."""
+    with atomic_open(path, "wb", durable=durable) as f:
         f.write(data)
 
 

@@ -158,7 +158,9 @@ def test_cache_invalidates_when_a_file_changes(packaged_random, bench_root, tmp_
     assert warm_benchmark(fresh, bench, ["val"], masks=True) == 1
     new_key = image_key(Image.open(path).convert("RGB"))
     assert new_key != old_key
-    live = fresh.split.frozen(model.preprocess.image(Image.open(path).convert("RGB"))[None])[0]
+    with torch.no_grad():  # the tower's own forward (the cache runs a channels-last copy of it)
+        live = model.backbone.clip.visual.trunk.forward_features(
+            model.preprocess.image(Image.open(path).convert("RGB"))[None])[0]
     torch.testing.assert_close(fresh.images.get(new_key), live, rtol=1e-5, atol=1e-5)
 
 
@@ -216,9 +218,113 @@ def test_a_cache_entry_is_on_disk_whole_or_not_at_all(tmp_path, monkeypatch):
     store = _Store(tmp_path / "fp", {"kind": "test"}, memory_bytes=0)
     assert json.loads((tmp_path / "fp" / "cache_info.json").read_text()) == {"kind": "test"}
     store.put("ab12", torch.arange(6.0))
-    assert len(fsyncs) == 2  # the info file and the entry
+    # the info file is flushed before its rename; an entry (derived data, tens of thousands of them) is only renamed
+    assert len(fsyncs) == 1
     assert torch.equal(_Store(tmp_path / "fp", {"kind": "test"}).get("ab12"), torch.arange(6.0))
+    # what a power loss can leave of an unflushed entry (a torn or zero-filled file) is not trusted: it is missing
+    entry = tmp_path / "fp" / "ab" / "ab12.safetensors"
+    whole = entry.read_bytes()
+    for torn in (whole[: len(whole) // 2], bytes(len(whole))):
+        entry.write_bytes(torn)
+        assert _Store(tmp_path / "fp", {"kind": "test"}).get("ab12") is None
+    entry.write_bytes(whole)
     monkeypatch.setattr(os, "replace", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full (simulated)")))
     with pytest.raises(OSError, match="disk full"):
         store.put("ab34", torch.ones(3))
     assert sorted(p.name for p in (tmp_path / "fp" / "ab").iterdir()) == ["ab12.safetensors"]
+
+
+def _unlike_initial_batch_norms(trunk, seed: int = 0) -> None:
+    """Give every batch norm statistics and affine parameters unlike their initial ones (1, 0), as trained ones are."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in trunk.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+
+
+def test_folding_batch_norms_keeps_what_the_tower_computes(packaged_random):
+    import copy
+
+    from offset_cir.train.cache import _fold_batch_norms
+
+    trunk = copy.deepcopy(packaged_random.backbone.clip.visual.trunk).eval()
+    _unlike_initial_batch_norms(trunk)
+    folded = copy.deepcopy(trunk)
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in trunk.modules())
+    assert _fold_batch_norms(folded) == norms > 40  # each of EfficientNet-Lite0's norms follows its convolution
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, out = trunk.forward_features(x), folded.forward_features(x)
+    # float32 rounding only: a weight scaled before the sum instead of the sum after it, a few ulps per layer over
+    # ~50 layers: 1e-4 of the output's scale bounds it with room
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+
+
+def test_a_fold_that_changes_the_output_is_not_used(packaged_random, monkeypatch, caplog):
+    import offset_cir.train.cache as cache_module
+
+    def bad_fold(module):
+        module.conv_stem.weight.data.mul_(2.0)  # a wrong fold
+        return 1
+
+    monkeypatch.setattr(cache_module, "_fold_batch_norms", bad_fold)
+    split = cache_module.ImageSplit(packaged_random.backbone)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), caplog.at_level("WARNING", logger="offset_cir.train.cache"):
+        first, again = split.frozen(x), split.frozen(x)
+        ref = packaged_random.backbone.clip.visual.trunk.forward_features(x)
+    assert "running it unfolded" in caplog.text
+    for out in (first, again):
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-4 * ref.abs().max().item())
+
+
+def test_warmed_files_are_read_by_name_and_a_changed_one_is_decoded_again(packaged_random, bench_root, tmp_path,
+                                                                         monkeypatch):
+    import shutil
+
+    import offset_cir.data.common as common
+    from offset_cir.errors import DatasetError
+
+    root = tmp_path / "bench"
+    shutil.copytree(bench_root, root)  # files of this copy change below
+    model = packaged_random
+    freeze_backbone(model)
+    bench = get_dataset("synthetic", root)
+    cache = cached_model(model, tmp_path / "cache")
+    try:
+        warm_benchmark(cache, bench, ["val"], masks=True)
+        opened = []
+        real_open = common.open_image
+        monkeypatch.setattr(common, "open_image", lambda path, *a, **k: opened.append(str(path)) or real_open(path, *a, **k))
+        items = bench.triplets("val", model.preprocess, train=False, use_masks=True)
+        by_name = items[0]
+        assert opened == []  # all four files warmed and unchanged: none decoded
+        monkeypatch.setattr(model.preprocess, "files", lambda *a: None)  # the decoding route, for comparison
+        decoded = items[0]
+        assert len(opened) == 4
+        for key in ("ref_image", "ref_mask", "tgt_image", "tgt_mask"):
+            assert torch.equal(by_name[key], decoded[key]), key
+        monkeypatch.delattr(model.preprocess, "files")
+        # a changed image is decoded (and encoded) again, and its feature follows the new pixels
+        q = bench.queries("val")[0]
+        path = bench.image_path(q.reference)
+        img = Image.open(path).convert("RGB")
+        img.paste((255, 0, 0), (0, 0, img.size[0], img.size[1] // 2))
+        img.save(path)
+        opened.clear()
+        changed = items[0]
+        assert str(path) in opened and not torch.equal(changed["ref_image"], by_name["ref_image"])
+        # a warmed mask of another size than its image is still refused, naming it
+        mask_path = bench.mask_path(q.target)
+        Image.open(mask_path).resize((20, 20)).save(mask_path)
+        warm_benchmark(cache, bench, ["val"], masks=True)
+        with pytest.raises(DatasetError, match="must have its image's size"):
+            items[0]
+    finally:
+        detach_cache(model)

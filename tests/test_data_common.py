@@ -168,3 +168,26 @@ def test_mask_of_another_size_names_the_record(tmp_path):
     Image.new("L", (64, 65), 255).save(bench.mask_path("dress/d2"))
     with pytest.raises(DatasetError, match=re.escape("query 1 (reference dress/d2)") + ".*64x65.*64x64"):
         query[1]
+
+
+def test_item_seeds_draw_the_stream_of_torch_manual_seed():
+    from torch.utils.data import Dataset
+
+    from offset_cir.data.common import ItemSeededDataset
+
+    class Draws(Dataset):
+        def __len__(self):
+            return 5
+
+        def __getitem__(self, i):
+            return torch.rand(3)
+
+    ds = ItemSeededDataset(Draws(), seed=7, salt="unit")
+    torch.manual_seed(123)
+    outside = torch.get_rng_state()
+    for key, (unit, i) in ((2, (None, 2)), ((1, 4), (1, 4))):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ds.item_seed(i, unit))
+            expected = torch.rand(3)
+        assert torch.equal(ds[key], expected)
+    assert torch.equal(torch.get_rng_state(), outside)  # the caller's stream is untouched

@@ -211,6 +211,11 @@ class _Loader:
     def load(self, image_id: str, record: str = "") -> tuple[torch.Tensor, torch.Tensor | None]:
         """(image tensor, mask tensor) of ``image_id``; the mask is None when masks are not used."""
         ipath = self.image_path(image_id)
+        by_file = getattr(self.preprocess, "files", None)  # a feature cache's preprocess reads warmed files by name
+        if by_file is not None:
+            hit = by_file(ipath, self.mask_path(image_id) if self.use_masks else None)
+            if hit is not None and (hit[1][1] is None or hit[1][1] == hit[1][0]):
+                return hit[0]  # else decode: the checks below name what is wrong
         img = open_image(ipath, "RGB", "image")
         mask = None
         if self.use_masks:
@@ -302,7 +307,9 @@ class ItemSeededDataset(Dataset):
     def __getitem__(self, key):
         unit, i = key if isinstance(key, tuple) else (None, key)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.item_seed(i, unit))
+            # the CPU generator only (what fork_rng restores and the transforms draw from): the stream of
+            # torch.manual_seed, without its ~2 ms of seeding every other device per item
+            torch.default_generator.manual_seed(self.item_seed(i, unit))
             return self.base[i]
 
 

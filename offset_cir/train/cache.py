@@ -16,8 +16,10 @@ state is stored per caption and only the new projection (and OFFSET) run live.
   preprocessing (size, normalisation, the evaluation transform), so a changed backbone never reads stale entries.
 - The cache serves the evaluation transform only (a random training crop has no fixed output): training with the
   cache trains without random crops.
-- Files: ``<root>/<fingerprint>/<key[:2]>/<key>.safetensors``, written atomically; float32, so a cached feature
-  equals the live one.
+- Files: ``<root>/<fingerprint>/<key[:2]>/<key>.safetensors``, renamed into place whole (not flushed to disk
+  first: an entry that a power loss tore fails to load and is computed again); float32. The frozen part runs on
+  a channels-last copy of its modules (about 1.5x faster on CPUs for these convolutions); a cached feature equals
+  the live one up to float32 summation order.
 
 ``attach_cache(model, cache)`` makes ``model`` read through the cache (its ``preprocess`` yields cached features
 and its backbone's ``encode_image`` / ``encode_text`` take them); ``detach_cache`` undoes it. Checkpoints of an
@@ -26,6 +28,7 @@ attached model are ordinary checkpoints.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -57,6 +60,7 @@ class ImageSplit:
                 f"the feature cache supports timm CNN image towers (NCHW feature maps); backbone "
                 f"{backbone.name!r} has a {backbone.vision_kind!r} image tower: train it without feature_cache")
         self.visual, self.trunk, self.image_blocks = visual, visual.trunk, int(image_blocks)
+        self._fast = None  # the channels-last copy of the trunk that ``frozen`` runs (made on first use)
         if self.image_blocks:
             needed = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
             if not all(hasattr(self.trunk, a) for a in needed):
@@ -70,12 +74,36 @@ class ImageSplit:
             self.live_blocks = flat[len(flat) - self.image_blocks:]
 
     def frozen(self, images: torch.Tensor) -> torch.Tensor:
-        t = self.trunk
+        """The cached part's output (float, NCHW contiguous); run without gradient on a copy of the frozen modules
+        (they never change: the cache's fingerprint holds their weights) with its batch norms folded into the
+        convolutions before them, in channels-last layout (together about 2x faster on CPUs). On first use the
+        copy's output is checked against the tower's own."""
+        first = self._fast is None
+        if first:
+            self._fast = copy.deepcopy(self.trunk).requires_grad_(False).eval()
+            folded = _fold_batch_norms(self._fast)
+        t = self._fast.to(images.device, memory_format=torch.channels_last)  # no-op once there
+        x = self._run(t, images.contiguous(memory_format=torch.channels_last))
+        if first and folded:
+            # the folded copy must compute what the tower computes (float32 rounding apart); else run it unfolded
+            with torch.no_grad():
+                reference = self._run(self.trunk, images)
+            bound = 1e-4 * reference.abs().max().item() + 1e-5
+            if not (x - reference).abs().max().item() <= bound:
+                log.warning("feature cache: folding the batch norms of %s changed its output; running it unfolded",
+                            type(self.trunk).__name__)
+                self._fast = copy.deepcopy(self.trunk).requires_grad_(False).eval()
+                x = reference
+        return x.contiguous()
+
+    def _run(self, t: nn.Module, images: torch.Tensor) -> torch.Tensor:
         if not self.image_blocks:
-            return t.forward_features(images)
-        x = t.bn1(t.conv_stem(images))
-        for block in self.prefix_blocks:
-            x = block(x)
+            x = t.forward_features(images)
+        else:
+            flat = [b for stage in t.blocks for b in stage]
+            x = t.bn1(t.conv_stem(images))
+            for block in flat[: len(flat) - self.image_blocks]:
+                x = block(x)
         return x
 
     def live(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,6 +125,33 @@ class ImageSplit:
         return {"image_blocks": self.image_blocks}
 
 
+def _fold_batch_norms(module: nn.Module) -> int:
+    """Fold every batch norm (evaluation statistics) into the convolution registered just before it in the same
+    parent, as timm's CNN blocks run them (conv, then norm + activation); the norm's activation stays. Returns
+    how many were folded. Only for a frozen copy in evaluation mode."""
+    folded = 0
+    for parent in list(module.modules()):
+        names = list(parent._modules)
+        for a, b in zip(names, names[1:]):
+            conv, bn = parent._modules[a], parent._modules[b]
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.running_var is not None
+                    and bn.num_features == conv.out_channels):
+                continue
+            with torch.no_grad():
+                scale = torch.rsqrt(bn.running_var + bn.eps)
+                if bn.affine:
+                    scale = scale * bn.weight
+                shift = -bn.running_mean * scale + (bn.bias if bn.affine else 0)
+                if conv.bias is not None:
+                    shift = shift + conv.bias * scale
+                conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
+                conv.bias = nn.Parameter(shift, requires_grad=False)
+            # timm's BatchNormAct2d applies dropout and an activation after the norm: keep those
+            parent._modules[b] = nn.Sequential(getattr(bn, "drop", nn.Identity()), getattr(bn, "act", nn.Identity()))
+            folded += 1
+    return folded
+
+
 def _module_digest(modules: Iterable[nn.Module]) -> str:
     h = hashlib.sha256()
     for m in modules:
@@ -107,9 +162,18 @@ def _module_digest(modules: Iterable[nn.Module]) -> str:
     return h.hexdigest()
 
 
-# (path, mode, size, mtime_ns) -> content key of the files this process has hashed: a second warm-up of the same
-# files (the demo's next run) skips decoding them. A changed file has another size or mtime, so it is hashed again.
-_FILE_KEYS: dict[tuple[str, str, int, int], str] = {}
+# (path, mode, file size, mtime_ns) -> (content key, pixel size) of the files this process has decoded and hashed:
+# a second warm-up of the same files (the demo's next run) and the datasets' loaders (``CachedPreprocess.files``)
+# skip decoding them. A changed file has another size or mtime, so it is decoded and hashed again.
+_FILE_KEYS: dict[tuple[str, str, int, int], tuple[str, tuple[int, int]]] = {}
+
+
+def _file_id(path: Path, mode: str) -> tuple[str, str, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return str(path), mode, st.st_size, st.st_mtime_ns
 
 
 def image_key(img) -> str:
@@ -176,7 +240,9 @@ class _Store:
         value = value.detach().to("cpu", torch.float32).contiguous()
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        io.write_bytes(path, save({"x": value}))
+        # renamed into place whole, not flushed first (~1 ms an entry, tens of thousands of entries): an entry is
+        # derived data, and one torn by a power loss fails to load and is recomputed (get)
+        io.write_bytes(path, save({"x": value}), durable=False)
         self._remember(key, value)
         self.misses += 1
 
@@ -259,14 +325,14 @@ class FeatureCache:
             part = paths[i:i + chunk]
             missing = []
             for p, mode in part:
-                stat = p.stat() if p.is_file() else None
-                seen = _FILE_KEYS.get((str(p), mode, stat.st_size, stat.st_mtime_ns)) if stat else None
-                if seen is not None and self.images.has(seen):
+                file_id = _file_id(p, mode)
+                seen = _FILE_KEYS.get(file_id) if file_id else None
+                if seen is not None and self.images.has(seen[0]):
                     continue  # this file, unchanged since this process hashed it, is cached
                 img = open_image(p, mode, "image" if mode == "RGB" else "mask")
                 key = image_key(img)
-                if stat is not None:
-                    _FILE_KEYS[(str(p), mode, stat.st_size, stat.st_mtime_ns)] = key
+                if file_id is not None:
+                    _FILE_KEYS[file_id] = (key, img.size)
                 if not self.images.has(key):
                     missing.append(img)
             if missing:
@@ -276,6 +342,16 @@ class FeatureCache:
         if bar is not None:
             bar.close()
         return self.images.misses - before
+
+    def file_feature(self, path, mode: str) -> tuple[torch.Tensor, tuple[int, int]] | None:
+        """(stored feature, pixel size) of a file this process has warmed, unchanged since (same byte size and
+        modification time), without opening it; None for any other file (the caller decodes it)."""
+        file_id = _file_id(Path(path), mode)
+        seen = _FILE_KEYS.get(file_id) if file_id else None
+        if seen is None:
+            return None
+        value = self.images.get(seen[0])
+        return None if value is None else (value, seen[1])
 
     # -------------------------------------------------------------------- text
     def text_hidden(self, ids: torch.Tensor) -> torch.Tensor:
@@ -337,6 +413,20 @@ class CachedPreprocess:
             return self.image(img), None
         a, b = self.cache.image_features([img, mask])
         return a, b
+
+    def files(self, image_path, mask_path=None):
+        """``((image feature, mask feature or None), (image size, mask size or None))`` read by file name when
+        both files were warmed unchanged (``FeatureCache.file_feature``); None when either must be decoded.
+        The datasets' loaders ask this first, so an epoch over warmed files decodes no image."""
+        img = self.cache.file_feature(image_path, "RGB")
+        if img is None:
+            return None
+        if mask_path is None:
+            return (img[0], None), (img[1], None)
+        mask = self.cache.file_feature(mask_path, "L")
+        if mask is None:
+            return None
+        return (img[0], mask[0]), (img[1], mask[1])
 
     def __repr__(self) -> str:
         return f"CachedPreprocess({self.base!r}, cache={self.cache.root})"

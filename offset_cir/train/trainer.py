@@ -315,7 +315,10 @@ class Trainer:
         for g in groups:
             g["initial_lr"] = g["lr"]
         self.model = model
-        self.opt = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
+        # the fused kernel (one pass over all parameters): the same update as the per-tensor loop, about 5x faster on
+        # the CPU (benchmarks/train_speed.py); the per-tensor loop where fused kernels do not exist
+        fused = self.device.type in ("cpu", "cuda")
+        self.opt = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=fused or None)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
         self.state = TrainState()
         if self.resume_from is not None:
