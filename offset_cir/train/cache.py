@@ -239,10 +239,14 @@ class _Store:
 
         value = value.detach().to("cpu", torch.float32).contiguous()
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         # renamed into place whole, not flushed first (~1 ms an entry, tens of thousands of entries): an entry is
         # derived data, and one torn by a power loss fails to load and is recomputed (get)
-        io.write_bytes(path, save({"x": value}), durable=False)
+        data = save({"x": value})
+        try:
+            io.write_bytes(path, data, durable=False)
+        except FileNotFoundError:  # the entry's <key[:2]> folder does not exist yet
+            path.parent.mkdir(parents=True, exist_ok=True)
+            io.write_bytes(path, data, durable=False)
         self._remember(key, value)
         self.misses += 1
 
