@@ -18,8 +18,11 @@ state is stored per caption and only the new projection (and OFFSET) run live.
   cache trains without random crops.
 - Files: ``<root>/<fingerprint>/<key[:2]>/<key>.safetensors``, renamed into place whole (not flushed to disk
   first: an entry that a power loss tore fails to load and is computed again); float32. The frozen part runs on
-  a channels-last copy of its modules (about 1.5x faster on CPUs for these convolutions); a cached feature equals
-  the live one up to float32 summation order.
+  a copy of its modules with the batch norms folded into the convolutions, in channels-last layout (2.5x the
+  tower's own speed for EfficientNet-Lite0 at batch 64 and 64 px on two CPU threads); a cached feature equals the
+  live one up to float32 rounding.
+- The datasets' loaders ask ``CachedPreprocess.files`` first: a file this process has warmed, unchanged since,
+  gives its feature without being decoded again.
 
 ``attach_cache(model, cache)`` makes ``model`` read through the cache (its ``preprocess`` yields cached features
 and its backbone's ``encode_image`` / ``encode_text`` take them); ``detach_cache`` undoes it. Checkpoints of an
@@ -60,7 +63,7 @@ class ImageSplit:
                 f"the feature cache supports timm CNN image towers (NCHW feature maps); backbone "
                 f"{backbone.name!r} has a {backbone.vision_kind!r} image tower: train it without feature_cache")
         self.visual, self.trunk, self.image_blocks = visual, visual.trunk, int(image_blocks)
-        self._fast = None  # the channels-last copy of the trunk that ``frozen`` runs (made on first use)
+        self._fast = None  # the folded, channels-last copy of the trunk that ``frozen`` runs (made on first use)
         if self.image_blocks:
             needed = ("conv_stem", "bn1", "blocks", "conv_head", "bn2")
             if not all(hasattr(self.trunk, a) for a in needed):
