@@ -10,6 +10,7 @@ command module imports nothing heavy at its top (the standard library, ``errors`
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -90,6 +91,14 @@ def main(argv: list[str] | None = None) -> int:
     except OffsetError as exc:  # bad input or a stop: a clear message, non-zero exit, no traceback
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {exc.filename}" if exc.filename else ""
+        print(f"error: the disk is full{where} ({exc.strerror}). Files already written are whole (every write goes "
+              f"through a temporary file); free some space or write elsewhere (--out / out_dir=...), then run the "
+              f"command again.", file=sys.stderr)
+        return 1
 
 
 from offset_cir.errors import OffsetError  # noqa: E402  (tiny module, no I/O)

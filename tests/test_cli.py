@@ -6,6 +6,8 @@ import pkgutil
 import subprocess
 import sys
 
+import pytest
+
 import offset_cir.commands
 from offset_cir import cli
 
@@ -38,3 +40,25 @@ def test_reading_the_command_table_imports_no_heavy_package():
             "'fastapi', 'onnxruntime') if m in sys.modules); print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_a_full_disk_is_a_clear_error_not_a_traceback(monkeypatch, capsys):
+    import errno
+
+    from offset_cir.commands import info
+
+    def full(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "runs/demo/seed0/offset/best/model.safetensors")
+
+    monkeypatch.setattr(info, "run", full)
+    assert cli.main(["info"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: the disk is full writing runs/demo/seed0/offset/best/model.safetensors")
+    assert "Traceback" not in err
+
+    def other(args):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(info, "run", other)
+    with pytest.raises(PermissionError):  # any other OS error is not disguised
+        cli.main(["info"])
