@@ -1,7 +1,8 @@
 """Atomic file writes: a file or folder appears whole under its name, or not at all.
 
 Every writer puts its bytes under a temporary name in the same folder (so the final ``os.replace`` is a rename on
-one file system), flushes them to disk, and swaps them in; an exception leaves the old file as it was and removes
+one file system), flushes them to disk (not with ``durable=False``, for derived data such as cache entries), and
+swaps them in; an exception leaves the old file as it was and removes
 the temporary one. Library code that writes something a user keeps (a checkpoint, an index, a result) goes
 through these helpers.
 """
