@@ -85,8 +85,9 @@ class ImageSplit:
         if first:
             self._fast = copy.deepcopy(self.trunk).requires_grad_(False).eval()
             folded = _fold_batch_norms(self._fast)
-        t = self._fast.to(images.device, memory_format=torch.channels_last)  # no-op once there
-        x = self._run(t, images.contiguous(memory_format=torch.channels_last))
+        if first or device_of(self._fast) != images.device:  # once, not per batch (it walks every parameter)
+            self._fast.to(images.device, memory_format=torch.channels_last)
+        x = self._run(self._fast, images.contiguous(memory_format=torch.channels_last))
         if first and folded:
             # the folded copy must compute what the tower computes (float32 rounding apart); else run it unfolded
             with torch.no_grad():
@@ -96,6 +97,7 @@ class ImageSplit:
                 log.warning("feature cache: folding the batch norms of %s changed its output; running it unfolded",
                             type(self.trunk).__name__)
                 self._fast = copy.deepcopy(self.trunk).requires_grad_(False).eval()
+                self._fast.to(images.device, memory_format=torch.channels_last)
                 x = reference
         return x.contiguous()
 
