@@ -5,6 +5,7 @@ batch 8 and 32, measured on random tensors (the model's cost alone, no image dec
     python benchmarks/train_speed.py --families [BACKBONE ...]   # ms/step at batch 2, one row per tower family
     python benchmarks/train_speed.py --small-compute   # efficientnet-lite0-minilm: fine-tuned / frozen / cached
     python benchmarks/train_speed.py --optimizer       # AdamW per-tensor / foreach / fused (the trainer's)
+    python benchmarks/train_speed.py --cache-fill      # the feature cache's frozen forward variants, item seeding
 
     python benchmarks/train_speed.py --device cuda [--cuda-backbone ViT-H-14]   # the GPU table only
 
@@ -184,6 +185,44 @@ def optimizer_rows(steps: int) -> None:
         print(f"{name:<16}{dt * 1000:>9.1f}{base / dt:>9.1f}x", flush=True)
 
 
+def cache_fill_rows(steps: int) -> None:
+    """What the feature cache's frozen part costs per batch of 64 images at 64 px (efficientnet-lite0-minilm): the
+    tower as built, channels-last, and the copy the cache runs (batch norms folded + channels-last); and the cost of
+    seeding one training item with torch.manual_seed vs the CPU generator alone (ItemSeededDataset)."""
+    import copy
+
+    from offset_cir.model.packaged import create_packaged_clip
+    from offset_cir.train.cache import _fold_batch_norms
+
+    trunk = create_packaged_clip("efficientnet-lite0-minilm", None).visual.trunk.eval()
+    x = torch.randn(64, 3, 64, 64)
+    cl = copy.deepcopy(trunk).to(memory_format=torch.channels_last)
+    folded = copy.deepcopy(trunk)
+    _fold_batch_norms(folded)
+    folded = folded.to(memory_format=torch.channels_last)
+    variants = [("as built", trunk, x), ("channels-last", cl, x.contiguous(memory_format=torch.channels_last)),
+                ("folded + channels-last", folded, x.contiguous(memory_format=torch.channels_last))]
+    print(f"frozen tower forward, batch 64 at 64 px, CPU threads {torch.get_num_threads()}, {steps} timed calls")
+    print(f"{'variant':<26}{'ms/batch':>10}{'speed-up':>10}")
+    base = None
+    with torch.inference_mode():
+        for name, module, inp in variants:
+            module.forward_features(inp)
+            t = time.perf_counter()
+            for _ in range(steps):
+                module.forward_features(inp)
+            dt = (time.perf_counter() - t) / steps
+            base = base or dt
+            print(f"{name:<26}{dt * 1000:>10.1f}{base / dt:>9.1f}x", flush=True)
+    n = 2000
+    for name, seed in (("torch.manual_seed", torch.manual_seed), ("CPU generator only", torch.default_generator.manual_seed)):
+        t = time.perf_counter()
+        for i in range(n):
+            with torch.random.fork_rng(devices=[]):
+                seed(i)
+        print(f"seeding one item, {name:<20}{(time.perf_counter() - t) / n * 1000:>8.3f} ms", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbones", nargs="+", default=["tiny", "ViT-B-16"])
@@ -203,7 +242,12 @@ def main() -> None:
     ap.add_argument("--small-compute-blocks", type=int, default=2)
     ap.add_argument("--optimizer", action="store_true",
                     help="only the AdamW table: per-tensor vs foreach vs fused, over the demo's trainable parameters")
+    ap.add_argument("--cache-fill", action="store_true",
+                    help="only the feature-cache table: the frozen tower as built / channels-last / folded, and item seeding")
     args = ap.parse_args()
+    if args.cache_fill:
+        cache_fill_rows(max(args.steps, 8))
+        return
     if args.optimizer:
         optimizer_rows(max(args.steps, 10))
         return

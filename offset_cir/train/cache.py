@@ -18,8 +18,9 @@ state is stored per caption and only the new projection (and OFFSET) run live.
   cache trains without random crops.
 - Files: ``<root>/<fingerprint>/<key[:2]>/<key>.safetensors``, renamed into place whole (not flushed to disk
   first: an entry that a power loss tore fails to load and is computed again); float32. The frozen part runs on
-  a copy of its modules with the batch norms folded into the convolutions, in channels-last layout (2.5x the
-  tower's own speed for EfficientNet-Lite0 at batch 64 and 64 px on two CPU threads); a cached feature equals the
+  a copy of its modules with the batch norms folded into the convolutions, in channels-last layout (2.5-3.3x the
+  tower's own speed for EfficientNet-Lite0 at batch 64 and 64 px on two CPU threads; benchmarks/train_speed.py
+  --cache-fill); a cached feature equals the
   live one up to float32 rounding.
 - The datasets' loaders ask ``CachedPreprocess.files`` first: a file this process has warmed, unchanged since,
   gives its feature without being decoded again.
