@@ -16,8 +16,10 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_path", "atomic_open", "write_bytes", "write_text", "write_json", "write_jsonl", "save_npy",
-           "replace_dir", "is_temporary"]
+from offset_cir.errors import UserInputError
+
+__all__ = ["atomic_path", "atomic_open", "write_bytes", "write_text", "write_json", "write_jsonl", "read_jsonl",
+           "save_npy", "replace_dir", "is_temporary"]
 
 
 def _temporary_name(path: Path) -> Path:
@@ -98,6 +100,24 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict], *, sort_keys: boo
     with atomic_open(path, "w") as f:
         for row in rows:
             f.write(json.dumps(row, sort_keys=sort_keys) + "\n")
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The records of a ``.jsonl`` file, blank lines skipped; a line that is not a JSON object is a
+    :class:`~offset_cir.errors.UserInputError` naming the file and the line."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserInputError(f"{path}: line {lineno} is not JSON ({exc})") from None
+            if not isinstance(row, dict):
+                raise UserInputError(f"{path}: line {lineno} is {type(row).__name__}, expected a JSON object")
+            out.append(row)
+    return out
 
 
 def save_npy(path: str | os.PathLike, array) -> None:

@@ -76,3 +76,17 @@ def test_choose_device_rule(monkeypatch):
 def test_device_of():
     assert device_of(torch.nn.Linear(2, 2)) == torch.device("cpu")
     assert device_of(torch.nn.ReLU(), default="meta") == torch.device("meta")
+
+
+def test_read_jsonl_reads_objects_and_names_the_bad_line(tmp_path):
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"a": 1}\n\n{"b": [2, 3]}\n', encoding="utf-8")
+    assert io.read_jsonl(good) == [{"a": 1}, {"b": [2, 3]}]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"a": 1}\n{"a": \n', encoding="utf-8")
+    with pytest.raises(UserInputError, match=r"broken\.jsonl: line 2 is not JSON"):
+        io.read_jsonl(broken)
+    scalar = tmp_path / "scalar.jsonl"
+    scalar.write_text('{"a": 1}\n[1, 2]\n', encoding="utf-8")
+    with pytest.raises(UserInputError, match=r"scalar\.jsonl: line 2 is list, expected a JSON object"):
+        io.read_jsonl(scalar)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from offset_cir.errors import DatasetError
+from offset_cir.hashing import file_sha256
 
 SHOW = 20
 
@@ -75,14 +76,6 @@ class Report:
         out.append("OK: everything the protocols need is present" if self.ok
                    else "PROBLEMS: something a protocol needs is missing or unreadable")
         return out
-
-
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _opens(path: Path) -> bool:
@@ -171,7 +164,7 @@ def check(bench, splits: list[str] | None = None, masks: bool | None = None, ope
         "root": str(bench.root),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "files": [{"path": _rel(p, bench.root), "kind": kind, "size": p.stat().st_size,
-                   **({"sha256": sha256_of(p)} if hashes else {})}
+                   **({"sha256": file_sha256(p)} if hashes else {})}
                   for p, kind in sorted(files.items(), key=lambda kv: str(kv[0]))],
     }
     manifest["hash"] = manifest_hash(manifest)

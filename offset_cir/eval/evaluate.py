@@ -22,7 +22,6 @@ import dataclasses
 import datetime as _dt
 import json
 import logging
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -34,6 +33,7 @@ from offset_cir.data.common import EvalSet, ItemSeededDataset, collate
 from offset_cir.device import choose_device, device_of
 from offset_cir.errors import DatasetError, UserInputError
 from offset_cir.eval import metrics as M
+from offset_cir.stamps import environment
 
 log = logging.getLogger(__name__)
 TOP_K = 50
@@ -252,17 +252,6 @@ def _subset_plan(es: EvalSet, row: dict[str, int]):
 
 
 # ------------------------------------------------------------------------------------------ evaluate
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for dist in ("offset-cir", "torch", "torchvision", "open_clip_torch", "numpy", "pillow"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    return out
-
 
 def _model_stamp(model) -> dict:
     cfg = getattr(model, "config", None)
@@ -407,7 +396,7 @@ def evaluate(model, bench, protocol: str | None = None, split: str | None = None
         "selection_score": selection,
         "selection_rule": selection_rule,
         "model": _model_stamp(model),
-        "versions": _versions(),
+        "versions": environment(),
         "timestamp": started.isoformat(timespec="seconds"),
         "notes": notes,
     }

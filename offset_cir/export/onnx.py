@@ -22,11 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
-import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import warnings
 from pathlib import Path
@@ -37,6 +35,8 @@ import torch
 from torch import nn
 
 from offset_cir.errors import ExportError, UserInputError
+from offset_cir.hashing import file_sha256, tagged
+from offset_cir.stamps import environment
 
 log = logging.getLogger(__name__)
 
@@ -110,23 +110,7 @@ class ExportReport:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return "sha256:" + h.hexdigest()
-
-
-def _versions() -> dict[str, str]:
-    import offset_cir
-
-    out = {"offset_cir": offset_cir.__version__, "python": platform.python_version(), "torch": torch.__version__}
-    for name in ("onnx", "onnxscript", "onnxruntime", "open_clip"):
-        try:
-            out[name] = __import__(name).__version__
-        except Exception:  # an optional package that is not installed
-            out[name] = None
-    return out
+    return tagged(file_sha256(path))
 
 
 def _example_inputs(model, batch: int, seed: int) -> dict[str, torch.Tensor]:
@@ -340,7 +324,7 @@ def export_onnx(model, out: str | os.PathLike, *, checkpoint: str | os.PathLike 
             "checkpoint": {"path": _checkpoint_path(checkpoint), "hash": checkpoint_hash},
             "check": {"inputs": f"random images and masks (standard normal), real tokens; batch 3, seed {seed + 1}",
                       "max_abs_diff": diffs, "int8_max_abs_diff": int8_diffs, "tolerance": TOLERANCE},
-            "versions": _versions(),
+            "versions": environment("onnx", "onnxscript", "onnxruntime"),
         }
         (staging / EXPORT_NAME).write_text(json.dumps(meta, indent=1) + "\n")
         files["export"] = str(out / EXPORT_NAME)
@@ -369,6 +353,6 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, **k
     from offset_cir.model.checkpoint import checkpoint_hash, load_checkpoint
 
     check_out(out, kwargs.get("overwrite", False))  # before any work: a used folder or a wrong path fails here
-    h = "sha256:" + checkpoint_hash(checkpoint)
+    h = tagged(checkpoint_hash(checkpoint))
     model = load_checkpoint(checkpoint)
     return export_onnx(model, out, checkpoint=checkpoint, checkpoint_hash=h, **kwargs)

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from offset_cir.errors import CheckpointError, UserInputError
+from offset_cir.hashing import is_tagged, tagged
 
 log = logging.getLogger(__name__)
 
@@ -263,11 +264,11 @@ def load_encoder(checkpoint=None, runtime: str = "torch", *, onnx_dir=None, expe
         if checkpoint is not None:  # any checkpoint named (a folder, a file, hf-hub:) must be the export's source
             from offset_cir.model.checkpoint import checkpoint_hash
 
-            h = "sha256:" + checkpoint_hash(checkpoint)
+            h = tagged(checkpoint_hash(checkpoint))
             if encoder.checkpoint_hash != h:
                 raise CheckpointError(f"ONNX export {encoder.folder} was made from a checkpoint hashing to "
                                       f"{str(encoder.checkpoint_hash)[:19]}…, but {checkpoint} hashes to {h[:19]}…")
-    if expected_hash is not None and expected_hash.startswith("sha256:") and encoder.checkpoint_hash != expected_hash:
+    if expected_hash is not None and is_tagged(expected_hash) and encoder.checkpoint_hash != expected_hash:
         raise CheckpointError(f"ONNX export {encoder.folder} was made from a checkpoint hashing to "
                               f"{str(encoder.checkpoint_hash)[:19]}…, but the index was built with "
                               f"{expected_hash[:19]}…: its features would not match this model's queries")

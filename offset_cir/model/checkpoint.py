@@ -6,7 +6,6 @@ model and, for a checkpoint of another architecture, says which keys or shapes d
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -19,6 +18,7 @@ import torch
 
 from offset_cir import io
 from offset_cir.errors import CheckpointError, OfflineError
+from offset_cir.hashing import file_sha256
 from offset_cir.hub import hub_reachable
 from offset_cir.model.config import ModelConfig, upgrade_field_names
 from offset_cir.model.weights import compare_state, load_state_strict  # noqa: F401  (compare_state: public here too)
@@ -237,8 +237,4 @@ def load_checkpoint(path: str | os.PathLike, config: ModelConfig | None = None, 
 def checkpoint_hash(path: str | os.PathLike) -> str:
     """sha256 of the weights file (identifies the model an index or result came from)."""
     weights, _ = _resolve(path)
-    h = hashlib.sha256()
-    with open(weights, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(weights)

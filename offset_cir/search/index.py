@@ -27,6 +27,8 @@ from typing import NamedTuple
 import numpy as np
 
 from offset_cir.errors import CheckpointError, UserInputError
+from offset_cir.hashing import HASH_PREFIX
+from offset_cir.io import read_jsonl
 from offset_cir.search import ann as _ann
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,6 @@ log = logging.getLogger(__name__)
 FORMAT = "offset-cir-index"
 VERSION = 1
 #: prefix of a checkpoint's identity in a manifest (the hex digest is the checkpoint module's ``checkpoint_hash``)
-HASH_PREFIX = "sha256:"
 
 
 class MaskRequiredError(UserInputError):
@@ -51,18 +52,6 @@ class Hit(NamedTuple):
 
 # ----------------------------------------------------------------------------------------------- the folder
 
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The records of a ``.jsonl`` file; a line that is not JSON is a UserInputError naming file and line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise UserInputError(f"{path}: line {lineno} is not JSON ({exc})") from None
-    return out
 
 def read_manifest(out: Path) -> dict | None:
     """The manifest of the index at ``out`` (None when there is none); a foreign or newer one is refused."""
