@@ -10,13 +10,15 @@ is. The benchmark's generator settings come from the preset's ``demo:`` section.
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import statistics
 import time
 from importlib import resources
 from pathlib import Path
+
+from offset_cir.io import read_jsonl, write_json, write_text
+from offset_cir.plots import new_figure, save_figure
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +146,7 @@ def run_demo(out_dir="runs/demo", data_dir=DEFAULT_DATA_DIR, seeds=(0,), overrid
     out.mkdir(parents=True, exist_ok=True)
     section, config_text = load_demo_preset(preset)
     config_yaml = out / "demo_config.yaml"  # the preset's training config, as the runs read it
-    config_yaml.write_text(config_text)
+    write_text(config_yaml, config_text)
     synth = {"seed": 0, **(section.get("synthetic") or {}), **(synth_kwargs or {})}
     log.info("synthetic benchmark in %s (%s)", data, ", ".join(f"{k}={v}" for k, v in synth.items()))
     import_extra("matplotlib", "train", "the demo's figures")  # before anything is trained
@@ -212,8 +214,8 @@ def run_demo(out_dir="runs/demo", data_dir=DEFAULT_DATA_DIR, seeds=(0,), overrid
     if len(seeds) > 1:
         results["std"] = {name: {k: round(statistics.stdev(per_seed[s][name][k] for s in seeds), 2) for k in METRICS}
                           for name in RUNS}
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    (out / "report.md").write_text(render_report(results))
+    write_json(out / "results.json", results)
+    write_text(out / "report.md", render_report(results))
     plot_curves(curves, out / "curves.png")
     plot_retrievals(out / f"seed{seeds[0]}" / "offset_test_rankings.jsonl", bench, out / "retrievals.png")
     return results
@@ -234,8 +236,7 @@ def recipe_of(cfg, section: dict) -> dict:
 
 def _read_curves(path: Path) -> dict:
     train, val = [], []
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
+    for row in read_jsonl(path):
         if "loss" in row:
             train.append((row["step"], row["loss"]))
         if "eval" in row:
@@ -318,12 +319,8 @@ def _recipe_sentence(results: dict) -> str:
 
 
 def plot_curves(curves: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = new_figure((11, 4), purpose="the demo's figures")
+    ax1, ax2 = fig.subplots(1, 2)
     for name, c in curves.items():
         if c["train"]:
             s, v = zip(*c["train"])
@@ -337,14 +334,13 @@ def plot_curves(curves: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_retrievals(rankings: Path, bench, path: Path, n_queries: int = 6, k: int = 5) -> None:
     from offset_cir.eval.sheet import draw_retrieval_sheet
 
-    rows = [json.loads(line) for line in rankings.read_text().splitlines()][:: max(1, 40)][:n_queries]
+    rows = read_jsonl(rankings)[:: max(1, 40)][:n_queries]
     draw_retrieval_sheet(rows, bench.image_path, path, k=k,
                          title="OFFSET on the synthetic test split (every 40th query): reference, text, top-5, "
                                "and the true target")

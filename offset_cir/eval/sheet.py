@@ -5,15 +5,17 @@ written by ``evaluate(..., save_rankings=FILE)`` (``reference``, ``text``, ``tar
 """
 from __future__ import annotations
 
-import json
 import textwrap
 from pathlib import Path
 from typing import Callable
 
+from offset_cir.io import read_jsonl
+from offset_cir.plots import new_figure, save_figure
+
 
 def read_rankings(path, gallery: str | None = None) -> list[dict]:
     """The rows of a rankings file (JSON Lines); with ``gallery``, only that gallery's rows."""
-    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_jsonl(path)
     return [r for r in rows if gallery is None or r.get("gallery") in (None, gallery)]
 
 
@@ -28,10 +30,6 @@ def draw_retrieval_sheet(rows: list[dict], image_path: Callable[[str], object], 
                          title: str | None = None) -> Path:
     """One line per row: reference, text, top-``k`` (the target framed in green where it appears) and the
     target with its rank. ``image_path`` maps an image id to its file (``bench.image_path``)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from PIL import Image
 
     def show(ax, image_id):
@@ -39,7 +37,9 @@ def draw_retrieval_sheet(rows: list[dict], image_path: Callable[[str], object], 
             ax.imshow(im.convert("RGB"))
 
     cols = k + 3
-    fig, axes = plt.subplots(max(1, len(rows)), cols, figsize=(1.6 * cols, 1.8 * max(1, len(rows))), squeeze=False)
+    n = max(1, len(rows))
+    fig = new_figure((1.6 * cols, 1.8 * n), purpose="drawing a retrieval sheet")
+    axes = fig.subplots(n, cols, squeeze=False)
     for r, row in enumerate(rows):
         line = axes[r]
         show(line[0], row["reference"])
@@ -69,8 +69,4 @@ def draw_retrieval_sheet(rows: list[dict], image_path: Callable[[str], object], 
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=110)

@@ -1,12 +1,11 @@
 """Training curves: the losses and validation metrics of a run's metrics.jsonl drawn to curves.png."""
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
-from offset_cir.extras import import_extra
-from offset_cir.io import atomic_path
+from offset_cir.io import read_jsonl
+from offset_cir.plots import new_figure, save_figure
 
 __all__ = ["plot_curves"]
 
@@ -14,13 +13,10 @@ __all__ = ["plot_curves"]
 def plot_curves(metrics_path: Path, png: Path, title: str = "") -> None:
     """Training losses and validation metrics of ``metrics.jsonl`` drawn to ``png``, written whole or not at all
     (a temporary file renamed over it: a crash never leaves half a PNG)."""
-    # no pyplot: no global backend, no display needed
-    Figure = import_extra("matplotlib.figure", "train", "drawing curves.png").Figure
-
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(metrics_path)
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if isinstance(r.get("eval"), dict)]
-    fig = Figure(figsize=(12, 4.2), dpi=100)
+    fig = new_figure((12, 4.2), purpose="drawing curves.png")
     ax_loss, ax_val = fig.subplots(1, 2)
     for key, style in (("loss", ".-"), ("bbc", ".--"), ("fr", ".:")):
         points = [(r["step"], r[key]) for r in train if isinstance(r.get(key), (int, float))]
@@ -47,5 +43,4 @@ def plot_curves(metrics_path: Path, png: Path, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.subplots_adjust(left=0.06, right=0.79, bottom=0.12, top=0.86, wspace=0.32)  # tight_layout costs twice the time
-    with atomic_path(png) as tmp:
-        fig.savefig(tmp, format="png")
+    save_figure(fig, png)
