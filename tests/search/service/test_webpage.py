@@ -5,7 +5,6 @@ Needs Debian's ``chromium`` and ``chromium-driver`` (``make browser``); skipped 
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,8 +25,8 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_search_support import FakeModel, make_gallery, serve_in_thread  # noqa: E402
+from offset_cir.testing.search import PixelModel, make_gallery  # noqa: E402
+from offset_cir.testing.service import serve_in_thread  # noqa: E402
 
 from offset_cir.search import Index, build_index  # noqa: E402
 from offset_cir.search.service import create_app  # noqa: E402
@@ -40,7 +39,7 @@ def live(tmp_path_factory):
     """The app under `offset serve`'s own server (service.make_server), with its Host check and CSP."""
     base = tmp_path_factory.mktemp("web")
     make_gallery(base / "g", n=12)
-    model = FakeModel()
+    model = PixelModel()
     build_index(base / "idx", base / "g", model=model, progress=False, device="cpu", distributed=False)
     index = Index.open(base / "idx", model=model)
     with serve_in_thread(create_app(index, host="127.0.0.1"), log_level="warning") as url:

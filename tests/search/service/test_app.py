@@ -1,15 +1,14 @@
-"""The REST service (offset_cir.search.service) in-process with FastAPI's TestClient and a stand-in model."""
+"""The REST service (offset_cir.search.service.create_app and its routes) in-process with FastAPI's TestClient and a
+stand-in model."""
 from __future__ import annotations
 
 import hashlib
 import io
 import re
 import struct
-import sys
 import threading
 import time
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +19,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_search_support import FakeModel, make_gallery, metric_value  # noqa: E402
+from offset_cir.testing.search import PixelModel, make_gallery  # noqa: E402
+from offset_cir.testing.service import metric_value  # noqa: E402
 
 from offset_cir.search import Index, build_index  # noqa: E402
 from offset_cir.search.service import create_app  # noqa: E402
@@ -34,7 +33,7 @@ LOCAL = "http://localhost"  # the TestClient's default host, testserver, is not 
 def gallery(tmp_path_factory):
     base = tmp_path_factory.mktemp("svc")
     make_gallery(base / "g", n=16)
-    model = FakeModel()
+    model = PixelModel()
     build_index(base / "idx", base / "g", model=model, progress=False, device="cpu", distributed=False)
     return base, model
 
@@ -192,7 +191,8 @@ def test_path_traversal_attempts_are_404(client, url):
 
 def test_health_page_and_gallery(client, index):
     h = client.get("/health").json()
-    assert h["status"] == "ok" and h["images"] == 16 and h["needs_masks"] is True and h["read_only"] is True
+    assert h["status"] == "ok" and h["images"] == 16 and h["uses_masks"] is True and h["read_only"] is True
+    assert h["needs_masks"] is True  # the same fact under the name clients read before "uses_masks"
     page = client.get("/")
     assert page.status_code == 200 and 'id="results"' in page.text and page.headers["content-type"].startswith("text/html")
     g = client.get("/gallery", params={"offset": 10, "limit": 4}).json()
@@ -216,7 +216,7 @@ def test_features_mapping_is_read_only(index):
 
 def test_bounded_concurrency_returns_503_when_busy(gallery):
     base, _ = gallery
-    slow = FakeModel()
+    slow = PixelModel()
     idx = Index.open(base / "idx", model=slow)
     gate, entered = threading.Event(), threading.Event()
     real = slow.encode_query
@@ -251,7 +251,7 @@ def test_bounded_concurrency_returns_503_when_busy(gallery):
 
 def test_queue_depth_while_a_search_waits(gallery):
     base, _ = gallery
-    slow = FakeModel()
+    slow = PixelModel()
     idx = Index.open(base / "idx", model=slow)
     gate, entered = threading.Event(), threading.Event()
     real = slow.encode_query
@@ -407,7 +407,7 @@ def test_mask_of_another_size_is_422_naming_both(client):
 
 def test_deleted_gallery_file_answer_has_no_server_path(tmp_path):
     make_gallery(tmp_path / "g", n=6)
-    model = FakeModel()
+    model = PixelModel()
     build_index(tmp_path / "idx", tmp_path / "g", model=model, progress=False, device="cpu", distributed=False)
     idx = Index.open(tmp_path / "idx", model=model)
     (tmp_path / "g" / "img001.png").unlink()
