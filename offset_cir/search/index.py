@@ -2,7 +2,7 @@
 
 The folder is :mod:`offset_cir.search.format`'s. Opening loads the model the index was built with (or the one
 given) and checks its identity against the manifest's; searching encodes the composed query q (reference image
-+ mask + text) and ranks the gallery by cosine (docs/search.md).
++ mask + text) and ranks the gallery by cosine (SPEC section 1, step 8).
 """
 from __future__ import annotations
 
@@ -150,7 +150,7 @@ class Index:
 
     # -- query
     def encode_query(self, image, text: str, mask=None) -> np.ndarray:
-        """Composed query feature q [D] (docs/search.md) for a reference image, its mask and a text.
+        """Composed query feature q [D] (SPEC section 3, TGFR) for a reference image, its mask and a text.
 
         When the model needs masks and ``mask`` is None, the mask pipeline (if configured) makes one; otherwise
         :class:`MaskRequiredError` says so. A mask must have its image's size (UserInputError otherwise)."""
@@ -214,7 +214,7 @@ class Index:
     def search_id(self, ref_id: str, text: str, k: int = 10, exclude_reference: bool = True,
                   exact: bool = False) -> list[Hit]:
         """Like :meth:`search` with a gallery image as reference: its stored mask is used and, by default, the
-        reference itself is left out of the ranking (docs/search.md)."""
+        reference itself is left out of the ranking (SPEC section 7)."""
         _check_k(k)
         q = self.query_for_id(ref_id, text)
         return self.rank(q, k, exclude_id=ref_id if exclude_reference else None, exact=exact)

@@ -125,6 +125,17 @@ def make_gallery(root: Path, n: int = 30, seed: int = 0, masks: bool = True, siz
     return paths
 
 
+def index_gallery(base: Path, n: int = 16, model=None, **gallery):
+    """A gallery of ``n`` images under ``base/g`` (:func:`make_gallery`) indexed into ``base/idx`` with ``model``
+    (a new :class:`PixelModel` by default), in this process, on the CPU; returns the model."""
+    from offset_cir.search import build_index
+
+    model = model if model is not None else PixelModel()
+    make_gallery(base / "g", n=n, **gallery)
+    build_index(base / "idx", base / "g", model=model, progress=False, device="cpu", distributed=False)
+    return model
+
+
 def copy_items(paths, src_root: Path, dst_root: Path):
     """Copy images (and their masks) keeping sub-folders and modification times."""
     for p in paths:

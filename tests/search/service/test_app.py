@@ -19,7 +19,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from offset_cir.testing.search import PixelModel, make_gallery  # noqa: E402
+from offset_cir.testing.search import PixelModel, index_gallery, make_gallery  # noqa: E402
 from offset_cir.testing.service import metric_value  # noqa: E402
 
 from offset_cir.search import Index, build_index  # noqa: E402
@@ -32,10 +32,7 @@ LOCAL = "http://localhost"  # the TestClient's default host, testserver, is not 
 @pytest.fixture(scope="module")
 def gallery(tmp_path_factory):
     base = tmp_path_factory.mktemp("svc")
-    make_gallery(base / "g", n=16)
-    model = PixelModel()
-    build_index(base / "idx", base / "g", model=model, progress=False, device="cpu", distributed=False)
-    return base, model
+    return base, index_gallery(base, n=16)
 
 
 @pytest.fixture(scope="module")
@@ -214,10 +211,9 @@ def test_features_mapping_is_read_only(index):
         index.features[0, 0] = 1
 
 
-def test_bounded_concurrency_returns_503_when_busy(gallery):
-    base, _ = gallery
+def _index_with_held_queries(base):
+    """The index over a model whose query encoding waits for ``gate`` (set ``entered`` first): (index, gate, entered)."""
     slow = PixelModel()
-    idx = Index.open(base / "idx", model=slow)
     gate, entered = threading.Event(), threading.Event()
     real = slow.encode_query
 
@@ -227,6 +223,11 @@ def test_bounded_concurrency_returns_503_when_busy(gallery):
         return real(*a, **kw)
 
     slow.encode_query = blocking
+    return Index.open(base / "idx", model=slow), gate, entered
+
+
+def test_bounded_concurrency_returns_503_when_busy(gallery):
+    idx, gate, entered = _index_with_held_queries(gallery[0])
     app = create_app(idx, max_concurrency=1, queue_timeout=0.3)
     results = []
     with TestClient(app, base_url=LOCAL) as c:
@@ -250,18 +251,7 @@ def test_bounded_concurrency_returns_503_when_busy(gallery):
 
 
 def test_queue_depth_while_a_search_waits(gallery):
-    base, _ = gallery
-    slow = PixelModel()
-    idx = Index.open(base / "idx", model=slow)
-    gate, entered = threading.Event(), threading.Event()
-    real = slow.encode_query
-
-    def blocking(*a, **kw):
-        entered.set()
-        gate.wait(10)
-        return real(*a, **kw)
-
-    slow.encode_query = blocking
+    idx, gate, entered = _index_with_held_queries(gallery[0])
     results = {}
     with TestClient(create_app(idx, max_concurrency=1, queue_timeout=20), base_url=LOCAL) as c:
         def ask(name, ref):

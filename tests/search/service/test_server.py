@@ -15,7 +15,7 @@ import torch
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
-from offset_cir.testing.search import PixelModel, make_gallery  # noqa: E402
+from offset_cir.testing.search import PixelModel, index_gallery, make_gallery  # noqa: E402
 from offset_cir.testing.service import metric_value, serve_in_thread  # noqa: E402
 
 from offset_cir.search import Index, build_index  # noqa: E402
@@ -49,8 +49,7 @@ class SlowQueries(PixelModel):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     base = tmp_path_factory.mktemp("http")
-    make_gallery(base / "g", n=30)
-    build_index(base / "idx", base / "g", model=PixelModel(), progress=False, device="cpu", distributed=False)
+    index_gallery(base, n=30)
     return base
 
 
