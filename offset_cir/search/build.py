@@ -85,24 +85,41 @@ class IndexBuilder:
     Made by :meth:`prepare` (which loads the model and checks the existing index); :meth:`run` scans, encodes
     this rank's shards and, on rank 0, merges them. The fields are the settings of :func:`build_index`."""
 
+    #: the index folder (created or updated)
     out: Path
+    #: the images folder it covers (searched recursively)
     images: Path
+    #: the encoder (on ``device``, in eval mode)
     model: Any
     #: the features' source as the manifest records it (``sha256:`` checkpoint hash or ``state:`` hash)
     identity: str
+    #: this process's place among the ranks (``offset_cir.distributed.DistInfo``)
     dist: Any
+    #: the checkpoint the model came from (recorded in the manifest), None for an in-memory model
     checkpoint: Any = None
+    #: a folder of masks besides those beside the images
     masks_dir: Path | None = None
+    #: the mask pipeline, for images without a mask (None: such images are an error when masks are used)
     mask_generator: Callable | None = None
+    #: images per encoder call
     batch_size: int = 32
+    #: image decoding processes
     num_workers: int = 0
+    #: images per resumable shard
     shard_size: int = 1024
+    #: feature storage: float16 or float32
     dtype: str = "float16"
+    #: galleries below this size are searched exactly
     exact_max: int = ann.EXACT_MAX
+    #: galleries below this size use HNSW, larger ones IVF
     hnsw_max: int = ann.HNSW_MAX
+    #: drop indexed images that left the folder
     prune: bool = False
+    #: draw a progress bar
     progress: bool = True
+    #: the torch device the model runs on
     device: Any = None
+    #: encode at most this many new images in this run
     limit: int | None = None
     #: the manifest of the index as it was before this run (None for a new index)
     manifest: dict | None = None

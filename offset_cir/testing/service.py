@@ -6,8 +6,8 @@ import time
 
 
 class serve_in_thread:
-    """Context manager: ``offset serve``'s uvicorn server (``offset_cir.search.service.make_server``) for ``app`` on 127.0.0.1 and a
-    free port, in a daemon thread; yields the base URL. Bounded waits to start and to stop."""
+    """Context manager: ``offset serve``'s uvicorn server (``offset_cir.search.service.make_server``) for ``app``
+    on 127.0.0.1 and a free port, in a daemon thread; yields the base URL. Bounded waits to start and to stop."""
 
     def __init__(self, app, **options):
         self.app = app
