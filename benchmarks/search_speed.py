@@ -60,7 +60,7 @@ def full_path(n_gallery: int, n_queries: int, seed: int) -> dict:
     d = int(model.embed_dim)
     feats = gallery(n_gallery, d, seed, False)
     items = [{"id": f"img{i}", "path": f"img{i}.png"} for i in range(n_gallery)]
-    man = {"dim": d, "checkpoint": {"hash": "benchmark"}, "needs_masks": True}
+    man = {"dim": d, "checkpoint": {"hash": "benchmark"}, "uses_masks": True}
     index = Index(None, man, items, feats, ann.ExactSearch(feats), model, device=torch.device("cpu"))
     rng = np.random.default_rng(seed)
     imgs = [Image.fromarray(rng.integers(0, 255, (96, 96, 3), dtype=np.uint8)) for _ in range(8)]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +18,7 @@ from offset_cir.export.onnx import export_checkpoint  # noqa: E402
 from offset_cir.export.runtime import OnnxEncoder, load_encoder  # noqa: E402
 from offset_cir.search import Index, build_index  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_search_support import train_tiny_on_synthetic  # noqa: E402
+from offset_cir.testing.search import train_tiny_on_synthetic  # noqa: E402
 
 KW = dict(progress=False, device="cpu", distributed=False)
 

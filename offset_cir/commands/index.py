@@ -37,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from offset_cir.search import ann
     from offset_cir.search.build import build_index
-    from offset_cir.search.index import make_mask_generator
+    from offset_cir.search.inputs import make_mask_generator
 
     gen = make_mask_generator(args.captioner, args.segmenter, args.device)
     model = None

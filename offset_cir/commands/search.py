@@ -41,15 +41,15 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from offset_cir.errors import UserInputError
-    from offset_cir.search.index import Index, MaskRequiredError, make_mask_generator, uses_query_mask
+    from offset_cir.search.index import Index, MaskRequiredError
+    from offset_cir.search.inputs import make_mask_generator
 
     if args.k < 1:
         raise UserInputError(f"-k must be at least 1, got {args.k}")
     index = Index.open(args.index, checkpoint=args.checkpoint, device=args.device,
                        mask_generator=make_mask_generator(args.captioner, args.segmenter, args.device))
-    needs = uses_query_mask(index.model)
     mask = args.mask
-    if args.image is not None and mask is None and needs:
+    if args.image is not None and mask is None and index.uses_query_mask:
         found = _mask_beside(args.image)
         if found is not None:
             mask = str(found)

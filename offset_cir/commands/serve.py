@@ -57,7 +57,8 @@ def _is_loopback(host: str) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from offset_cir.errors import UserInputError
-    from offset_cir.search.index import Index, make_mask_generator
+    from offset_cir.search.index import Index
+    from offset_cir.search.inputs import make_mask_generator
     from offset_cir.search.service import allowed_host_names, create_app, make_server
 
     for name, value in (("--queue-timeout", args.queue_timeout), ("--header-timeout", args.header_timeout),

@@ -316,9 +316,9 @@ def export_onnx(model, out: str | os.PathLike, *, checkpoint: str | os.PathLike 
             "format": FORMAT, "version": VERSION, "exporter": exporter, "opset": opset,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "graphs": graphs, "embed_dim": d,
-            # export.json's keys since its first version (model.uses_masks / uses_query_mask / uses_target_mask)
-            "needs_masks": bool(model.uses_masks), "query_needs_mask": "masks" in names["query"],
-            "target_needs_mask": "masks" in names["target"],
+            # exports written before these names say needs_masks / query_needs_mask / target_needs_mask
+            "uses_masks": bool(model.uses_masks), "uses_query_mask": "masks" in names["query"],
+            "uses_target_mask": "masks" in names["target"],
             "preprocess": _preprocess_meta(model), "tokenizer": _tokenizer_meta(model),
             "model_config": cfg.to_dict() if hasattr(cfg, "to_dict") else dataclasses.asdict(cfg),
             "checkpoint": {"path": _checkpoint_path(checkpoint), "hash": checkpoint_hash},

@@ -128,7 +128,9 @@ class OnnxEncoder:
     # -- what the index and the service ask of a model
     @property
     def uses_masks(self) -> bool:
-        return bool(self.meta.get("needs_masks", True))  # export.json's key (its format is unchanged)
+        if "uses_masks" in self.meta:
+            return bool(self.meta["uses_masks"])
+        return bool(self.meta.get("needs_masks", True))  # the key of exports written before "uses_masks"
 
     @property
     def uses_query_mask(self) -> bool:
@@ -262,14 +264,14 @@ def load_encoder(checkpoint=None, runtime: str = "torch", *, onnx_dir=None, expe
     else:
         encoder = OnnxEncoder(onnx_dir, int8=int8, threads=threads)
         if checkpoint is not None:  # any checkpoint named (a folder, a file, hf-hub:) must be the export's source
-            from offset_cir.model.checkpoint import checkpoint_hash
+            from offset_cir.model.checkpoint import checkpoint_hash, require_same_checkpoint
 
-            h = tagged(checkpoint_hash(checkpoint))
-            if encoder.checkpoint_hash != h:
-                raise CheckpointError(f"ONNX export {encoder.folder} was made from a checkpoint hashing to "
-                                      f"{str(encoder.checkpoint_hash)[:19]}…, but {checkpoint} hashes to {h[:19]}…")
-    if expected_hash is not None and is_tagged(expected_hash) and encoder.checkpoint_hash != expected_hash:
-        raise CheckpointError(f"ONNX export {encoder.folder} was made from a checkpoint hashing to "
-                              f"{str(encoder.checkpoint_hash)[:19]}…, but the index was built with "
-                              f"{expected_hash[:19]}…: its features would not match this model's queries")
+            require_same_checkpoint(tagged(checkpoint_hash(checkpoint)), str(encoder.checkpoint_hash),
+                                    found_in=f"checkpoint {checkpoint}", recorded_in=f"ONNX export {encoder.folder}",
+                                    why="an export is used only with the checkpoint it was made from")
+    if is_tagged(expected_hash):
+        from offset_cir.model.checkpoint import require_same_checkpoint
+
+        require_same_checkpoint(str(encoder.checkpoint_hash), expected_hash,
+                                found_in=f"the checkpoint of ONNX export {encoder.folder}", recorded_in="the index")
     return encoder

@@ -238,3 +238,22 @@ def checkpoint_hash(path: str | os.PathLike) -> str:
     """sha256 of the weights file (identifies the model an index or result came from)."""
     weights, _ = _resolve(path)
     return file_sha256(weights)
+
+
+def require_same_checkpoint(found: str | None, recorded: str | None, *, found_in: str, recorded_in: str,
+                            why: str = "its features would not match this model's queries") -> None:
+    """Refuse to put together what two different models made (features, an export, queries).
+
+    ``found`` is the identity of what is about to be used (``sha256:<hex>`` of a checkpoint, or the ``state:<hex>``
+    of an in-memory model), ``recorded`` the one written beside the features or in the export; ``found_in`` and
+    ``recorded_in`` name them for the message (``"checkpoint runs/x"``, ``"index pictures.idx"``). When either is
+    None there is nothing to compare. The :class:`CheckpointError` names both identities and says ``why``."""
+    if found is None or recorded is None or found == recorded:
+        return
+    raise CheckpointError(f"{found_in} hashes to {_short_identity(found)}, but {recorded_in} was built with "
+                          f"{_short_identity(recorded)}: {why}")
+
+
+def _short_identity(identity: str) -> str:
+    kind, _, digest = str(identity).partition(":")
+    return f"{kind}:{digest[:12]}…" if digest else f"{identity[:19]}…"

@@ -4,7 +4,8 @@ from __future__ import annotations
 import textwrap
 from pathlib import Path
 
-from offset_cir.search.index import Hit, load_pil
+from offset_cir.search.index import Hit
+from offset_cir.search.inputs import load_pil
 
 
 def _font(size: int):

@@ -7,7 +7,10 @@ They live in the package, not in ``tests/``, because the scripts in ``benchmarks
 - :mod:`offset_cir.testing.oracle`: models that follow the model interface and read those codes (a perfect or
   reversed ``OracleModel``, a ``HashModel`` for timing);
 - :mod:`offset_cir.testing.masks`: tiny random captioner and segmenter folders (BLIP, BLIP-2, CLIPSeg) for the mask
-  pipeline, built offline.
+  pipeline, built offline;
+- :mod:`offset_cir.testing.search`: ``PixelModel``, a stand-in model that projects pixels (for the search index and
+  service), generated image galleries, and the tiny OFFSET trained a few steps on the synthetic benchmark;
+- :mod:`offset_cir.testing.service`: the search service's server in a thread, and reading one metric.
 
 Importing this package imports none of them (each pulls in torch or transformers); import the module you need.
 """

@@ -1,6 +1,7 @@
-"""The search package after the redesign (issue 11, item 1): one checkpoint hash, one rule for which files are images
-and where their masks are, the data package's ImageDataset for gallery encoding, one torchrun module shared with
-training, and no print in library code."""
+"""The search package's structure: its rooms (format, builder, index, service) import one another without a circle
+and touch no private name of another module; modules stay small; one checkpoint hash, one rule for which files are
+images and where their masks are, the data package's ImageDataset for gallery encoding, one torchrun module shared
+with training, and no print in library code."""
 from __future__ import annotations
 
 import ast
@@ -13,23 +14,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_search_support import FakeModel  # noqa: E402
-
-import offset_cir.search  # noqa: E402
-from offset_cir.masks.layout import find_images, find_mask, mask_beside, scan_images  # noqa: E402
+import offset_cir.search
+from offset_cir.masks.layout import find_images, find_mask, mask_beside, scan_images
+from offset_cir.testing.search import PixelModel
 
 SEARCH_DIR = Path(offset_cir.search.__file__).parent
+ROOT = SEARCH_DIR.parents[1]
+#: a library module's and a function's size limits (the project's rules)
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 500, 80
 
 
 def _search_modules():
-    for info in pkgutil.iter_modules([str(SEARCH_DIR)]):
-        if info.name == "service" and importlib.util.find_spec("fastapi") is None:
+    for info in pkgutil.walk_packages([str(SEARCH_DIR)], prefix="offset_cir.search."):
+        if info.name.startswith("offset_cir.search.service") and importlib.util.find_spec("fastapi") is None:
             continue
-        yield importlib.import_module(f"offset_cir.search.{info.name}")
+        yield importlib.import_module(info.name)
+
+
+def _search_files() -> list[Path]:
+    return sorted(SEARCH_DIR.rglob("*.py"))
 
 
 def test_one_checkpoint_hash():
@@ -84,7 +89,7 @@ def test_loaders_use_the_layout_mask_rule():
 def test_gallery_encoding_uses_the_data_package_dataset(tmp_path):
     """No Dataset class of its own in search; ImageDataset reports an unreadable file instead of raising."""
     from offset_cir.data.common import ImageDataset
-    from offset_cir.search.build import encode_gallery
+    from offset_cir.search.gallery import encode_gallery
 
     for mod in _search_modules():
         own = [c for c in vars(mod).values() if isinstance(c, type) and c.__module__ == mod.__name__
@@ -96,7 +101,7 @@ def test_gallery_encoding_uses_the_data_package_dataset(tmp_path):
     Image.new("L", (24, 24), 255).save(tmp_path / "good-segmask.png")
     Image.new("L", (24, 24), 255).save(tmp_path / "broken-segmask.png")
     broken.write_bytes(b"not an image")
-    model = FakeModel()
+    model = PixelModel()
     ds = ImageDataset(["good", "broken"], lambda i: tmp_path / f"{i}.png", lambda i: tmp_path / f"{i}-segmask.png",
                       model.preprocess, use_masks=True, report_unreadable=True)
     assert set(ds[0]) == {"image", "mask", "index"} and ds[1]["index"] == 1 and "broken.png" in ds[1]["error"]
@@ -149,17 +154,70 @@ def _calls_print(path: Path) -> list[int]:
 
 
 def test_library_search_code_logs_instead_of_printing():
-    for path in sorted(SEARCH_DIR.glob("*.py")):
+    for path in _search_files():
         assert not _calls_print(path), f"{path.name} prints (lines {_calls_print(path)}); use logging"
 
 
-@pytest.mark.parametrize("name", ["index", "build"])
+@pytest.mark.parametrize("name", [p.relative_to(SEARCH_DIR).with_suffix("").as_posix() for p in _search_files()])
 def test_index_modules_hold_one_job_each(name):
+    """Every module of search/ (the service's too) is under 500 lines, each function under 80, and the first line
+    of its docstring names its job."""
     path = SEARCH_DIR / f"{name}.py"
-    lines = path.read_text(encoding="utf-8").count("\n")
-    assert lines <= 500, f"{path.name} has {lines} lines"
-    doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+    text = path.read_text(encoding="utf-8")
+    lines = text.count("\n")
+    assert lines <= MAX_MODULE_LINES, f"{path.name} has {lines} lines"
+    tree = ast.parse(text)
+    sizes = [(n.name, n.end_lineno - n.lineno + 1) for n in ast.walk(tree)
+             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    long = [(name, size) for name, size in sizes if size > MAX_FUNCTION_LINES]
+    assert long == [], f"{path.name}: functions over {MAX_FUNCTION_LINES} lines: {long}"
+    doc = ast.get_docstring(tree)
     assert doc and doc.splitlines()[0].strip(), f"{path.name}: the first docstring line names its job"
+
+
+def test_no_import_circle_in_search():
+    """No module of offset_cir.search imports, directly or through others, a module that imports it back."""
+    import grimp
+
+    graph = grimp.build_graph("offset_cir", cache_dir=None)
+    modules = sorted(m for m in graph.modules if m.startswith("offset_cir.search"))
+    circles = []
+    for m in modules:
+        for dep in sorted(graph.find_modules_directly_imported_by(m)):
+            if dep.startswith("offset_cir.") and graph.chain_exists(importer=dep, imported=m):
+                chain = graph.find_shortest_chain(importer=dep, imported=m) or (dep, m)
+                circles.append(" -> ".join([*chain, dep]))
+    assert circles == [], "\n".join(circles)
+
+
+#: the names the code gives objects of the search modules (an opened index, the format module, ...)
+HOLDERS = {"index": "offset_cir.search.index", "idx": "offset_cir.search.index", "fmt": "offset_cir.search.format",
+           "ann": "offset_cir.search.ann", "svc": "offset_cir.search.service.state"}
+
+
+def _private_uses(path: Path, module_prefix: str):
+    """``_names`` of modules under ``module_prefix`` that the file at ``path`` imports or reaches into (as
+    ``module._name``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith(module_prefix):
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    yield f"{node.module}.{alias.name}"
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__") \
+                and isinstance(node.value, ast.Name) and node.value.id in HOLDERS:
+            yield f"{HOLDERS[node.value.id]}.{node.attr}"
+
+
+def test_no_caller_touches_a_private_name_of_another_search_module():
+    """The service asks the index through its public methods; nothing outside a module imports its _names."""
+    found = []
+    for path in [*_search_files(), *(ROOT / "offset_cir" / "commands").glob("*.py"), ROOT / "offset_cir" / "demo.py",
+                 *(ROOT / "benchmarks").glob("*.py")]:
+        own = path.relative_to(ROOT).with_suffix("").as_posix().replace("/", ".")
+        found += [f"{path.relative_to(ROOT)}: {u}" for u in _private_uses(path, "offset_cir.search")
+                  if not u.startswith(own + ".")]
+    assert found == []
 
 
 def test_importing_the_index_modules_does_no_cli_import():

@@ -4,8 +4,6 @@ masks are meaningless, the plumbing is real)."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,13 +14,12 @@ pytest.importorskip("transformers")
 pytest.importorskip("offset_cir.model.offset", reason="the OFFSET model module is not available")
 testing = pytest.importorskip("offset_cir.testing.masks", reason="the mask pipeline is not available")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_search_support import make_gallery  # noqa: E402
+from offset_cir.testing.search import make_gallery  # noqa: E402
 
 import offset_cir  # noqa: E402
 from offset_cir.cli import main as cli_main  # noqa: E402
 from offset_cir.search import Index  # noqa: E402
-from offset_cir.search.index import make_mask_generator  # noqa: E402
+from offset_cir.search.inputs import make_mask_generator  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -1,15 +1,14 @@
-"""The REST service (offset_cir.search.service) in-process with FastAPI's TestClient and a stand-in model."""
+"""The REST service (offset_cir.search.service.create_app and its routes) in-process with FastAPI's TestClient and a
+stand-in model."""
 from __future__ import annotations
 
 import hashlib
 import io
 import re
 import struct
-import sys
 import threading
 import time
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,8 +19,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_search_support import FakeModel, make_gallery, metric_value  # noqa: E402
+from offset_cir.testing.search import PixelModel, index_gallery, make_gallery  # noqa: E402
+from offset_cir.testing.service import metric_value  # noqa: E402
 
 from offset_cir.search import Index, build_index  # noqa: E402
 from offset_cir.search.service import create_app  # noqa: E402
@@ -33,10 +32,7 @@ LOCAL = "http://localhost"  # the TestClient's default host, testserver, is not 
 @pytest.fixture(scope="module")
 def gallery(tmp_path_factory):
     base = tmp_path_factory.mktemp("svc")
-    make_gallery(base / "g", n=16)
-    model = FakeModel()
-    build_index(base / "idx", base / "g", model=model, progress=False, device="cpu", distributed=False)
-    return base, model
+    return base, index_gallery(base, n=16)
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +188,8 @@ def test_path_traversal_attempts_are_404(client, url):
 
 def test_health_page_and_gallery(client, index):
     h = client.get("/health").json()
-    assert h["status"] == "ok" and h["images"] == 16 and h["needs_masks"] is True and h["read_only"] is True
+    assert h["status"] == "ok" and h["images"] == 16 and h["uses_masks"] is True and h["read_only"] is True
+    assert h["needs_masks"] is True  # the same fact under the name clients read before "uses_masks"
     page = client.get("/")
     assert page.status_code == 200 and 'id="results"' in page.text and page.headers["content-type"].startswith("text/html")
     g = client.get("/gallery", params={"offset": 10, "limit": 4}).json()
@@ -214,10 +211,9 @@ def test_features_mapping_is_read_only(index):
         index.features[0, 0] = 1
 
 
-def test_bounded_concurrency_returns_503_when_busy(gallery):
-    base, _ = gallery
-    slow = FakeModel()
-    idx = Index.open(base / "idx", model=slow)
+def _index_with_held_queries(base):
+    """The index over a model whose query encoding waits for ``gate`` (set ``entered`` first): (index, gate, entered)."""
+    slow = PixelModel()
     gate, entered = threading.Event(), threading.Event()
     real = slow.encode_query
 
@@ -227,6 +223,11 @@ def test_bounded_concurrency_returns_503_when_busy(gallery):
         return real(*a, **kw)
 
     slow.encode_query = blocking
+    return Index.open(base / "idx", model=slow), gate, entered
+
+
+def test_bounded_concurrency_returns_503_when_busy(gallery):
+    idx, gate, entered = _index_with_held_queries(gallery[0])
     app = create_app(idx, max_concurrency=1, queue_timeout=0.3)
     results = []
     with TestClient(app, base_url=LOCAL) as c:
@@ -250,18 +251,7 @@ def test_bounded_concurrency_returns_503_when_busy(gallery):
 
 
 def test_queue_depth_while_a_search_waits(gallery):
-    base, _ = gallery
-    slow = FakeModel()
-    idx = Index.open(base / "idx", model=slow)
-    gate, entered = threading.Event(), threading.Event()
-    real = slow.encode_query
-
-    def blocking(*a, **kw):
-        entered.set()
-        gate.wait(10)
-        return real(*a, **kw)
-
-    slow.encode_query = blocking
+    idx, gate, entered = _index_with_held_queries(gallery[0])
     results = {}
     with TestClient(create_app(idx, max_concurrency=1, queue_timeout=20), base_url=LOCAL) as c:
         def ask(name, ref):
@@ -407,7 +397,7 @@ def test_mask_of_another_size_is_422_naming_both(client):
 
 def test_deleted_gallery_file_answer_has_no_server_path(tmp_path):
     make_gallery(tmp_path / "g", n=6)
-    model = FakeModel()
+    model = PixelModel()
     build_index(tmp_path / "idx", tmp_path / "g", model=model, progress=False, device="cpu", distributed=False)
     idx = Index.open(tmp_path / "idx", model=model)
     (tmp_path / "g" / "img001.png").unlink()

@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,8 +15,8 @@ import torch
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_search_support import FakeModel, make_gallery, metric_value, serve_in_thread  # noqa: E402
+from offset_cir.testing.search import PixelModel, index_gallery, make_gallery  # noqa: E402
+from offset_cir.testing.service import metric_value, serve_in_thread  # noqa: E402
 
 from offset_cir.search import Index, build_index  # noqa: E402
 from offset_cir.search.service import create_app  # noqa: E402
@@ -26,7 +24,7 @@ from offset_cir.search.service import create_app  # noqa: E402
 torch.set_num_threads(1)
 
 
-class SlowQueries(FakeModel):
+class SlowQueries(PixelModel):
     """The stand-in model, with query encoding that takes a while and records how many run at once."""
 
     def __init__(self, seconds=0.1):
@@ -51,8 +49,7 @@ class SlowQueries(FakeModel):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     base = tmp_path_factory.mktemp("http")
-    make_gallery(base / "g", n=30)
-    build_index(base / "idx", base / "g", model=FakeModel(), progress=False, device="cpu", distributed=False)
+    index_gallery(base, n=30)
     return base
 
 
@@ -129,7 +126,7 @@ def _trickle(port: int, head: bytes, body: bytes = b"", every: float = 0.2, limi
 
 
 def test_slow_request_head_is_cut_off(built):
-    index = Index.open(built / "idx", model=FakeModel())
+    index = Index.open(built / "idx", model=PixelModel())
     with serve_in_thread(create_app(index), header_timeout=1.0) as base:
         port = int(base.rsplit(":", 1)[1])
         head = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 200 + b"\r\n\r\n"
@@ -148,7 +145,7 @@ def test_slow_request_head_is_cut_off(built):
 
 
 def test_slow_request_body_gets_408(built):
-    index = Index.open(built / "idx", model=FakeModel())
+    index = Index.open(built / "idx", model=PixelModel())
     with serve_in_thread(create_app(index, body_timeout=1.0), header_timeout=1.0) as base:
         port = int(base.rsplit(":", 1)[1])
         body = b"--XX\r\nContent-Disposition: form-data; name=\"text\"\r\n\r\n" + b"r" * 400
@@ -173,7 +170,7 @@ def _raw_get(port: int, host_header: bytes | None, path: bytes = b"/health") -> 
 
 
 def test_host_header_must_name_this_server(built):
-    index = Index.open(built / "idx", model=FakeModel())
+    index = Index.open(built / "idx", model=PixelModel())
     app = create_app(index, host="127.0.0.1", allowed_hosts=["search.example.org"])
     with serve_in_thread(app) as base:
         port = int(base.rsplit(":", 1)[1])
@@ -193,7 +190,7 @@ def test_host_header_must_name_this_server(built):
 
 
 def test_client_that_goes_away_logs_one_line_not_a_traceback(built, caplog):
-    index = Index.open(built / "idx", model=FakeModel())
+    index = Index.open(built / "idx", model=PixelModel())
     caplog.set_level(logging.INFO)
     with serve_in_thread(create_app(index)) as base:
         port = int(base.rsplit(":", 1)[1])
@@ -217,8 +214,8 @@ def test_client_that_stops_reading_is_disconnected(tmp_path):
     """The mirror of the slow sender: a client that requests a large file and reads nothing must not hold the
     connection (and a --max-connections slot) forever; after --write-timeout it is cut off."""
     make_gallery(tmp_path / "g", n=3)
-    build_index(tmp_path / "idx", tmp_path / "g", model=FakeModel(), progress=False, device="cpu", distributed=False)
-    index = Index.open(tmp_path / "idx", model=FakeModel())
+    build_index(tmp_path / "idx", tmp_path / "g", model=PixelModel(), progress=False, device="cpu", distributed=False)
+    index = Index.open(tmp_path / "idx", model=PixelModel())
     size = 48 << 20  # far more than loopback's socket buffers on both sides hold
     with open(index.item("img001")["path"], "r+b") as f:  # served as a file, never decoded on this route
         f.truncate(size)

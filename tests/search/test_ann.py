@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_search_support import FakeModel, make_gallery  # noqa: E402
+from offset_cir.testing.search import PixelModel, make_gallery  # noqa: E402
 
 from offset_cir.search import Index, build_index  # noqa: E402
 from offset_cir.search import ann  # noqa: E402
@@ -91,7 +88,7 @@ def test_index_switches_to_faiss_and_prints_recall(tmp_path, capsys):
     """The library returns the tuning table (and logs it); printing it is the CLI's job (test_search_cli)."""
     root = tmp_path / "g"
     make_gallery(root, n=60, sub_every=0)
-    m = FakeModel(dim=16)
+    m = PixelModel(dim=16)
     rep = build_index(tmp_path / "idx", root, model=m, exact_max=20, hnsw_max=1000, progress=False,
                       device="cpu", distributed=False)
     assert "recall@10" in rep.ann_table and "efSearch" in rep.ann_table

@@ -3,7 +3,6 @@ the CLI (`offset index`, `offset search`), the Python API and the REST service r
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +15,7 @@ offset_cir = pytest.importorskip("offset_cir")
 pytest.importorskip("offset_cir.model.offset", reason="the OFFSET model module is not available")
 synthetic = pytest.importorskip("offset_cir.data.synthetic", reason="the synthetic benchmark is not available")
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_search_support import kill_after_shards, train_tiny_on_synthetic  # noqa: E402
+from offset_cir.testing.search import kill_after_shards, train_tiny_on_synthetic  # noqa: E402
 
 from offset_cir.cli import main as cli_main  # noqa: E402
 from offset_cir.errors import CheckpointError  # noqa: E402

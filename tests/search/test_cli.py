@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 pytest.importorskip("offset_cir.model.offset", reason="the OFFSET model module is not available")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_search_support import make_gallery  # noqa: E402
+from offset_cir.testing.search import make_gallery  # noqa: E402
 
 import offset_cir  # noqa: E402
 from offset_cir.cli import main as cli_main  # noqa: E402

@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,8 +14,7 @@ import torch
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 pytest.importorskip("offset_cir.model.offset", reason="the OFFSET model module is not available")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_search_support import make_gallery  # noqa: E402
+from offset_cir.testing.search import make_gallery  # noqa: E402
 
 import offset_cir  # noqa: E402
 from offset_cir.commands.serve import _is_loopback  # noqa: E402

@@ -5,7 +5,6 @@ Needs Debian's ``chromium`` and ``chromium-driver`` (``make browser``); skipped 
 from __future__ import annotations
 
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -26,10 +25,10 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_search_support import FakeModel, make_gallery, serve_in_thread  # noqa: E402
+from offset_cir.testing.search import index_gallery  # noqa: E402
+from offset_cir.testing.service import serve_in_thread  # noqa: E402
 
-from offset_cir.search import Index, build_index  # noqa: E402
+from offset_cir.search import Index  # noqa: E402
 from offset_cir.search.service import create_app  # noqa: E402
 
 torch.set_num_threads(1)
@@ -39,10 +38,7 @@ torch.set_num_threads(1)
 def live(tmp_path_factory):
     """The app under `offset serve`'s own server (service.make_server), with its Host check and CSP."""
     base = tmp_path_factory.mktemp("web")
-    make_gallery(base / "g", n=12)
-    model = FakeModel()
-    build_index(base / "idx", base / "g", model=model, progress=False, device="cpu", distributed=False)
-    index = Index.open(base / "idx", model=model)
+    index = Index.open(base / "idx", model=index_gallery(base, n=12))
     with serve_in_thread(create_app(index, host="127.0.0.1"), log_level="warning") as url:
         yield base, index, url
 

@@ -1,8 +1,9 @@
-"""Helpers for the search tests: a small deterministic stand-in for OFFSET and a generated image gallery.
+"""A second stand-in for OFFSET for the search tests and benchmarks (``PixelModel``: a linear projection of pixels),
+generated image galleries, and the tiny OFFSET trained a few steps on the synthetic benchmark.
 
-The stand-in implements the model contract the index relies on (docs/architecture.md, "Model contract"):
-encode_query / encode_target (L2-normalised), uses_masks, preprocess.image / .mask / .pair, config,
-embed_dim. It is not OFFSET; the end-to-end tests (test_search_e2e.py) use the real tiny model.
+``PixelModel`` implements the model contract the index relies on (docs/architecture.md, "Model contract"):
+encode_query / encode_target (L2-normalised), uses_masks, preprocess.image / .mask / .pair, config (with
+``to_dict``), embed_dim. It is not OFFSET; the end-to-end search tests use the real tiny model.
 """
 from __future__ import annotations
 
@@ -21,14 +22,25 @@ SIZE = 16
 
 
 @dataclasses.dataclass
-class FakeConfig:
+class PixelConfig:
+    """The config of a :class:`PixelModel`."""
+
+    #: the name a model config carries
     backbone: str = "fake"
+    #: feature width
     dim: int = 16
+    #: whether images are weighted by their masks
     use_masks: bool = True
+    #: seed of the random projection and word vectors
     seed: int = 0
 
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
-class FakePreprocess:
+
+class PixelPreprocess:
+    """Resize to 16x16 and scale to [0, 1]; masks as three equal channels."""
+
     image_size = SIZE
 
     def image(self, pil, train=False):
@@ -43,7 +55,7 @@ class FakePreprocess:
         return self.image(pil, train), (self.mask(mask_pil, train) if mask_pil is not None else None)
 
 
-class FakeModel(torch.nn.Module):
+class PixelModel(torch.nn.Module):
     """Linear projection of (mask-weighted) pixels; the text adds a bag-of-words vector."""
 
     def __init__(self, dim=16, uses_masks=True, seed=0, delay=0.0, fail_after=None):
@@ -55,8 +67,8 @@ class FakeModel(torch.nn.Module):
         self.register_buffer("words", torch.randn(97, dim, generator=g))
         self.uses_masks = uses_masks
         self.embed_dim = dim
-        self.preprocess = FakePreprocess()
-        self.config = FakeConfig(dim=dim, use_masks=uses_masks, seed=seed)
+        self.preprocess = PixelPreprocess()
+        self.config = PixelConfig(dim=dim, use_masks=uses_masks, seed=seed)
         self.encoded = 0  # images passed to encode_target
         self.delay = delay
         self.fail_after = fail_after  # raise after this many encode_target batches
@@ -113,6 +125,17 @@ def make_gallery(root: Path, n: int = 30, seed: int = 0, masks: bool = True, siz
     return paths
 
 
+def index_gallery(base: Path, n: int = 16, model=None, **gallery):
+    """A gallery of ``n`` images under ``base/g`` (:func:`make_gallery`) indexed into ``base/idx`` with ``model``
+    (a new :class:`PixelModel` by default), in this process, on the CPU; returns the model."""
+    from offset_cir.search import build_index
+
+    model = model if model is not None else PixelModel()
+    make_gallery(base / "g", n=n, **gallery)
+    build_index(base / "idx", base / "g", model=model, progress=False, device="cpu", distributed=False)
+    return model
+
+
 def copy_items(paths, src_root: Path, dst_root: Path):
     """Copy images (and their masks) keeping sub-folders and modification times."""
     for p in paths:
@@ -159,55 +182,6 @@ def kill_after_shards(script: Path, out: Path, min_shards: int = 2, timeout: flo
             proc.kill()
             proc.wait(10)
     return len(list((out / "shards").glob("shard-*.json")))
-
-
-class serve_in_thread:
-    """Context manager: ``offset serve``'s uvicorn server (``service.make_server``) for ``app`` on 127.0.0.1 and a
-    free port, in a daemon thread; yields the base URL. Bounded waits to start and to stop."""
-
-    def __init__(self, app, **options):
-        self.app = app
-        self.options = {"configure_logging": False, "log_level": "info", **options}
-
-    def __enter__(self):
-        import socket
-        import threading
-
-        from offset_cir.search.service import make_server
-
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))  # loopback only, a port chosen by the OS
-        self.port = self.sock.getsockname()[1]
-        self.server = make_server(self.app, host="127.0.0.1", port=self.port, **self.options)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        for _ in range(400):  # at most ~20 s
-            if self.server.started or not self.thread.is_alive():
-                break
-            time.sleep(0.05)
-        if not self.server.started:
-            self.__exit__(None, None, None)
-            raise RuntimeError("uvicorn did not start")
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
-        return False
-
-
-def metric_value(text: str, name: str, **labels) -> float:
-    """The sum of the samples named ``name`` whose labels include ``labels``, in a Prometheus text page."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    total = 0.0
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                total += s.value
-    return total
 
 
 def synthetic_image_pair(root: Path, split: str, name: str, pre, train: bool):

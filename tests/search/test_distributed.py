@@ -6,14 +6,12 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_search_support import make_gallery  # noqa: E402
+from offset_cir.testing.search import make_gallery  # noqa: E402
 
 pytest.importorskip("offset_cir.model.offset", reason="the OFFSET model module is not available")
 import offset_cir  # noqa: E402
