@@ -8,6 +8,8 @@ They live in the package, not in ``tests/``, because the scripts in ``benchmarks
   reversed ``OracleModel``, a ``HashModel`` for timing);
 - :mod:`offset_cir.testing.masks`: tiny random captioner and segmenter folders (BLIP, BLIP-2, CLIPSeg) for the mask
   pipeline, built offline.
+- :mod:`offset_cir.testing.memory`: the peak resident memory of a call or of an ``offset`` command (what PIL and
+  torch allocate, which ``tracemalloc`` does not see).
 
 Importing this package imports none of them (each pulls in torch or transformers); import the module you need.
 """
