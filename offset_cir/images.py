@@ -9,7 +9,8 @@
 
 Pixels are returned as stored: no EXIF orientation is applied, so an image, its mask and the features computed
 from them keep the geometry of the files (a mask is made, saved and checked at its image's stored size).
-:func:`read_header` gives the size, mode and format from the header alone.
+:func:`read_header` gives the size, mode and format from the header alone (and checks the file's integrity on
+request, still decoding nothing).
 
 Every error is an :class:`ImageReadError` (a :class:`~offset_cir.errors.UserInputError`) whose message names the
 source; :class:`ImageMissingError` (also a ``FileNotFoundError``) and :class:`ImageTooLargeError` (with ``size``
@@ -140,11 +141,18 @@ def _open(source, where: _Where, formats: Sequence[str] | None):
 
 
 def read_header(source: Source, *, what: str = "image", name: str | None = None,
-                formats: Sequence[str] | None = None) -> ImageHeader:
-    """Size, mode and format of an image from its header alone (nothing is decoded)."""
+                formats: Sequence[str] | None = None, verify: bool = False) -> ImageHeader:
+    """Size, mode and format of an image from its header alone (nothing is decoded); ``verify=True`` also runs
+    PIL's integrity check of the whole file (chunk checksums, structure), still without decoding pixels."""
     where = _Where.of(source, what, name)
     with _open(source, where, formats) as im:
-        return ImageHeader(tuple(im.size), im.mode, str(im.format))
+        header = ImageHeader(tuple(im.size), im.mode, str(im.format))
+        if verify:
+            try:
+                im.verify()
+            except (OSError, SyntaxError, ValueError, EOFError) as exc:
+                raise _unreadable(where, str(exc) or type(exc).__name__) from None
+        return header
 
 
 def read_image(source: Source, mode: str | None = "RGB", *, what: str = "image", name: str | None = None,

@@ -73,6 +73,17 @@ def test_what_is_not_an_image_is_refused_naming_the_file(files):
         read_image(folder)
 
 
+def test_a_header_read_checks_the_file_on_request_without_decoding(files):
+    folder, _ = files
+    assert read_header(folder / "a.png", verify=True).size == (30, 20)
+    data = bytearray((folder / "a.png").read_bytes())
+    data[-20] ^= 0xFF  # a flipped byte in the last chunk: the header still reads, the checksum does not match
+    (folder / "flipped.png").write_bytes(bytes(data))
+    assert read_header(folder / "flipped.png").size == (30, 20)
+    with pytest.raises(ImageReadError, match="image cannot be read .*flipped.png"):
+        read_header(folder / "flipped.png", verify=True)
+
+
 def test_an_upload_is_named_by_its_field_and_checked_against_its_formats(files):
     folder, _ = files
     data = (folder / "a.png").read_bytes()
