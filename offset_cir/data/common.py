@@ -28,6 +28,8 @@ import torch
 from torch.utils.data import Dataset
 
 from offset_cir.errors import DatasetError
+from offset_cir.images import ImageReadError, read_image
+from offset_cir.images import read_image as decode_image  # noqa: F401  (the name search/ imports from here)
 from offset_cir.masks.layout import mask_beside  # noqa: F401  (where a mask lives: said in one place, for the loaders)
 
 log = logging.getLogger(__name__)
@@ -125,37 +127,13 @@ def field_of(record: Any, key: str, kind: type | tuple, path: Path, i: int) -> A
     return value
 
 
-class ImageReadError(Exception):
-    """A file exists but does not decode as an image (corrupt, not an image, or a decompression bomb)."""
-
-
-def decode_image(source, mode: str = "RGB"):
-    """Fully decode ``source`` (a path or a file object) as a PIL image in ``mode``.
-
-    Raises FileNotFoundError for a missing file and ImageReadError for anything that does not decode; callers
-    turn these into their own messages.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(source) as im:
-            im.load()
-            return im.convert(mode)
-    except FileNotFoundError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise ImageReadError(str(exc)) from exc
-
-
 def open_image(path: Path, mode: str = "RGB", what: str = "image"):
-    """Open an image file as a PIL image in ``mode`` ("RGB" for images, "L" for masks), fully decoded."""
-    path = Path(path)
+    """Open an image file as a PIL image in ``mode`` ("RGB" for images, "L" for masks), fully decoded
+    (:func:`offset_cir.images.read_image`); what cannot be read raises DatasetError naming the file."""
     try:
-        return decode_image(path, mode)
-    except FileNotFoundError:
-        raise DatasetError(f"{what} not found: {path}") from None
+        return read_image(Path(path), mode, what=what)
     except ImageReadError as exc:
-        raise DatasetError(f"{what} cannot be read (corrupt or not an image): {path} ({exc})") from None
+        raise DatasetError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------------------------- records

@@ -20,6 +20,7 @@ from PIL import Image
 
 from offset_cir import io
 from offset_cir.errors import UserInputError
+from offset_cir.images import ImageReadError, read_header, read_image
 from offset_cir.masks.layout import MaskLayout, relative_name
 
 logger = logging.getLogger(__name__)
@@ -113,12 +114,12 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def mask_is_valid(mask: Path, size: tuple[int, int]) -> bool:
     """The mask file opens, decodes, is single-channel and has ``size`` (width, height)."""
     try:
-        with Image.open(mask) as im:
-            if im.size != tuple(size) or im.mode not in ("L", "1", "P", "I", "I;16"):
-                return False
-            im.load()
+        header = read_header(mask, what="mask")
+        if header.size != tuple(size) or header.mode not in ("L", "1", "P", "I", "I;16"):
+            return False
+        read_image(mask, None, what="mask")
         return True
-    except (OSError, ValueError, SyntaxError):
+    except ImageReadError:
         return False
 
 
@@ -148,17 +149,6 @@ def remove_stale_temporaries(paths: Sequence[Path]) -> int:
                 Path(entry.path).unlink(missing_ok=True)
                 removed += 1
     return removed
-
-
-def _load_image(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        im.load()
-        return im.convert("RGB")
-
-
-def _image_size(path: Path) -> tuple[int, int]:
-    with Image.open(path) as im:
-        return im.size
 
 
 def _reason(exc: BaseException) -> str:
@@ -199,9 +189,9 @@ def run_masks(jobs: Sequence[MaskJob], generator, captions_out: str | os.PathLik
         # 1. which masks are missing (or invalid)?
         def check(job: MaskJob):
             try:
-                size = _image_size(job.image)
-            except (OSError, ValueError, SyntaxError) as exc:
-                return job, "failed", _reason(exc)
+                size = read_header(job.image).size
+            except ImageReadError as exc:
+                return job, "failed", str(exc)
             if not overwrite and job.mask.exists() and mask_is_valid(job.mask, size):
                 return job, "skip", None
             return job, "todo", None
@@ -291,6 +281,6 @@ def _drain(pending: list, report: MaskReport, used: dict) -> None:
 
 def _try_load(job: MaskJob):
     try:
-        return _load_image(job.image), None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        return None, _reason(exc)
+        return read_image(job.image, "RGB"), None
+    except ImageReadError as exc:
+        return None, str(exc)

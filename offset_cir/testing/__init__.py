@@ -10,7 +10,9 @@ They live in the package, not in ``tests/``, because the scripts in ``benchmarks
   pipeline, built offline;
 - :mod:`offset_cir.testing.search`: ``PixelModel``, a stand-in model that projects pixels (for the search index and
   service), generated image galleries, and the tiny OFFSET trained a few steps on the synthetic benchmark;
-- :mod:`offset_cir.testing.service`: the search service's server in a thread, and reading one metric.
+- :mod:`offset_cir.testing.service`: the search service's server in a thread, and reading one metric;
+- :mod:`offset_cir.testing.memory`: the peak resident memory of a call or of an ``offset`` command (what PIL and
+  torch allocate, which ``tracemalloc`` does not see).
 
 Importing this package imports none of them (each pulls in torch or transformers); import the module you need.
 """
