@@ -29,7 +29,6 @@ from torch.utils.data import Dataset
 
 from offset_cir.errors import DatasetError
 from offset_cir.images import ImageReadError, read_image
-from offset_cir.images import read_image as decode_image  # noqa: F401  (the name search/ imports from here)
 from offset_cir.masks.layout import mask_beside  # noqa: F401  (where a mask lives: said in one place, for the loaders)
 
 log = logging.getLogger(__name__)

@@ -22,13 +22,13 @@ def load_pil(source, what: str = "image", mode: str = "RGB"):
     """Open ``source`` (PIL image, path or file object) as a PIL image in ``mode``; a clear error otherwise."""
     from PIL import Image
 
-    from offset_cir.data.common import ImageReadError, decode_image
+    from offset_cir.images import ImageMissingError, ImageReadError, read_image
 
     if isinstance(source, Image.Image):
         return source.convert(mode)
     try:
-        return decode_image(source, mode)
-    except FileNotFoundError:
+        return read_image(source, mode, what=what)
+    except ImageMissingError:
         raise UserInputError(f"{what} {source} does not exist") from None
     except ImageReadError as exc:
         raise UserInputError(f"{what} {source} could not be read as an image: {exc}") from None
