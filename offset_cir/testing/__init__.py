@@ -7,7 +7,9 @@ They live in the package, not in ``tests/``, because the scripts in ``benchmarks
 - :mod:`offset_cir.testing.oracle`: models that follow the model interface and read those codes (a perfect or
   reversed ``OracleModel``, a ``HashModel`` for timing);
 - :mod:`offset_cir.testing.masks`: tiny random captioner and segmenter folders (BLIP, BLIP-2, CLIPSeg) for the mask
-  pipeline, built offline.
+  pipeline, built offline;
+- :mod:`offset_cir.testing.training`: a trainer callback that interrupts a run at a chosen step, and an
+  evaluation that returns scripted selection scores.
 
 Importing this package imports none of them (each pulls in torch or transformers); import the module you need.
 """

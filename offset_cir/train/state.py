@@ -46,7 +46,8 @@ class TrainState:
 
     Args:
         step: optimiser steps done.
-        epoch: the epoch being trained (= epochs completed).
+        epoch: epochs completed; the epoch being trained is ``epoch + 1``, counted from 1 as the config
+            (``optim.decay_epochs_1based``), the logs, metrics.jsonl and the progress bar count.
         batch_in_epoch: batches of ``epoch`` this process has read (micro-batches under gradient accumulation);
             a resumed run skips them.
         best_score: the best selection score so far (None before the first evaluation).
@@ -180,10 +181,12 @@ def load_training_state(folder: Path, model, opt, scaler, world_size: int) -> Tr
 
 
 def save_best(run_dir: Path, model, score: float, step: int, result: dict) -> None:
-    """``run_dir/best`` (the model, its score, step and result in its config) and ``run_dir/best_result.json``."""
-    replace_dir(run_dir / "best",
-                lambda folder: save_checkpoint(model, folder, extra={"selection_score": score, "step": step,
-                                                                     "result": result}))
+    """``run_dir/best`` (the model, its score, step and result in its config; not with ``model=None``) and
+    ``run_dir/best_result.json``."""
+    if model is not None:
+        replace_dir(run_dir / "best",
+                    lambda folder: save_checkpoint(model, folder, extra={"selection_score": score, "step": step,
+                                                                         "result": result}))
     write_json(run_dir / BEST_RESULT, result, indent=2)
 
 

@@ -22,6 +22,7 @@ import logging
 import os
 import random
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +34,8 @@ from offset_cir.device import choose_device
 from offset_cir.errors import DatasetError, TrainingError, UserInputError
 from offset_cir.extras import import_extra
 from offset_cir.io import write_json, write_text
-from offset_cir.train.config import TrainConfig, _merge, config_from_dict, parse_overrides, to_yaml
+from offset_cir.config_base import parse_overrides
+from offset_cir.train.config import TrainConfig, flat_keys, merge_overrides, to_yaml
 from offset_cir.train.curves import plot_curves
 from offset_cir.distributed import any_rank, barrier, gather_with_grad, init_distributed
 from offset_cir.train.sampling import EpochSampler
@@ -58,11 +60,13 @@ class Trainer:
     ``overrides``: on resume, ``key=value`` changes of the budget only (``RESUME_OVERRIDES``).
     ``stop_signals``: a list that signal handlers installed earlier (the CLI's, during its imports) append to;
     a signal in it stops the run at the first safe point, as one received during training does.
+    ``callbacks``: called with the trainer after every optimiser step (``trainer.state`` says where the run is);
+    one may call :meth:`request_stop`.
     """
 
     def __init__(self, cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: bool = True,
-                 stop_after_steps: int | None = None, overwrite: bool = False, overrides: list[str] | None = None,
-                 stop_signals: list[int] | None = None):
+                 overwrite: bool = False, overrides: list[str] | None = None, stop_signals: list[int] | None = None,
+                 callbacks: Sequence[Callable[["Trainer"], None]] = ()):
         self.resume_from = None
         self._resume_state: TrainState | None = None
         if resume is not None:
@@ -73,15 +77,13 @@ class Trainer:
             self._resume_state = TrainState.from_dict(saved)
             data = saved["config"]
             if overrides:
-                changes = parse_overrides(overrides)
-                refused = sorted(item.split("=", 1)[0].strip() for item in overrides
-                                 if item.split("=", 1)[0].strip() not in RESUME_OVERRIDES)
+                refused = sorted(k for k in flat_keys(parse_overrides(overrides)) if k not in RESUME_OVERRIDES)
                 if refused:
                     raise UserInputError(
                         f"--resume {resume}: {', '.join(refused)} cannot change on resume (the run continues with "
                         f"its saved config); only its budget can: {', '.join(RESUME_OVERRIDES)}")
-                data = _merge(data, changes)
-            cfg = config_from_dict(data)
+                data = merge_overrides(data, overrides)
+            cfg = TrainConfig.from_dict(data, source=str(self.resume_from / STATE_JSON), key="config")
             if cfg.out_dir != str(resume):
                 cfg.out_dir = str(resume)
         elif overrides:
@@ -91,13 +93,19 @@ class Trainer:
         self.cfg = cfg
         self.progress = progress
         self.overwrite = overwrite
-        self.stop_after_steps = stop_after_steps  # tests: simulate an interruption after this many steps
+        self.callbacks = list(callbacks)
         self._signals: list[int] = stop_signals if stop_signals is not None else []
+        self._stop_requested = False
         self._curves = True  # curves.png is drawn (False when matplotlib is missing)
 
     @property
     def _stop_signal(self) -> int | None:
         return self._signals[0] if self._signals else None
+
+    def request_stop(self) -> None:
+        """Stop at the next safe point (after the current step), save ``last/`` and end as "interrupted", as a
+        SIGINT does: ``offset train --resume`` continues the run."""
+        self._stop_requested = True
 
     # ........................................................ set-up helpers
     def _precision(self, device: torch.device) -> str:
@@ -134,10 +142,6 @@ class Trainer:
         random.seed(seed)
         np.random.seed(seed % (2**32))
         torch.manual_seed(seed)
-
-    def _lr_factor(self, epoch: int) -> float:
-        o = self.cfg.optim
-        return o.decay_factor ** sum(1 for e in o.decay_epochs if epoch >= e)
 
     def _on_signal(self, signum, frame) -> None:
         if self._stop_signal is not None:
@@ -334,11 +338,12 @@ class Trainer:
         self.train_set = self.bench.triplets(cfg.data.train_split, self.model.preprocess, train=train_transform,
                                              use_masks=self.model.uses_masks)
         self.sampler = EpochSampler(len(self.train_set), cfg.seed, cfg.batch_size * dist.world_size, dist.rank,
-                                    dist.world_size)
+                                    dist.world_size, keep_partial=cfg.keep_partial_batch)
         self.loader_kw = dict(batch_size=cfg.batch_size, sampler=self.sampler, collate_fn=collate,
                               num_workers=cfg.data.num_workers, persistent_workers=False,
                               pin_memory=self.device.type == "cuda")
-        self.steps_per_epoch = self.sampler.per_rank() // cfg.batch_size // cfg.optim.grad_accum
+        # a last, smaller batch is one more batch; an accumulation an epoch's end leaves incomplete is not stepped
+        self.steps_per_epoch = -(-self.sampler.per_rank() // cfg.batch_size) // cfg.optim.grad_accum
         if self.steps_per_epoch < 1:
             raise UserInputError("fewer training batches than optim.grad_accum: lower grad_accum or batch_size")
 
@@ -347,9 +352,12 @@ class Trainer:
         """The current epoch (its rest, on resume): why the run stops, or None when the epoch ran to its end."""
         cfg, st = self.cfg, self.state
         epoch = st.epoch
-        factor = self._lr_factor(epoch)
+        factor = cfg.optim.lr_factor(epoch + 1)  # epochs count from 1 in the config, the logs and metrics.jsonl
         for g in self.opt.param_groups:
             g["lr"] = g["initial_lr"] * factor
+        if self.dist.is_main:
+            log.info("epoch %d/%d: lr backbone %.3g, new modules %.3g", epoch + 1, cfg.epochs,
+                     self.opt.param_groups[0]["lr"], self.opt.param_groups[1]["lr"])
         self.sampler.set_epoch(epoch, skip=st.batch_in_epoch * cfg.batch_size)
         loader = DataLoader(ItemSeededDataset(self.train_set, cfg.seed), **self.loader_kw)
         bar = None
@@ -357,7 +365,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=self.steps_per_epoch, initial=st.batch_in_epoch // cfg.optim.grad_accum,
-                       desc=f"{cfg.name} epoch {epoch}", unit="step", leave=False, dynamic_ncols=True)
+                       desc=f"{cfg.name} epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False, dynamic_ncols=True)
         self._speed_since, self._triplets_since = time.monotonic(), 0  # this process's, since the last log row
         micro, stop_reason = 0, None
         self.opt.zero_grad(set_to_none=True)
@@ -392,12 +400,15 @@ class Trainer:
                 q, k, f_t = self.train_model(
                     batch["ref_image"].to(device, non_blocking=True), _masks(batch["ref_mask"], device),
                     batch["text"], batch["tgt_image"].to(device, non_blocking=True), _masks(batch["tgt_mask"], device))
-            losses = self.model.loss_from_features(q, k, f_t, self.gather)
+            # the losses' similarity matrices in fp32, or under the training autocast as the release computes them
+            loss_precision = self.precision if cfg.loss_precision == "autocast" else "fp32"
+            with self._autocast(device, loss_precision):
+                losses = self.model.loss_from_features(q, k, f_t, self.gather)
             loss = losses["total"] / cfg.optim.grad_accum
             finite = not any_rank(not bool(torch.isfinite(losses["total"]).item()), dist, device)
             if not finite:
                 raise TrainingError(
-                    f"non-finite loss at step {self.state.step} (epoch {self.state.epoch}): "
+                    f"non-finite loss at step {self.state.step} (epoch {self.state.epoch + 1}): "
                     f"total={losses['total'].item()}, bbc={losses['bbc'].item()}, fr={losses['fr'].item()}. "
                     f"Training stopped; the last good checkpoint in {self.run_dir / 'last'} is kept. Lower the "
                     f"learning rates or use fp32.")
@@ -427,6 +438,8 @@ class Trainer:
     def _after_step(self, losses: dict, bar=None) -> str | None:
         """Log, save and evaluate as the config asks after a step; why the run stops now, or None."""
         cfg, st = self.cfg, self.state
+        for callback in self.callbacks:
+            callback(self)
         if st.step % cfg.log_every_steps == 0 or st.step == 1:
             self._log_step(losses, bar)
         if cfg.save_every_steps and st.step % cfg.save_every_steps == 0:
@@ -442,7 +455,7 @@ class Trainer:
         now = time.monotonic()
         speed = self._triplets_since * world / max(now - self._speed_since, 1e-9)
         self._speed_since, self._triplets_since = now, 0
-        row = {"step": st.step, "epoch": st.epoch, "loss": losses["total"].item(),
+        row = {"step": st.step, "epoch": st.epoch + 1, "loss": losses["total"].item(),
                "bbc": losses["bbc"].item(), "fr": losses["fr"].item(),
                "lr_backbone": self.opt.param_groups[0]["lr"], "lr_new": self.opt.param_groups[1]["lr"],
                "triplets_per_s": speed, "elapsed_s": st.elapsed_s}
@@ -485,19 +498,20 @@ class Trainer:
         stop = False
         if self.dist.is_main and result is not None:
             score = result["selection_score"]
-            row = {"step": st.step, "epoch": st.epoch, "eval": result["metrics"], "selection": score}
+            row = {"step": st.step, "epoch": st.epoch + 1, "eval": result["metrics"], "selection": score}
             st.history.append(row)
             self._log_row(row)
             self._draw_curves()
             if self.writer:
                 for k, v in result["metrics"].items():
                     self.writer.add_scalar(f"val/{k}", v, st.step)
-            if st.best_score is None or score > st.best_score:
+            if st.best_score is None or score > st.best_score:  # a tie keeps the earlier evaluation, as the release
                 st.best_score, st.best_step, st.evals_since_best = score, st.step, 0
-                save_best(self.run_dir, self.model, score, st.step, result)
+                save_best(self.run_dir, self.model if cfg.save_best else None, score, st.step, result)
             else:
                 st.evals_since_best += 1
-            log.info("eval step %d: selection %.2f (best %.2f at step %s)", st.step, score, st.best_score, st.best_step)
+            log.info("eval after epoch %d (step %d): selection %.2f (best %.2f at step %s)", st.epoch + 1, st.step,
+                     score, st.best_score, st.best_step)
             p = cfg.early_stop_patience
             stop = p is not None and st.evals_since_best >= p
         self.eval_s += time.monotonic() - eval_started
@@ -512,20 +526,18 @@ class Trainer:
         out_of_time = any_rank(bool(self.budget_s) and time.monotonic() - self.started >= self.budget_s, dist, device)
         if out_of_time:
             reason = reason or "time budget"
-        if any_rank(self._stop_signal is not None, dist, device):
-            reason = "interrupted"
-        if self.stop_after_steps is not None and st.step >= self.stop_after_steps:
+        if any_rank(self._stop_signal is not None or self._stop_requested, dist, device):
             reason = "interrupted"
         return reason
 
     def _after_epoch(self) -> str | None:
         """The epoch ran to its end: evaluate as the config asks and save ``last/``; "early stop" or None."""
         cfg, st = self.cfg, self.state
+        stop_reason = None
+        if cfg.eval_every_epochs and (st.epoch + 1) % cfg.eval_every_epochs == 0 and self._evaluate_and_keep_best():
+            stop_reason = "early stop"
         st.epoch += 1
         st.batch_in_epoch = 0
-        stop_reason = None
-        if cfg.eval_every_epochs and st.epoch % cfg.eval_every_epochs == 0 and self._evaluate_and_keep_best():
-            stop_reason = "early stop"
         self._save_last()
         return stop_reason
 
@@ -544,6 +556,7 @@ class Trainer:
         train_s = max(time.monotonic() - self.loop_started - self.eval_s, 1e-9)
         triplets = self.triplets_seen
         summary = {"name": cfg.name, "stopped": stop_reason, "steps": st.step, "epochs": st.epoch,
+                   "clipseg_maps": cfg.data.clipseg_maps,
                    "best_score": st.best_score, "best_step": st.best_step, "history": st.history,
                    "seconds": time.monotonic() - self.started, "run_dir": str(self.run_dir),
                    # this invocation's throughput: triplets through forward and backward per second of training
@@ -573,7 +586,8 @@ def open_benchmark(cfg: TrainConfig, get_dataset):
             how = (f"point data.root=FOLDER at the {cfg.data.dataset} benchmark (`offset doctor {cfg.data.dataset} "
                    f"--root FOLDER` checks one)")
         raise DatasetError(f"data.root={root} {what}: {how}, or set data.root=FOLDER to where the data is")
-    return get_dataset(cfg.data.dataset, cfg.data.root, **cfg.data.settings)
+    maps = {"clipseg_maps": cfg.data.clipseg_maps} if cfg.data.clipseg_maps else {}  # the release's CLIPSeg maps
+    return get_dataset(cfg.data.dataset, cfg.data.root, **cfg.data.settings, **maps)
 
 
 def _masks(t: torch.Tensor | None, device) -> torch.Tensor | None:
