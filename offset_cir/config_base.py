@@ -258,7 +258,7 @@ def parse_overrides(items: list[str], what: str = "override") -> dict:
     out: dict = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        key = key.strip()
+        key = key.strip().replace("-", "_")  # no setting name holds a dash: batch-size=8 is batch_size=8
         if not sep or not key:
             raise ConfigError(f"{what} {item!r}: expected key=value (e.g. batch_size=8)")
         try:

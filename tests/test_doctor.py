@@ -91,7 +91,7 @@ def test_cli_ok_and_compare(tmp_path, capsys):
     assert "copies match" in capsys.readouterr().out
     (tmp_path / "b/dev/dev-0-2-img0.png").write_bytes((tmp_path / "b/dev/dev-0-3-img0.png").read_bytes())
     assert main(["doctor", "cirr", "--root", str(tmp_path / "b"), "--manifest", str(tmp_path / "b.json"),
-                 "--compare", str(tmp_path / "a.json")]) == 1
+                 "--compare", str(tmp_path / "a.json"), "--overwrite"]) == 1
     assert "differ: dev/dev-0-2-img0.png" in capsys.readouterr().out
 
 

@@ -17,6 +17,7 @@ from offset_cir.errors import TrainingError, UserInputError
 from offset_cir.config_base import parse_overrides
 from offset_cir.testing.training import stop_after
 from offset_cir.train.config import TrainConfig, load_config, preset_names
+from offset_cir.train.precision import training_precision
 from offset_cir.train.sampling import EpochSampler
 from offset_cir.train.state import TrainState
 from offset_cir.train.trainer import Trainer
@@ -388,10 +389,10 @@ def test_training_draws_its_curves_and_evaluates_with_a_progress_bar(synth_root,
     from PIL import Image
 
     import offset_cir.eval.evaluate as evaluate_module
-    import offset_cir.train.trainer as trainer_module
+    import offset_cir.train.run_log as run_log_module
 
     seen_progress, drawn = [], []
-    real_evaluate, real_plot = evaluate_module.evaluate, trainer_module.plot_curves
+    real_evaluate, real_plot = evaluate_module.evaluate, run_log_module.plot_curves
 
     def evaluate(*args, **kwargs):
         seen_progress.append(kwargs.get("progress", True))
@@ -402,7 +403,7 @@ def test_training_draws_its_curves_and_evaluates_with_a_progress_bar(synth_root,
         return real_plot(metrics_path, png, **kwargs)
 
     monkeypatch.setattr(evaluate_module, "evaluate", evaluate)
-    monkeypatch.setattr(trainer_module, "plot_curves", plot_curves)
+    monkeypatch.setattr(run_log_module, "plot_curves", plot_curves)
     out = tmp_path / "curves"
     Trainer(_cfg(synth_root, out, "max_steps=8", "eval_every_epochs=1"), progress=True).fit()
     assert seen_progress == [True, True]  # one evaluation per epoch, each with its bar
@@ -649,8 +650,8 @@ def test_release_yaml_is_the_recipe_of_spec_section_5():
     assert release["data"] == {"clipseg_maps": "release"} and "device" not in release
     cfg = load_config("cirr")
     with pytest.raises(UserInputError, match="fp16 needs a CUDA device"):
-        Trainer(load_config("cirr", ["precision=fp16"]))._precision(torch.device("cpu"))
-    assert cfg.precision == "auto" and Trainer(cfg)._precision(torch.device("cuda", 0)) == "fp16"
+        training_precision(load_config("cirr", ["precision=fp16"]).precision, torch.device("cpu"))
+    assert cfg.precision == "auto" and training_precision(cfg.precision, torch.device("cuda", 0)) == "fp16"
 
 
 def test_machine_settings_come_apart_from_the_experiment(tmp_path):

@@ -64,7 +64,8 @@ class ModelConfig(Config):
         changes="mean averages every position instead of taking position 0.")
     text_padding: Literal["include", "mask"] = setting(
         "include", "D14: whether the positions after the end-of-text token enter the text's focus projection.",
-        release="include", changes="mask leaves them out of the projection's softmax.")
+        release="include", changes="mask leaves the positions after the end-of-text token out of the projection's "
+                                   "softmax; the release includes every position.")
     shared_crop: bool = setting(
         False, "A1: one random crop shared by an image and its mask in training.", release=False,
         changes="true crops image and mask together, so the mask stays on its image; the release crops them "

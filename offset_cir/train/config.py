@@ -58,7 +58,8 @@ class DataConfig(Config):
               "whole squashed image while the image tensor is its centre crop); 'aligned' first resizes it to its "
               "image's size, so both get the same crop; None refuses them, as it refuses any mask of another size "
               "than its image.",
-        release="release", changes="'aligned' puts each mask on its image's crop; None refuses such masks.")
+        release="release", changes="aligned resizes each map to its image first, so mask and image tensor share "
+                                   "one crop; null refuses such maps (every mask must then have its image's size).")
 
 
 def _one_based(epochs: Any) -> Any:
@@ -85,7 +86,9 @@ class OptimConfig(Config):
         [5, 10], "the epochs, counted from 1 (the first epoch is epoch 1, as logs and metrics.jsonl count), that "
                  "start at a learning rate decay_factor times lower than the epoch before: [5, 10] trains epochs "
                  "1-4 at the base rates, 5-9 at x0.1 and 10 onward at x0.01.",
-        release=[5, 10], changes="other epochs decay the two learning rates elsewhere.")
+        release=[5, 10], changes="another list decays both learning rates at other epochs; the release decays them "
+                                 "before its epochs 4 and 9 counted from 0 (lr_decay=5, max_decay_epoch=10), the "
+                                 "start of epochs 5 and 10 counted from 1.")
     decay_factor: float = setting(0.1, "what each decay multiplies both learning rates by.")
     grad_accum: int = setting(1, "micro-batches accumulated per optimiser step.")
     max_grad_norm: float | None = setting(None, "clip the gradient norm to this value; None: no clipping.")
@@ -139,7 +142,8 @@ class TrainConfig(Config):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = setting(
         "auto", "auto (fp16 autocast with a grad scaler on CUDA, fp32 on the CPU), fp32, bf16 (autocast) or fp16 "
                 "(autocast with a grad scaler; CUDA only).",
-        release="fp16", changes="fp32 or bf16 train in another precision; auto is the release's on CUDA.")
+        release="auto", changes="the release trains under fp16 autocast with a grad scaler on CUDA, as auto and "
+                                "fp16 do there; fp32 and bf16 train in another precision.")
     loss_precision: Literal["autocast", "fp32"] = setting(
         "fp32", "the precision of the losses' similarity matrices: fp32, or autocast (the training precision's "
                 "autocast: fp16 on CUDA with precision auto).",
