@@ -9,7 +9,6 @@ import os
 import re
 from pathlib import Path
 
-from offset_cir.config_base import parse_overrides
 from offset_cir.errors import CheckpointError, OffsetError, UserInputError
 
 NAME = "eval"
@@ -35,6 +34,8 @@ def dataset_settings(args) -> dict:
     for key in ("annotations", "image_root", "mask_root"):
         if getattr(args, key, None):
             settings[key] = getattr(args, key)
+    from offset_cir.config_base import parse_overrides
+
     settings.update(parse_overrides(args.set, "--set"))  # values read as YAML, as training's key=value
     return settings
 
@@ -43,7 +44,8 @@ def dataset_settings(args) -> dict:
 FLAG_OF_SETTING = {"root": "--root", "annotations": "--annotations", "image_root": "--image-root",
                    "mask_root": "--mask-root"}
 _SETTING_WORD = re.compile(r"(?<![^\s(])(root|annotations|image_root|mask_root|labels|test_queries|correction_dicts|"
-                           r"use_masks|categories|version|image_pattern|mask_pattern|mask_suffix|seed|clipseg_maps)=(\S?)")
+                           r"use_masks|categories|version|image_pattern|mask_pattern|mask_suffix|seed|"
+                           r"clipseg_maps)=(\S?)")
 
 
 _UNKNOWN_KEYWORD = re.compile(r"[\w.]*\(\) got an unexpected keyword argument '(\w+)'")

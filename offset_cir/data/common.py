@@ -322,7 +322,7 @@ class ImageDataset(Dataset):
     of raising, so one broken file does not stop a long run (the search index lists it as unreadable)."""
 
     def __init__(self, ids: Sequence[str], image_path, mask_path, preprocess, *, use_masks: bool, source: str = "",
-                 report_unreadable: bool = False, clipseg_maps: str | None = None):
+                 clipseg_maps: str | None = None, report_unreadable: bool = False):
         self.ids = list(ids)
         self._loader = _Loader(image_path, mask_path, preprocess, use_masks, False, source, clipseg_maps)
         self.report_unreadable = bool(report_unreadable)

@@ -1,7 +1,8 @@
 """Model configuration: ``ModelConfig``, one typed dataclass; every variant and every ablation of the paper a field.
 
 Defaults compute what the authors' release computes; a field where another value departs from the release says
-so in its metadata (``offset info --deviations`` lists them). Reading, checking and writing: :mod:`offset_cir.config_base`.
+so in its metadata (``offset info --deviations`` lists them). Reading, checking and writing:
+:mod:`offset_cir.config_base`.
 """
 from __future__ import annotations
 
@@ -101,7 +102,8 @@ class ModelConfig(Config):
                 and (self.p_global + self.p_local) % 2):
             raise ConfigError(
                 f"ModelConfig: gate_split='release' (D4) pairs tokens two by two and needs an even token count; "
-                f"focus_channels + focus_channels_local = {self.p_global + self.p_local} is odd (use gate_split='per_token')"
+                f"focus_channels + focus_channels_local = {self.p_global + self.p_local} is odd "
+                "(use gate_split='per_token')"
             )
         if not (self.use_bbc_loss or self.use_fr_loss):
             raise ConfigError("ModelConfig: at least one of use_bbc_loss and use_fr_loss must be on")

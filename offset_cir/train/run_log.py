@@ -28,7 +28,8 @@ def check_train_extras(tensorboard: bool) -> bool:
         curves = False
         log.warning("%s; training goes on without curves.png", exc)
     if tensorboard:
-        import_extra("tensorboard", "train", "TensorBoard logging (tensorboard=true; tensorboard=false trains without it)")
+        import_extra("tensorboard", "train",
+                     "TensorBoard logging (tensorboard=true; tensorboard=false trains without it)")
     return curves
 
 
