@@ -107,6 +107,16 @@ def _adapter(cls):
     return pydantic.TypeAdapter(cls)
 
 
+def _choices(tp) -> tuple | None:
+    """The values a ``Literal[...]`` (or ``Literal[...] | None``) annotation allows; None for other types."""
+    if typing.get_origin(tp) is typing.Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        parts = [_choices(a) if a is not type(None) else (None,) for a in typing.get_args(tp)]
+        return None if any(p is None for p in parts) else tuple(v for p in parts for v in p)
+    return None
+
+
 def _config_fields(cls) -> dict[str, type]:
     """The fields of ``cls`` that are configs themselves (nested sections)."""
     return {f.name: _hints(cls)[f.name] for f in dataclasses.fields(cls)
@@ -120,11 +130,11 @@ class Config:
     LEGACY_NAMES: ClassVar[dict[str, str | Renamed]] = {}
 
     def __post_init__(self) -> None:
-        for f in dataclasses.fields(self):  # a Literal field holds one of its values, however it was built
-            tp = _hints(type(self))[f.name]
-            if typing.get_origin(tp) is typing.Literal and getattr(self, f.name) not in typing.get_args(tp):
+        for f in dataclasses.fields(self):  # a field of choices holds one of them, however the config was built
+            allowed = _choices(_hints(type(self))[f.name])
+            if allowed is not None and getattr(self, f.name) not in allowed:
                 raise ConfigError(f"{type(self).__name__}.{f.name}={getattr(self, f.name)!r}: expected "
-                                  f"{type_name(tp)}")
+                                  f"{type_name(_hints(type(self))[f.name])}")
 
     def to_dict(self) -> dict[str, Any]:
         """Every field (nested sections too) as JSON values: what config.json, config.yaml and results hold."""

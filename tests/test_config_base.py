@@ -53,6 +53,9 @@ def test_every_field_says_what_it_means_in_the_docstring():
             assert f.metadata.get("doc"), f"{cls.__name__}.{f.name}"
             assert f"    {f.name} (" in cls.__doc__, f"{cls.__name__}.{f.name}"
     assert "The authors' release: [5, 10]" in OptimConfig.__doc__
+    with pytest.raises(ConfigError, match=r"DataConfig.clipseg_maps='squash': expected one of 'release', 'aligned' "
+                                          r"or null"):
+        DataConfig(clipseg_maps="squash")  # choices hold however a config is built
     assert OptimConfig().learning_rates(5) == pytest.approx((1e-6, 1e-5))
     with pytest.raises(ValueError, match="epochs count from 1"):
         OptimConfig().lr_factor(0)
