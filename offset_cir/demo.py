@@ -225,7 +225,8 @@ def recipe_of(cfg, section: dict) -> dict:
     """What the runs trained with, for results.json and the report."""
     return {
         "steps": cfg.max_steps, "batch_size": cfg.batch_size, "backbone_lr": cfg.optim.backbone_lr,
-        "new_lr": cfg.optim.new_lr, "weight_decay": cfg.optim.weight_decay, "decay_epochs": cfg.optim.decay_epochs,
+        "new_lr": cfg.optim.new_lr, "weight_decay": cfg.optim.weight_decay,
+        "decay_epochs_1based": cfg.optim.decay_epochs_1based,
         "freeze_backbone": cfg.freeze_backbone, "trainable_image_blocks": cfg.trainable_image_blocks,
         "trainable_text_blocks": cfg.trainable_text_blocks, "feature_cache": bool(cfg.feature_cache),
         "random_crops": not (cfg.freeze_backbone and cfg.feature_cache), "eval_every_steps": cfg.eval_every_steps,

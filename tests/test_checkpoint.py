@@ -288,7 +288,8 @@ def _saved(tmp_path, name="ck"):
     ("focus_channels_local", "4", "an integer or null"),
     ("mu", "0.5", "a number"),
     ("backbone", 7, "a string"),
-    ("ablations", ["wo_fm", 3], "a list of a string"),
+    ("ablations", ["wo_fm", 3], "a list of strings"),
+    ("gate_split", "sideways", "one of 'release', 'per_token'"),
 ])
 def test_wrong_typed_config_field_names_field_type_and_file(tmp_path, field, value, expected):
     import json

@@ -93,7 +93,7 @@ def _cfg(root, out, *extra):
 
     return load_config("synthetic", [
         f"data.root={root}", f"out_dir={out}", "batch_size=8", "epochs=50", "eval_every_epochs=0",
-        "early_stop_patience=null", "tensorboard=false", "optim.decay_epochs=[1]", "log_every_steps=1",
+        "early_stop_patience=null", "tensorboard=false", "optim.decay_epochs_1based=[2]", "log_every_steps=1",
         "device=cuda", *extra])
 
 
@@ -105,6 +105,7 @@ def test_resume_equals_uninterrupted_on_cuda(synth_root, tmp_path, precision):
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from offset_cir.testing.training import stop_after
     from offset_cir.train.trainer import Trainer
 
     # The math SDPA backend: the memory-efficient / flash backwards are not deterministic, and warn_only=True
@@ -115,7 +116,7 @@ def test_resume_equals_uninterrupted_on_cuda(synth_root, tmp_path, precision):
             full = Trainer(_cfg(synth_root, tmp_path / "full", "max_steps=6", f"precision={precision}"),
                            progress=False).fit()
             part = Trainer(_cfg(synth_root, tmp_path / "part", "max_steps=6", f"precision={precision}"),
-                           progress=False, stop_after_steps=3).fit()
+                           progress=False, callbacks=[stop_after(3)]).fit()
             assert full["steps"] == 6 and part["steps"] == 3
             resumed = Trainer(None, resume=tmp_path / "part", progress=False).fit()
             assert resumed["steps"] == 6

@@ -91,7 +91,7 @@ def test_cli_ok_and_compare(tmp_path, capsys):
     assert "copies match" in capsys.readouterr().out
     (tmp_path / "b/dev/dev-0-2-img0.png").write_bytes((tmp_path / "b/dev/dev-0-3-img0.png").read_bytes())
     assert main(["doctor", "cirr", "--root", str(tmp_path / "b"), "--manifest", str(tmp_path / "b.json"),
-                 "--compare", str(tmp_path / "a.json")]) == 1
+                 "--compare", str(tmp_path / "a.json"), "--overwrite"]) == 1
     assert "differ: dev/dev-0-2-img0.png" in capsys.readouterr().out
 
 
@@ -146,3 +146,82 @@ def test_manifest_hash_identifies_the_copy(tmp_path):
     (tmp_path / "b/dev/dev-0-2-img0.png").write_bytes((tmp_path / "b/dev/dev-0-3-img0.png").read_bytes())
     c = check(get_dataset("cirr", tmp_path / "b"), progress=False).manifest
     assert compare_manifests(a, c)["differ"] == ["dev/dev-0-2-img0.png"] and c["hash"] != a["hash"]
+
+
+def _release_maps_copy(root):
+    """A CIRR copy with 48x24 images and, in the release's names, the release's 352x352 CLIPSeg maps."""
+    from offset_cir.testing.placeholders import write_release_maps
+
+    bench = _mini_cirr(root)
+    write_release_maps(bench, "val")
+    return bench
+
+
+def test_doctor_recognises_the_release_clipseg_maps_and_checks_what_training_checks(tmp_path, capsys):
+    from offset_cir.errors import DatasetError
+    from offset_cir.model.preprocess import Preprocess
+
+    bench = _release_maps_copy(tmp_path / "cirr")
+    rep = check(bench, progress=False)
+    (s,) = rep.splits
+    assert not rep.ok and len(s.resized_masks) == 30 and len(s.refused_masks) == 30
+    text = "\n".join(rep.lines())
+    assert "masks: 30 are 352x352 square maps on images of other sizes" in text
+    assert "the release's CLIPSeg maps" in text and "clipseg_maps=release" in text and "clipseg_maps=aligned" in text
+    # what doctor refuses, training refuses (and the other way round)
+    items = bench.image_dataset(bench.split_images("val"), Preprocess(32))
+    with pytest.raises(DatasetError, match="352x352"):
+        items[0]
+    loaded = get_dataset("cirr", tmp_path / "cirr", clipseg_maps="release")
+    rep = check(loaded, progress=False)
+    assert rep.ok and rep.splits[0].refused_masks == []
+    assert "loaded with clipseg_maps=release" in "\n".join(rep.lines())
+    loaded.image_dataset(loaded.split_images("val"), Preprocess(32))[0]
+    # on the command line: the setting named as the flag that sets it
+    assert main(["doctor", "cirr", "--root", str(tmp_path / "cirr"), "--manifest", str(tmp_path / "m.json")]) == 1
+    out = capsys.readouterr().out
+    assert "--set clipseg_maps=release" in out and "PROBLEMS" in out
+    assert main(["doctor", "cirr", "--root", str(tmp_path / "cirr"), "--manifest", str(tmp_path / "m.json"),
+                 "--set", "clipseg_maps=aligned"]) == 0
+    assert "loaded with --set clipseg_maps=aligned" in capsys.readouterr().out
+
+
+def test_doctor_names_square_maps_of_another_size_and_mixed_sizes(tmp_path):
+    from PIL import Image
+
+    bench = _release_maps_copy(tmp_path / "cirr")
+    ids = bench.split_images("val")
+    for image_id in ids:
+        Image.new("L", (100, 100)).save(bench.mask_path(image_id))
+    text = "\n".join(check(bench, progress=False).lines())
+    assert "30 are 100x100 square maps of one size" in text and "not at CLIPSeg's input size 352x352" in text
+    Image.new("L", (30, 20)).save(bench.mask_path(ids[0]))
+    rep = check(get_dataset("cirr", tmp_path / "cirr", clipseg_maps="release"), progress=False)
+    assert not rep.ok and len(rep.splits[0].refused_masks) == 30
+    assert "30 have another size than their image (2 sizes" in "\n".join(rep.lines())
+    (tmp_path / "cirr" / "dev" / f"{ids[1]}-segmask.png").write_bytes(b"not a png")
+    rep = check(bench, progress=False)
+    assert rep.splits[0].unreadable_masks == [ids[1]]
+
+
+def test_manifest_goes_beside_the_dataset_and_never_over_another(tmp_path, monkeypatch, capsys):
+    _mini_cirr(tmp_path / "cirr")
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    assert main(["doctor", "cirr", "--root", str(tmp_path / "cirr")]) == 0
+    path = tmp_path / "cirr-manifest.json"
+    assert path.is_file() and not list((tmp_path / "work").iterdir())  # beside the dataset, nothing here
+    first = path.read_bytes()
+    assert f"manifest: {path}" in capsys.readouterr().out
+    assert main(["doctor", "cirr", "--root", str(tmp_path / "cirr")]) == 0  # the same files: left as it is
+    assert "the same files as before" in capsys.readouterr().out and path.read_bytes() == first
+    (tmp_path / "cirr/dev/dev-0-2-img0.png").write_bytes((tmp_path / "cirr/dev/dev-0-3-img0.png").read_bytes())
+    assert main(["doctor", "cirr", "--root", str(tmp_path / "cirr")]) == 2  # another copy's manifest: refused
+    captured = capsys.readouterr()
+    assert f"manifest {path} exists and describes other files" in captured.err and "--overwrite" in captured.err
+    assert "OK: everything the protocols need is present" in captured.out  # the check itself is not lost
+    assert path.read_bytes() == first
+    assert main(["doctor", "cirr", "--root", str(tmp_path / "cirr"), "--overwrite"]) == 0
+    assert path.read_bytes() != first and json.loads(path.read_text())["hash"] == check(
+        get_dataset("cirr", tmp_path / "cirr"), progress=False).manifest["hash"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cirr", "cirr-manifest.json", "work"]  # no temporaries

@@ -152,11 +152,11 @@ def test_manifest_hash_is_recorded_and_shown_on_the_card(world, here, capsys):
     rec = json.loads((ckpt / "results/synthetic-synthetic-test.json").read_text())["dataset_manifest"]
     assert rec["hash"] == manifest_hash(manifest) and rec["files"] == len(manifest["files"])
     assert f"manifest `{manifest_hash(manifest)}`" in (ckpt / "README.md").read_text()
-    # doctor's default manifest in the working directory is picked up when it describes this --root
+    # doctor's default manifest beside the dataset folder is picked up when it describes this --root
     assert main(["doctor", "synthetic", "--root", str(world / "syn"), "--no-open"]) == 0
     assert _eval(world, "--checkpoint", str(ckpt), "--no-record", "--out", "auto.json") == 0
     auto = json.loads((here / "auto.json").read_text())["dataset_manifest"]
-    assert auto["path"] == "synthetic-manifest.json" and auto["hash"] == manifest_hash(manifest)
+    assert auto["path"] == str((world / "syn-manifest.json").resolve()) and auto["hash"] == manifest_hash(manifest)
     # a default manifest that no longer matches the data is not recorded; an explicit one is refused
     some = next(f for f in manifest["files"] if f["kind"] == "image")
     victim = world / "syn" / some["path"]

@@ -368,13 +368,13 @@ def test_config_rejects_unknown_values():
     ModelConfig(focus_channels=3, focus_channels_local=4, gate_split="per_token")
     with pytest.raises(ValueError, match="unknown ablation"):
         ModelConfig().with_ablation("wo_everything")
-    with pytest.raises(ValueError, match="unknown ModelConfig fields"):
+    with pytest.raises(ValueError, match=r"unknown config keys \['colour'\]; known: \['ablations', 'backbone'"):
         ModelConfig.from_dict({"backbone": "tiny", "colour": 3})
 
 
 def test_config_reads_old_field_names_and_writes_new_ones(tmp_path):
-    """A checkpoint saved before the ablation switches were named use_<component> (issue 11) loads into the same
-    model; saving writes only the new names."""
+    """A checkpoint saved before the ablation switches were named use_<component> loads into the same model;
+    saving writes only the new names."""
     import json
 
     from offset_cir import load_checkpoint, save_checkpoint
@@ -418,7 +418,7 @@ def test_run_config_yaml_with_old_field_names_loads(tmp_path):
     """A run folder's config.yaml (or a YAML preset of one's own) written with the old switch names trains the
     same model: the training config reads them through the same table; key=value overrides too."""
     from offset_cir.errors import UserInputError
-    from offset_cir.train.config import config_from_dict, load_config
+    from offset_cir.train.config import TrainConfig, load_config
 
     path = tmp_path / "mine.yaml"
     path.write_text("model:\n  backbone: tiny\n  tfm: false\n  target_focus_projection: false\n")
@@ -428,6 +428,6 @@ def test_run_config_yaml_with_old_field_names_loads(tmp_path):
     saved = cfg.to_dict()
     saved["model"] = {("revision" if k == "use_revision" else k): (False if k == "use_revision" else v)
                       for k, v in saved["model"].items()}
-    assert config_from_dict(saved).model.use_revision is False  # trainer_state.json / config.yaml on --resume
+    assert TrainConfig.from_dict(saved).model.use_revision is False  # trainer_state.json / config.yaml on --resume
     with pytest.raises(UserInputError, match="both 'tfm'"):
         load_config(str(path), ["model.use_tfm=true"])

@@ -1,4 +1,5 @@
-"""``offset doctor DATASET --root DIR``: counts, missing files, unreadable images, manifest (SPEC section 6)."""
+"""``offset doctor DATASET --root DIR``: counts, missing files, unreadable images and masks, mask sizes as training
+checks them, manifest (SPEC section 6)."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", help="fashioniq, shoes, cirr, fashion200k or synthetic")
     add_dataset_arguments(parser, dataset_flag=False)
     parser.add_argument("--split", action="append", help="check only this split (repeatable; default: every split)")
-    parser.add_argument("--manifest", help="manifest file to write (default: <dataset>-manifest.json here)")
+    parser.add_argument("--manifest", help="manifest file to write (default: beside the dataset folder, "
+                                           "<folder>-manifest.json)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a manifest file that describes other files (refused otherwise)")
     parser.add_argument("--compare", help="a manifest from another copy: list files that differ")
     parser.add_argument("--no-masks", action="store_true", help="masks are not required (models without masks)")
     parser.add_argument("--no-open", action="store_true", help="skip opening every image")
@@ -30,7 +34,7 @@ def run(args) -> int:
 
 def _run(args) -> int:
     from offset_cir.data import get_dataset
-    from offset_cir.data.doctor import SHOW, check, compare_manifests, write_manifest
+    from offset_cir.data.doctor import SHOW, check, compare_manifests, default_manifest_path, save_manifest
 
     settings = dataset_settings(args)
     if args.no_masks:
@@ -39,9 +43,6 @@ def _run(args) -> int:
     report = check(bench, args.split, open_images=not args.no_open, hashes=not args.no_hash)
     for line in report.lines():
         print(cli_wording(line))
-    path = write_manifest(report.manifest, args.manifest or f"{bench.name}-manifest.json")
-    print(f"manifest: {path} ({len(report.manifest.get('files', []))} files, {report.manifest.get('hash')}; "
-          f"`offset eval --manifest {path}` records it with the result)")
     differs = False
     if args.compare:
         other = Path(args.compare)
@@ -56,4 +57,9 @@ def _run(args) -> int:
                 more = f" ... ({len(names)} in all)" if len(names) > SHOW else ""
                 print(f"  {key}: {', '.join(names[:SHOW])}{more}")
         print("copies match" if not differs else f"copies differ from {other}")
+    path = args.manifest or default_manifest_path(bench)  # last: a refusal to replace it loses nothing printed
+    done = save_manifest(report.manifest, path, overwrite=args.overwrite)
+    print(f"manifest: {path} ({len(report.manifest.get('files', []))} files, {report.manifest.get('hash')}; "
+          f"{'the same files as before' if done == 'unchanged' else 'written'}; `offset eval --manifest {path}` "
+          "records it with the result)")
     return 0 if report.ok and not differs else 1

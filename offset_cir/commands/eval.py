@@ -16,20 +16,6 @@ HELP = "evaluate a checkpoint on a benchmark protocol"
 log = logging.getLogger(__name__)
 
 
-def _value(text: str):
-    low = text.lower()
-    if low in ("true", "yes"):
-        return True
-    if low in ("false", "no"):
-        return False
-    if low == "none":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        return text
-
-
 def add_dataset_arguments(parser: argparse.ArgumentParser, dataset_flag: bool = True) -> None:
     """--dataset/--root and the location settings shared by eval, submit and doctor."""
     if dataset_flag:
@@ -48,11 +34,9 @@ def dataset_settings(args) -> dict:
     for key in ("annotations", "image_root", "mask_root"):
         if getattr(args, key, None):
             settings[key] = getattr(args, key)
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise UserInputError(f"--set expects KEY=VALUE, got {item!r}")
-        settings[key.strip().replace("-", "_")] = _value(value.strip())
+    from offset_cir.config_base import parse_overrides
+
+    settings.update(parse_overrides(args.set, "--set"))  # values read as YAML, as training's key=value
     return settings
 
 
@@ -60,7 +44,8 @@ def dataset_settings(args) -> dict:
 FLAG_OF_SETTING = {"root": "--root", "annotations": "--annotations", "image_root": "--image-root",
                    "mask_root": "--mask-root"}
 _SETTING_WORD = re.compile(r"(?<![^\s(])(root|annotations|image_root|mask_root|labels|test_queries|correction_dicts|"
-                           r"use_masks|categories|version|image_pattern|mask_pattern|mask_suffix|seed)=(\S?)")
+                           r"use_masks|categories|version|image_pattern|mask_pattern|mask_suffix|seed|"
+                           r"clipseg_maps)=(\S?)")
 
 
 _UNKNOWN_KEYWORD = re.compile(r"[\w.]*\(\) got an unexpected keyword argument '(\w+)'")
@@ -111,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="replace result, rankings and sheet files an earlier evaluation wrote (refused otherwise)")
     parser.add_argument("--manifest", metavar="FILE",
                         help="dataset manifest written by `offset doctor --manifest`, recorded with the result "
-                             "(default: <dataset>-manifest.json here when it describes this --root)")
+                             "(default: the one beside the dataset folder when it describes this --root)")
     parser.add_argument("--rankings", help="also write the top-50 gallery ids per query (JSON Lines)")
     parser.add_argument("--sheet", type=int, metavar="N",
                         help="draw N queries (evenly spread) with their top-5 results and the true target to a PNG")
@@ -206,6 +191,7 @@ def _run(args) -> int:
 
     import offset_cir
     from offset_cir.data import get_dataset
+    from offset_cir.data.doctor import default_manifest_path
     from offset_cir.device import choose_device
     from offset_cir.eval.evaluate import evaluate, get_protocol
     from offset_cir.model.card import default_name, format_result, record_result, result_path, write_model_card
@@ -231,7 +217,7 @@ def _run(args) -> int:
             "not overwriting what an earlier evaluation wrote: " + ", ".join(taken) + ". Pass --overwrite to "
             "replace it, or write elsewhere (--out, --rankings, --sheet-out; --no-record leaves the checkpoint's "
             "results/ alone)")
-    manifest = read_manifest(args.manifest or f"{bench.name}-manifest.json", bench, explicit=bool(args.manifest))
+    manifest = read_manifest(args.manifest or default_manifest_path(bench), bench, explicit=bool(args.manifest))
     device = choose_device(args.device, what="--device")
     model = offset_cir.load_checkpoint(args.checkpoint).to(device)
     if not model.uses_masks:

@@ -1,4 +1,5 @@
-"""`offset info`: versions, backbones, presets and experiments."""
+"""`offset info`: versions, backbones, presets and experiments; `--deviations`: where offset-cir can depart from the
+authors' release."""
 from __future__ import annotations
 
 NAME = "info"
@@ -8,9 +9,17 @@ HELP = "versions, registered backbones and presets"
 def add_arguments(p) -> None:
     p.add_argument("--all-backbones", action="store_true",
                    help="list every buildable backbone name of each family, not only the first four")
+    p.add_argument("--deviations", action="store_true",
+                   help="print only the table of every setting where offset-cir can depart from the authors' "
+                        "release: the release's value, the default, whether the release presets reproduce it")
 
 
 def run(args) -> int:
+    if args.deviations:
+        from offset_cir.train.deviations import deviation_table
+
+        print(deviation_table())
+        return 0
     import platform
 
     import open_clip

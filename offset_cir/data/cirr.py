@@ -35,8 +35,9 @@ class CIRR(Benchmark):
     split_aliases = {"dev": "val", "test": "test1"}
 
     def __init__(self, root, annotations=None, image_root=None, mask_root=None, mask_suffix: str = "-segmask.png",
-                 version: str = "rc2", meta_file=None, use_masks: bool = True):
-        super().__init__(root, use_masks)
+                 version: str = "rc2", meta_file=None, use_masks: bool = True,
+                 clipseg_maps: str | None = None):
+        super().__init__(root, use_masks, clipseg_maps)
         if annotations:
             self.annotations = Path(annotations)
         else:

@@ -8,6 +8,7 @@
 - :class:`Benchmark`, the base class of every loader, the one route by which those Datasets are opened (with
   the check that a copy set up without masks is not asked for masks).
 
+A mask has its image's size, or is a CLIPSeg map of the release's download (:mod:`offset_cir.data.mask_fit`).
 "No mask" is ``None`` everywhere: a Dataset built with ``use_masks=False`` yields ``None`` for its masks,
 :func:`collate` keeps a batch of them ``None``, and the model takes ``None``.
 
@@ -27,6 +28,7 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from offset_cir.data.mask_fit import CLIPSEG_MAPS, is_clipseg_map, mask_size_problem, preprocess_pair
 from offset_cir.errors import DatasetError
 from offset_cir.images import ImageReadError, read_image
 from offset_cir.masks.layout import mask_beside  # noqa: F401  (where a mask lives: said in one place, for the loaders)
@@ -180,10 +182,11 @@ class EvalSet:
 class _Loader:
     """Opens image and mask of an id and runs ``preprocess.pair`` (shared by the Datasets)."""
 
-    def __init__(self, image_path, mask_path, preprocess, use_masks: bool, train: bool, source: str = ""):
+    def __init__(self, image_path, mask_path, preprocess, use_masks: bool, train: bool, source: str = "",
+                 clipseg_maps: str | None = None):
         self.image_path, self.mask_path = image_path, mask_path
         self.preprocess, self.use_masks, self.train = preprocess, bool(use_masks), bool(train)
-        self.source = source
+        self.source, self.clipseg_maps = source, clipseg_maps
 
     def load(self, image_id: str, record: str = "") -> tuple[torch.Tensor, torch.Tensor | None]:
         """(image tensor, mask tensor) of ``image_id``; the mask is None when masks are not used."""
@@ -191,8 +194,9 @@ class _Loader:
         by_file = getattr(self.preprocess, "files", None)  # a feature cache's preprocess reads warmed files by name
         if by_file is not None:
             hit = by_file(ipath, self.mask_path(image_id) if self.use_masks else None)
-            if hit is not None and (hit[1][1] is None or hit[1][1] == hit[1][0]):
-                return hit[0]  # else decode: the checks below name what is wrong
+            if hit is not None and (hit[1][1] is None or hit[1][1] == hit[1][0] or (
+                    self.clipseg_maps == "release" and is_clipseg_map(hit[1][1], hit[1][0]))):
+                return hit[0]  # else decode: the checks below name what is wrong (or resize the mask)
         img = open_image(ipath, "RGB", "image")
         mask = None
         if self.use_masks:
@@ -202,15 +206,11 @@ class _Loader:
                     f"mask not found: {mpath} (image {image_id}); make masks with `offset masks`, "
                     "or use a model configured without masks (ablation w/o FM)")
             mask = open_image(mpath, "L", "mask")
-            if mask.size != img.size:
-                # A dominant-portion mask is made at its image's size (SPEC section 1); another size means the
-                # mask belongs to another image or was resized: refuse it rather than stretch it silently.
+            problem = mask_size_problem(mask.size, img.size, self.clipseg_maps)
+            if problem:
                 where = ", ".join(x for x in (self.source, record) if x) or f"image {image_id}"
-                raise DatasetError(
-                    f"{where}: mask {mpath} is {mask.size[0]}x{mask.size[1]} (width x height) but its image {ipath} "
-                    f"is {img.size[0]}x{img.size[1]}; a mask must have its image's size (remake it with `offset masks`)")
-        img_t, mask_t = self.preprocess.pair(img, mask, self.train)
-        return img_t, mask_t
+                raise DatasetError(f"{where}: mask {mpath} {problem.replace('its image', f'its image {ipath}', 1)}")
+        return preprocess_pair(self.preprocess, img, mask, self.train, self.clipseg_maps)
 
 
 # The three Datasets take their arguments in one order: records (queries or image ids), image_path, mask_path,
@@ -223,12 +223,12 @@ class TripletDataset(Dataset):
     """
 
     def __init__(self, queries: list[Query], image_path, mask_path, preprocess, *, use_masks: bool, train: bool,
-                 source: str = ""):
+                 source: str = "", clipseg_maps: str | None = None):
         missing = [q for q in queries if q.target is None]
         if missing:
             raise DatasetError(f"triplets need targets; query {missing[0].index} (reference {missing[0].reference}) has none")
         self.queries = queries
-        self._loader = _Loader(image_path, mask_path, preprocess, use_masks, train, source)
+        self._loader = _Loader(image_path, mask_path, preprocess, use_masks, train, source, clipseg_maps)
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -246,9 +246,9 @@ class QueryDataset(Dataset):
     ``ref_mask`` is None when ``use_masks`` is False."""
 
     def __init__(self, queries: list[Query], image_path, mask_path, preprocess, *, use_masks: bool,
-                 train: bool = False, source: str = ""):
+                 train: bool = False, source: str = "", clipseg_maps: str | None = None):
         self.queries = queries
-        self._loader = _Loader(image_path, mask_path, preprocess, use_masks, train, source)
+        self._loader = _Loader(image_path, mask_path, preprocess, use_masks, train, source, clipseg_maps)
 
     def __len__(self) -> int:
         return len(self.queries)
@@ -299,9 +299,9 @@ class ImageDataset(Dataset):
     of raising, so one broken file does not stop a long run (the search index lists it as unreadable)."""
 
     def __init__(self, ids: Sequence[str], image_path, mask_path, preprocess, *, use_masks: bool, source: str = "",
-                 report_unreadable: bool = False):
+                 clipseg_maps: str | None = None, report_unreadable: bool = False):
         self.ids = list(ids)
-        self._loader = _Loader(image_path, mask_path, preprocess, use_masks, False, source)
+        self._loader = _Loader(image_path, mask_path, preprocess, use_masks, False, source, clipseg_maps)
         self.report_unreadable = bool(report_unreadable)
 
     def __len__(self) -> int:
@@ -354,16 +354,21 @@ class Benchmark:
     :meth:`mask_path`, :meth:`splits`, and :meth:`inventory` (for ``offset doctor``).
 
     Settings common to all: ``root``, ``use_masks`` (False: this copy has no masks; only models without masks
-    may use it).
+    may use it), ``clipseg_maps`` (how the maps of the release's download load; :mod:`offset_cir.data.mask_fit`).
     """
 
     name = "benchmark"
     default_protocol = ""
     split_aliases: dict[str, str] = {}
 
-    def __init__(self, root: str | Path, use_masks: bool = True):
+    def __init__(self, root: str | Path, use_masks: bool = True, clipseg_maps: str | None = None):
         self.root = Path(root).expanduser()
         self.use_masks = bool(use_masks)
+        if isinstance(clipseg_maps, str) and clipseg_maps.lower() == "none":
+            clipseg_maps = None
+        if clipseg_maps not in (None, *CLIPSEG_MAPS):
+            raise DatasetError(f"{self.name}: clipseg_maps={clipseg_maps!r}; expected release, aligned or none")
+        self.clipseg_maps = clipseg_maps
         if not self.root.is_dir():
             raise DatasetError(f"{self.name} root is not a folder: {self.root}")
 
@@ -417,7 +422,7 @@ class Benchmark:
             raise DatasetError(f"{self.name} was set up with use_masks=False but the model needs masks; "
                                "give use_masks=True and the mask location, or use a model without masks (w/o FM)")
         return dataset_cls(records, self.image_path, self.mask_path, preprocess, use_masks=bool(use_masks),
-                           source=source, **kwargs)
+                           source=source, clipseg_maps=self.clipseg_maps, **kwargs)
 
     def triplets(self, split: str, preprocess, train: bool = True, use_masks: bool = True) -> TripletDataset:
         """Triplets of a split as a lazily loading torch Dataset (architecture: data contract)."""

@@ -52,8 +52,9 @@ class Fashion200K(Benchmark):
     split_aliases = {"val": "test", "eval": "test"}
 
     def __init__(self, root, labels=None, image_root=None, mask_root=None, mask_suffix: str = "-segmask.png",
-                 categories=None, test_queries=None, seed: int = 0, use_masks: bool = True):
-        super().__init__(root, use_masks)
+                 categories=None, test_queries=None, seed: int = 0, use_masks: bool = True,
+                 clipseg_maps: str | None = None):
+        super().__init__(root, use_masks, clipseg_maps)
         self.labels = Path(labels) if labels else self.root / "labels"
         self.image_root = Path(image_root) if image_root else self.root
         self.mask_root = Path(mask_root) if mask_root else None

@@ -40,8 +40,9 @@ class FashionIQ(Benchmark):
     def __init__(self, root, categories: str | Sequence[str] | None = None, annotations=None, image_root=None,
                  image_pattern: str = "{category}/{name}.jpg", mask_root=None,
                  mask_pattern: str = "{category}_segmask/{name}-seg.png", correction_dicts=None,
-                 use_masks: bool = True):
-        super().__init__(root, use_masks)
+                 use_masks: bool = True,
+                 clipseg_maps: str | None = None):
+        super().__init__(root, use_masks, clipseg_maps)
         if categories in (None, "all", "joint"):
             cats = list(CATEGORIES)
         elif isinstance(categories, str):

@@ -39,8 +39,9 @@ class Shoes(Benchmark):
     split_aliases = {"test": "eval", "val": "eval"}
 
     def __init__(self, root, annotations=None, image_root=None, mask_root=None, mask_suffix: str = "-segmask.jpg",
-                 correction_dicts=None, use_masks: bool = True):
-        super().__init__(root, use_masks)
+                 correction_dicts=None, use_masks: bool = True,
+                 clipseg_maps: str | None = None):
+        super().__init__(root, use_masks, clipseg_maps)
         self.annotations = Path(annotations) if annotations else self.root
         self.image_root = Path(image_root) if image_root else self.root
         self.mask_root = Path(mask_root) if mask_root else None

@@ -256,7 +256,7 @@ def _subset_plan(es: EvalSet, row: dict[str, int]):
 def _model_stamp(model) -> dict:
     cfg = getattr(model, "config", None)
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
-        config = dataclasses.asdict(cfg)
+        config = cfg.to_dict()
     elif isinstance(cfg, dict):
         config = dict(cfg)
     else:
@@ -385,7 +385,7 @@ def evaluate(model, bench, protocol: str | None = None, split: str | None = None
         "protocol": proto.name,
         "protocol_description": proto.description,
         "dataset": bench.name,
-        "root": str(bench.root),
+        "root": str(bench.root), "clipseg_maps": getattr(bench, "clipseg_maps", None),
         "split": split,
         "gallery": list(proto.galleries),
         "gallery_size": sizes,

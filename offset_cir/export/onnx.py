@@ -320,7 +320,7 @@ def export_onnx(model, out: str | os.PathLike, *, checkpoint: str | os.PathLike 
             "uses_masks": bool(model.uses_masks), "uses_query_mask": "masks" in names["query"],
             "uses_target_mask": "masks" in names["target"],
             "preprocess": _preprocess_meta(model), "tokenizer": _tokenizer_meta(model),
-            "model_config": cfg.to_dict() if hasattr(cfg, "to_dict") else dataclasses.asdict(cfg),
+            "model_config": cfg.to_dict(),
             "checkpoint": {"path": _checkpoint_path(checkpoint), "hash": checkpoint_hash},
             "check": {"inputs": f"random images and masks (standard normal), real tokens; batch 3, seed {seed + 1}",
                       "max_abs_diff": diffs, "int8_max_abs_diff": int8_diffs, "tolerance": TOLERANCE},

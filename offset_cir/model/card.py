@@ -210,7 +210,8 @@ def _recipe_rows(recipe: dict, meta: dict) -> list[tuple[str, str]]:
             ("batch", some(("per process", cfg.get("batch_size")), ("gradient accumulation", optim.get("grad_accum")))),
             ("optimiser", some(("AdamW, lr (backbone)", optim.get("backbone_lr")),
                                ("lr (new modules)", optim.get("new_lr")), ("weight decay", optim.get("weight_decay")),
-                               ("lr decay at epochs", optim.get("decay_epochs")), ("by", optim.get("decay_factor")))),
+                               ("lr decay at epochs (counted from 1)", optim.get("decay_epochs_1based")),
+                               ("by", optim.get("decay_factor")))),
             ("budget", some(*((k, cfg.get(k)) for k in ("epochs", "max_steps", "time_budget_minutes")))),
             ("precision, seed", some(("precision", cfg.get("precision")), ("seed", cfg.get("seed"))))]
     rows = [(k, v) for k, v in rows if v not in (None, "")]

@@ -5,22 +5,20 @@ model and, for a checkpoint of another architecture, says which keys or shapes d
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import re
-import types
-import typing
 from pathlib import Path
 
 import torch
 
 from offset_cir import io
+from offset_cir.config_base import ConfigError
 from offset_cir.errors import CheckpointError, OfflineError
 from offset_cir.hashing import file_sha256
 from offset_cir.hub import hub_reachable
-from offset_cir.model.config import ModelConfig, upgrade_field_names
+from offset_cir.model.config import ModelConfig
 from offset_cir.model.weights import compare_state, load_state_strict  # noqa: F401  (compare_state: public here too)
 
 WEIGHTS_NAME = "model.safetensors"
@@ -134,47 +132,6 @@ def checkpoint_folder(path: str | os.PathLike) -> Path:
     return _resolve(path)[1].parent
 
 
-def _type_name(tp) -> str:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        (inner,) = typing.get_args(tp) or (typing.Any,)
-        return f"a list of {_type_name(inner)}"
-    return {type(None): "null", bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(
-        tp, getattr(tp, "__name__", str(tp)))
-
-
-def _fits(value, tp) -> bool:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is bool:
-        return isinstance(value, bool)
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if tp is float:  # JSON writes 10.0 as 10.0, but a hand-edited 10 is the same number
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tp is str:
-        return isinstance(value, str)
-    if origin is list:
-        (inner,) = typing.get_args(tp) or (typing.Any,)
-        return isinstance(value, list) and (inner is typing.Any or all(_fits(v, inner) for v in value))
-    return True
-
-
-def check_config_types(data: dict, source: str) -> None:
-    """Every field of a saved model config against ModelConfig's field types; CheckpointError naming the first
-    wrong one, the expected type and ``source`` (a bad value would otherwise fail deep inside the model)."""
-    hints = typing.get_type_hints(ModelConfig)
-    for f in dataclasses.fields(ModelConfig):
-        if f.name in data and not _fits(data[f.name], hints[f.name]):
-            raise CheckpointError(f"{source}: field model.{f.name} is {json.dumps(data[f.name])} "
-                                  f"({type(data[f.name]).__name__}); expected {_type_name(hints[f.name])}")
-
-
 def read_checkpoint_config(path: str | os.PathLike) -> ModelConfig:
     _, config = _resolve(path)
     try:
@@ -184,19 +141,14 @@ def read_checkpoint_config(path: str | os.PathLike) -> ModelConfig:
     if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
         raise CheckpointError(f"{config}: not a valid offset-cir checkpoint config (expected a JSON object with "
                               "a \"model\" object holding the model's settings)")
-    try:  # a config written before the use_<component> switch names: its old names are checked as the new ones
-        meta["model"] = upgrade_field_names(meta["model"])
-    except ValueError as exc:
-        raise CheckpointError(f"{config}: not a valid offset-cir checkpoint config ({exc})") from exc
-    check_config_types(meta["model"], str(config))
-    if "focus_channels" in meta["model"] and meta["model"]["focus_channels"] is None:
+    if meta["model"].get("focus_channels", 0) is None:
         # None means "read P from the weights", which only convert_release_checkpoint does
         raise CheckpointError(f"{config}: field \"focus_channels\" is null; a saved checkpoint records its P "
                               "(an integer, e.g. 8)")
-    try:
-        return ModelConfig.from_dict(meta["model"])
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"{config}: not a valid offset-cir checkpoint config ({exc})") from exc
+    try:  # names of earlier versions read as the current ones; every field's type checked
+        return ModelConfig.from_dict(meta["model"], source=str(config), key="model")
+    except ConfigError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def config_differences(saved: ModelConfig, wanted: ModelConfig) -> str:

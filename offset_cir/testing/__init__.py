@@ -12,7 +12,9 @@ They live in the package, not in ``tests/``, because the scripts in ``benchmarks
   service), generated image galleries, and the tiny OFFSET trained a few steps on the synthetic benchmark;
 - :mod:`offset_cir.testing.service`: the search service's server in a thread, and reading one metric;
 - :mod:`offset_cir.testing.memory`: the peak resident memory of a call or of an ``offset`` command (what PIL and
-  torch allocate, which ``tracemalloc`` does not see).
+  torch allocate, which ``tracemalloc`` does not see);
+- :mod:`offset_cir.testing.training`: a trainer callback that interrupts a run at a chosen step, and an
+  evaluation that returns scripted selection scores.
 
 Importing this package imports none of them (each pulls in torch or transformers); import the module you need.
 """

@@ -18,11 +18,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from offset_cir.config_base import Config
 from offset_cir.testing.placeholders import CodePreprocess, decode
 
 
 @dataclass
-class FakeConfig:
+class FakeConfig(Config):
     backbone: str = "oracle"
     sign: float = 1.0
 

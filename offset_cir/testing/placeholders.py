@@ -76,3 +76,33 @@ class CodePreprocess:
 
     def pair(self, img, mask, train: bool = False):
         return self._t(img), (None if mask is None else self._t(mask))
+
+
+#: the side of the square maps of the release's segmentation download (CLIPSeg's input size)
+RELEASE_MAP_SIZE = 352
+
+
+def write_release_maps(bench, split: str, size: tuple[int, int] = (48, 24)) -> dict[str, tuple[int, int]]:
+    """Non-square images (``size``: width x height) at the benchmark's own paths for every image ``split``'s
+    protocol needs, and at its mask paths (the release's names) each one's mask as the release's segmentation
+    download holds it: CLIPSeg's map at its input size, 352x352, of the image squashed to that square.
+
+    Each image is black with a white vertical band of its own inside the image's centre square (what a centre crop
+    keeps); its map is white where the squashed band is. Returns id -> (first, last + 1) column of the band."""
+    from PIL import Image
+
+    w, h = size
+    lo = (w - min(w, h)) // 2
+    bands = {}
+    for i, image_id in enumerate(bench.split_images(split)):
+        left = lo + 2 + (i % 4) * 3
+        band = np.zeros((h, w), dtype=np.uint8)
+        band[:, left:left + 6] = 255
+        bands[image_id] = (left, left + 6)
+        for path, img in ((bench.image_path(image_id), Image.fromarray(band).convert("RGB")),
+                          (bench.mask_path(image_id),
+                           Image.fromarray(band).resize((RELEASE_MAP_SIZE, RELEASE_MAP_SIZE), Image.NEAREST))):
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            img.save(path, **({"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}))
+    return bands

@@ -21,76 +21,151 @@ A run's ``config.yaml`` records the resolved values, so a resume needs no machin
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import types
-import typing
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from offset_cir.config_base import (Config, PerDataset, Renamed, config_class, load_yaml,
+                                    parse_overrides, setting)
 from offset_cir.errors import UserInputError
-from offset_cir.model.config import ModelConfig, upgrade_field_names
+from offset_cir.model.config import ModelConfig
+
+__all__ = ["DataConfig", "OptimConfig", "TrainConfig", "load_config", "parse_overrides", "preset_names", "to_yaml"]
+
+#: the benchmarks whose presets rest on the release's recipe (``base: release``)
+RELEASE_PRESETS = ("fashioniq", "shoes", "cirr", "fashion200k")
 
 
-@dataclass
-class DataConfig:
-    dataset: str = "synthetic"
-    root: str = "data/synthetic"
-    train_split: str = "train"
-    val_split: str = "val"
-    protocol: str | None = None  # evaluation protocol during training (None: the dataset's default)
-    num_workers: int = 0
-    settings: dict[str, Any] = field(default_factory=dict)  # passed to offset_cir.data.get_dataset
+@config_class
+class DataConfig(Config):
+    """The benchmark a run trains and validates on."""
+
+    dataset: str = setting("synthetic", "the benchmark: fashioniq, shoes, cirr, fashion200k or synthetic.")
+    root: str = setting("data/synthetic", "its folder (the machine's data_roots fill it when a config sets none).")
+    train_split: str = setting("train", "the split trained on.")
+    val_split: str = setting("val", "the split evaluated during training.")
+    protocol: str | None = setting(None, "the evaluation protocol during training; None: the dataset's default.")
+    num_workers: int = setting(0, "DataLoader worker processes (a machine setting).")
+    settings: dict[str, Any] = setting({}, "the loader's own settings (offset_cir.data.get_dataset), e.g. "
+                                           "categories, mask_root.")
+    clipseg_maps: Literal["release", "aligned"] | None = setting(
+        None, "how masks that are CLIPSeg's square sigmoid maps at its input size (352x352: the release's "
+              "segmentation download) load when their image has another size: 'release' sends each through the "
+              "image transform on its own, as the release does (on a non-square image the mask then covers the "
+              "whole squashed image while the image tensor is its centre crop); 'aligned' first resizes it to its "
+              "image's size, so both get the same crop; None refuses them, as it refuses any mask of another size "
+              "than its image.",
+        release="release", changes="aligned resizes each map to its image first, so mask and image tensor share "
+                                   "one crop; null refuses such maps (every mask must then have its image's size).")
 
 
-@dataclass
-class OptimConfig:
-    backbone_lr: float = 1e-5
-    new_lr: float = 1e-4
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    decay_epochs: list[int] = field(default_factory=lambda: [5, 10])  # x decay_factor at the start of these epochs
-    decay_factor: float = 0.1
-    grad_accum: int = 1
-    max_grad_norm: float | None = None
+def _one_based(epochs: Any) -> Any:
+    """``decay_epochs`` (compared with an epoch counted from 0) as ``decay_epochs_1based``: the same schedule."""
+    if not isinstance(epochs, list):
+        return epochs
+    return [e + 1 if isinstance(e, int) and not isinstance(e, bool) else e for e in epochs]
 
 
-@dataclass
-class TrainConfig:
-    name: str = "run"
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    batch_size: int = 16  # per process; the global batch is batch_size x world size
-    epochs: int = 100
-    max_steps: int | None = None
-    time_budget_minutes: float | None = None
-    eval_every_epochs: int = 1
-    eval_every_steps: int | None = None
-    eval_batch_size: int = 64
-    early_stop_patience: int | None = 5  # evaluations without improvement
-    selection: list[str] = field(default_factory=list)  # result keys summed into the selection score
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 only on CUDA, with a grad scaler)
-    device: str = "auto"
-    seed: int = 42
-    out_dir: str = "runs/train"
-    save_every_steps: int | None = None
-    gather_features: bool = True  # in-batch negatives span the global batch under torchrun
-    log_every_steps: int = 10
-    tensorboard: bool = True
-    # Small compute (offset_cir.train.freeze, offset_cir.train.cache)
-    freeze_backbone: bool = False  # no backbone gradient, except its new projections and the last blocks below
-    trainable_image_blocks: int = 0  # with freeze_backbone: the image tower's last N blocks (and its head) train
-    trainable_text_blocks: int = 0  # with freeze_backbone: the text tower's last N blocks train
-    feature_cache: str | None = None  # a folder: the frozen backbone's outputs are cached there (no random crops)
+@config_class
+class OptimConfig(Config):
+    """The optimiser (AdamW, two parameter groups) and its step decay."""
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+    LEGACY_NAMES = {"decay_epochs": Renamed("decay_epochs_1based", _one_based,
+                                            "decay_epochs was compared with the epoch counted from 0: the same "
+                                            "schedule")}
+
+    backbone_lr: float = setting(1e-5, "learning rate of the backbone's parameters.")
+    new_lr: float = setting(1e-4, "learning rate of the new modules (the logit scale included).")
+    weight_decay: float = setting(0.01, "AdamW's weight decay (both groups).")
+    betas: tuple[float, float] = setting((0.9, 0.999), "AdamW's betas.")
+    eps: float = setting(1e-8, "AdamW's eps.")
+    decay_epochs_1based: list[int] = setting(
+        [5, 10], "the epochs, counted from 1 (the first epoch is epoch 1, as logs and metrics.jsonl count), that "
+                 "start at a learning rate decay_factor times lower than the epoch before: [5, 10] trains epochs "
+                 "1-4 at the base rates, 5-9 at x0.1 and 10 onward at x0.01.",
+        release=[5, 10], changes="another list decays both learning rates at other epochs; the release decays them "
+                                 "before its epochs 4 and 9 counted from 0 (lr_decay=5, max_decay_epoch=10), the "
+                                 "start of epochs 5 and 10 counted from 1.")
+    decay_factor: float = setting(0.1, "what each decay multiplies both learning rates by.")
+    grad_accum: int = setting(1, "micro-batches accumulated per optimiser step.")
+    max_grad_norm: float | None = setting(None, "clip the gradient norm to this value; None: no clipping.")
+
+    def lr_factor(self, epoch: int) -> float:
+        """What both base learning rates are multiplied by during ``epoch`` (counted from 1)."""
+        if epoch < 1:
+            raise ValueError(f"epochs count from 1, got {epoch}")
+        return self.decay_factor ** sum(1 for e in self.decay_epochs_1based if epoch >= e)
+
+    def learning_rates(self, epoch: int) -> tuple[float, float]:
+        """(backbone, new modules) learning rate during ``epoch`` (counted from 1)."""
+        factor = self.lr_factor(epoch)
+        return self.backbone_lr * factor, self.new_lr * factor
+
+
+@config_class
+class TrainConfig(Config):
+    """One training run: the model, the data, the optimiser and the run's own settings."""
+
+    name: str = setting("run", "the run's name (logs, curves, summary).")
+    model: ModelConfig = setting(factory=ModelConfig, doc="the model (offset_cir.model.config.ModelConfig).")
+    data: DataConfig = setting(factory=DataConfig, doc="the benchmark.")
+    optim: OptimConfig = setting(factory=OptimConfig, doc="the optimiser and its schedule.")
+    batch_size: int = setting(16, "triplets per batch and process; the global batch is batch_size x world size.")
+    keep_partial_batch: bool = setting(
+        False, "train on the last, smaller batch of an epoch too (under torchrun cut to a multiple of the "
+               "process count, so every process gets as many); false: every epoch is whole global batches only.",
+        release=True, changes="false leaves the n % batch_size triplets an epoch's permutation puts last out of "
+                              "that epoch (Shoes: 14 of 8990).")
+    epochs: int = setting(100, "epochs at most.")
+    max_steps: int | None = setting(None, "optimiser steps at most; None: no limit.")
+    time_budget_minutes: float | None = setting(None, "minutes of training at most (over every resume); None: no "
+                                                "limit.")
+    eval_every_epochs: int = setting(1, "evaluate after every N epochs; 0: never at an epoch's end.")
+    eval_every_steps: int | None = setting(None, "evaluate every N steps too; None: never mid-epoch.")
+    eval_batch_size: int = setting(64, "batch size of the evaluations during training.")
+    early_stop_patience: int | None = setting(
+        4, "stop after this many evaluations in a row without a better selection score (a tie is no improvement: "
+           "the earlier evaluation stays the best); None: never.",
+        release=4, changes="the release (tolerance_epoch=5) trains one more epoch after the fourth evaluation "
+                           "without improvement and never evaluates it; offset-cir stops without it, so the "
+                           "selected epoch and best/ are the release's and last/ holds one epoch fewer.")
+    selection: list[str] = setting([], "result keys summed into the selection score; empty: the protocol's rule.")
+    save_best: bool = setting(
+        True, "write best/ (the model of the best evaluation) whenever the selection score improves.",
+        release=PerDataset(cirr=True, fashioniq=False, shoes=False, fashion200k=False),
+        changes="false writes no best/ (best_result.json still records the best result); nothing else changes: "
+                "the release saves CIRR's best model, Shoes' only with its --ifSave flag, FashionIQ's never (its "
+                "best score is updated before the comparison that would save it).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = setting(
+        "auto", "auto (fp16 autocast with a grad scaler on CUDA, fp32 on the CPU), fp32, bf16 (autocast) or fp16 "
+                "(autocast with a grad scaler; CUDA only).",
+        release="auto", changes="the release trains under fp16 autocast with a grad scaler on CUDA, as auto and "
+                                "fp16 do there; fp32 and bf16 train in another precision.")
+    loss_precision: Literal["autocast", "fp32"] = setting(
+        "fp32", "the precision of the losses' similarity matrices: fp32, or autocast (the training precision's "
+                "autocast: fp16 on CUDA with precision auto).",
+        release="autocast", changes="fp32 computes the similarity matrices of both losses in fp32; the release "
+                                    "computes them under fp16 autocast.")
+    device: str = setting("auto", "auto, cpu, cuda, cuda:1 ... (a machine setting).")
+    seed: int = setting(42, "seed of the model's initialisation, the data order and every random crop.")
+    out_dir: str = setting("runs/train", "the run's folder.")
+    save_every_steps: int | None = setting(None, "also save last/ every N steps; None: at each epoch's end only.")
+    gather_features: bool = setting(True, "under torchrun, the in-batch negatives span the global batch.")
+    log_every_steps: int = setting(10, "a training row in metrics.jsonl every N steps.")
+    tensorboard: bool = setting(True, "log to RUN_DIR/tensorboard (needs the train extra).")
+    freeze_backbone: bool = setting(
+        False, "no backbone gradient, except its new projections and the last trainable_*_blocks.", release=False,
+        changes="true trains the new modules (and the last blocks named) only; the release fine-tunes the whole "
+                "backbone.")
+    trainable_image_blocks: int = setting(0, "with freeze_backbone: the image tower's last N blocks (and its head) "
+                                             "train.")
+    trainable_text_blocks: int = setting(0, "with freeze_backbone: the text tower's last N blocks train.")
+    feature_cache: str | None = setting(
+        None, "a folder: the frozen backbone's outputs are cached there (evaluation transform only).", release=None,
+        changes="a folder trains on the evaluation transform of every image and mask: no random crops.")
 
 
 #: the base that carries the release's recipe: read through ``base:``, not listed as a preset
@@ -139,7 +214,7 @@ def _read_yaml(name_or_path: str, kind: str = "config") -> tuple[dict, str]:
                 f"experiments: {names['experiments']}"
             )
     try:
-        data = yaml.safe_load(text) or {}
+        data = load_yaml(text) or {}
     except yaml.YAMLError as exc:
         raise UserInputError(f"{where}: invalid YAML ({exc})") from exc
     if not isinstance(data, dict):
@@ -196,86 +271,15 @@ def _with_machine(data: dict, machine: str) -> dict:
     return out
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], key)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserInputError(f"{key}: expected true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserInputError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserInputError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise UserInputError(f"{key}: expected a string, got {value!r}")
-        return str(value)
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise UserInputError(f"{key}: expected a list, got {value!r}")
-        inner = typing.get_args(tp)[0] if typing.get_args(tp) else Any
-        items = [_coerce(v, inner, key) if inner is not Any else v for v in value]
-        return tuple(items) if origin is tuple else items
-    return value
+def merge_overrides(data: dict, overrides: list[str]) -> dict:
+    """A config mapping with ``key=value`` overrides applied on top (``parse_overrides``)."""
+    return _merge(data, parse_overrides(overrides))
 
 
-def _build(cls, data: dict, prefix: str = ""):
-    if not isinstance(data, dict):
-        raise UserInputError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
-    if cls is ModelConfig:  # a config.yaml or preset written with the old switch names reads as the new ones
-        try:
-            data = upgrade_field_names(data)
-        except ValueError as exc:
-            raise UserInputError(f"{prefix or 'config'}: {exc}") from exc
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise UserInputError(f"unknown config keys {[prefix + k for k in unknown]}; known: {sorted(known)}")
-    kwargs = {}
-    for name, value in data.items():
-        tp = hints[name]
-        if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
-        else:
-            kwargs[name] = _coerce(value, tp, prefix + name)
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise UserInputError(f"{prefix or 'config'}: {exc}") from exc
-
-
-def parse_overrides(overrides: list[str]) -> dict:
-    """``["model.backbone=tiny", "batch_size=8"]`` -> nested dict; values parsed as YAML scalars/lists."""
-    out: dict = {}
-    for item in overrides:
-        if "=" not in item:
-            raise UserInputError(f"override {item!r}: expected key=value (e.g. model.backbone=tiny)")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            value = raw
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return out
+def flat_keys(data: dict, prefix: str = "") -> list[str]:
+    """The dotted keys of a nested mapping's leaves (``{"optim": {"eps": 1}}`` -> ``["optim.eps"]``)."""
+    return [k for key, value in data.items()
+            for k in (flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) and value else [prefix + key])]
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> TrainConfig:
@@ -284,23 +288,18 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> TrainC
     if name_or_path == RECIPE_BASE:
         raise UserInputError(f"--config {RECIPE_BASE}: the release's recipe is the base of the presets, not a run of "
                              f"its own (it names no dataset); presets: {', '.join(preset_names()['presets'])}")
-    data = _merge(_resolve_yaml(name_or_path), parse_overrides(overrides or []))
+    data = merge_overrides(_resolve_yaml(name_or_path), overrides or [])
     data.pop("demo", None)  # a demo preset's own section (offset_cir.demo): not a training setting
     machine = data.pop("machine", None)
     if machine is not None and not isinstance(machine, str):
         raise UserInputError(f"machine: expected the name of a machine file or a YAML path, got {machine!r}")
     data = _with_machine(data, machine or DEFAULT_MACHINE)
     ablations = (data.get("model") or {}).pop("ablate", None) if isinstance(data.get("model"), dict) else None
-    cfg = _build(TrainConfig, data)
+    where = f"config {name_or_path}" + (" with the overrides" if overrides else "")
+    cfg = TrainConfig.from_dict(data, source=where)
     if ablations:
         cfg.model = cfg.model.with_ablation(*([ablations] if isinstance(ablations, str) else ablations))
     return cfg
-
-
-def config_from_dict(data: dict) -> TrainConfig:
-    """A TrainConfig from a resolved dict (``TrainConfig.to_dict()``, a run's saved config): no presets, no
-    machine file."""
-    return _build(TrainConfig, data)
 
 
 def to_yaml(data: dict) -> str:

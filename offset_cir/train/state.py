@@ -21,9 +21,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from offset_cir.config_base import parse_overrides
 from offset_cir.errors import CheckpointError, UserInputError
-from offset_cir.io import replace_dir, write_json
+from offset_cir.io import replace_dir, write_json, write_text
 from offset_cir.model.checkpoint import WEIGHTS_NAME, load_weights, save_checkpoint
+from offset_cir.train.config import TrainConfig, flat_keys, merge_overrides
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,9 @@ RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", BEST_RESULT, ".be
                "last.old")
 # The fields trainer_state.json must have to resume from it.
 REQUIRED_FIELDS = ("config", "optimizer", "rng", "step", "epoch", "batch_in_epoch")
+# The keys a resumed run may change (`offset train --resume DIR max_steps=N`): its budget. Everything else
+# stays as saved, so that the data order and the optimisation continue exactly.
+RESUME_OVERRIDES = ("max_steps", "epochs", "time_budget_minutes", "early_stop_patience")
 
 
 @dataclass
@@ -46,7 +51,8 @@ class TrainState:
 
     Args:
         step: optimiser steps done.
-        epoch: the epoch being trained (= epochs completed).
+        epoch: epochs completed; the epoch being trained is ``epoch + 1``, counted from 1 as the config
+            (``optim.decay_epochs_1based``), the logs, metrics.jsonl and the progress bar count.
         batch_in_epoch: batches of ``epoch`` this process has read (micro-batches under gradient accumulation);
             a resumed run skips them.
         best_score: the best selection score so far (None before the first evaluation).
@@ -96,6 +102,26 @@ def read_state_json(folder: Path) -> dict:
     if missing:
         raise CheckpointError(f"{path}: trainer state lacks the fields {missing}")
     return meta
+
+
+def read_resumable(run_dir, overrides: list[str] | None = None) -> tuple[Path, TrainState, TrainConfig]:
+    """(its ``last`` folder, its state, its saved config with ``key=value`` changes of its budget) of a run to
+    resume; a run without a complete checkpoint, or a change of anything but the budget, is refused by name."""
+    folder = find_resumable(Path(run_dir))
+    if folder is None:
+        raise UserInputError(f"--resume {run_dir}: no complete checkpoint (last/{STATE_JSON}) found there")
+    saved = read_state_json(folder)
+    data = saved["config"]
+    if overrides:
+        refused = sorted(k for k in flat_keys(parse_overrides(overrides)) if k not in RESUME_OVERRIDES)
+        if refused:
+            raise UserInputError(
+                f"--resume {run_dir}: {', '.join(refused)} cannot change on resume (the run continues with its "
+                f"saved config); only its budget can: {', '.join(RESUME_OVERRIDES)}")
+        data = merge_overrides(data, overrides)
+    cfg = TrainConfig.from_dict(data, source=str(folder / STATE_JSON), key="config")
+    cfg.out_dir = str(run_dir)
+    return folder, TrainState.from_dict(saved), cfg
 
 
 def _optimizer_to_files(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -180,11 +206,42 @@ def load_training_state(folder: Path, model, opt, scaler, world_size: int) -> Tr
 
 
 def save_best(run_dir: Path, model, score: float, step: int, result: dict) -> None:
-    """``run_dir/best`` (the model, its score, step and result in its config) and ``run_dir/best_result.json``."""
-    replace_dir(run_dir / "best",
-                lambda folder: save_checkpoint(model, folder, extra={"selection_score": score, "step": step,
-                                                                     "result": result}))
+    """``run_dir/best`` (the model, its score, step and result in its config; not with ``model=None``) and
+    ``run_dir/best_result.json``."""
+    if model is not None:
+        replace_dir(run_dir / "best",
+                    lambda folder: save_checkpoint(model, folder, extra={"selection_score": score, "step": step,
+                                                                         "result": result}))
     write_json(run_dir / BEST_RESULT, result, indent=2)
+
+
+def occupied(run_dir: Path) -> list[str]:
+    """The names in ``run_dir`` (empty when it is absent or empty); a file in its place is refused by name."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserInputError(f"out_dir {run_dir} is a file, not a folder: choose another out_dir=FOLDER")
+    return sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+
+
+def refuse_occupied_run_dir(run_dir: Path, refuse: bool) -> None:
+    """A new run never mixes with, or replaces, another one in its folder unless asked: ``refuse`` (on any rank
+    the folder holds something and ``--overwrite`` was not given) raises a UserInputError saying what to do."""
+    if refuse:
+        held = occupied(run_dir)
+        shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
+        raise UserInputError(
+            f"out_dir {run_dir} is not empty (it holds {shown or 'files'}): continue the run there with "
+            f"`offset train --resume {run_dir}`, train into another folder (out_dir=NEW_FOLDER), or give "
+            f"--overwrite to replace it")
+
+
+def make_run_dir(run_dir: Path, config_yaml: str, replace: bool) -> None:
+    """The run's folder with its ``config.yaml``; ``replace``: an earlier run's outputs there are removed first."""
+    if replace and run_dir.is_dir():
+        removed = remove_run_outputs(run_dir)
+        if removed:
+            log.warning("--overwrite: removed the previous run's %s from %s", ", ".join(removed), run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_text(run_dir / "config.yaml", config_yaml)
 
 
 def remove_run_outputs(run_dir: Path) -> list[str]:

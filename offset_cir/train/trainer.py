@@ -11,17 +11,20 @@ see the same triplets as one process with batch N*B.
 ``Trainer.fit`` is a set-up (``_set_up``: device, process group, data, model, optimiser, resumed state, run
 folder), then epochs of steps (``_train_epoch``: ``_forward_backward`` per micro-batch, ``_optimizer_step``), each
 step followed by ``_after_step`` (log, save, evaluate, decide whether to stop), and an end (``_end``,
-``_summary``). The data order lives in :mod:`offset_cir.train.sampling`, the run's state and its checkpoint
-folders in :mod:`offset_cir.train.state`.
+``_summary``). Epochs count from 1 wherever a person reads them (the config's ``optim.decay_epochs_1based``, the
+log, metrics.jsonl, the progress bar). The data order lives in :mod:`offset_cir.train.sampling`, the run's state
+and its folders in :mod:`offset_cir.train.state`, the best evaluation and the budgets in
+:mod:`offset_cir.train.selection`, the precision in :mod:`offset_cir.train.precision`, what a run logs in
+:mod:`offset_cir.train.run_log`.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import random
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,24 +34,22 @@ from torch.utils.data import DataLoader
 from offset_cir.data.common import ItemSeededDataset
 from offset_cir.device import choose_device
 from offset_cir.errors import DatasetError, TrainingError, UserInputError
-from offset_cir.extras import import_extra
-from offset_cir.io import write_json, write_text
-from offset_cir.train.config import TrainConfig, _merge, config_from_dict, parse_overrides, to_yaml
+from offset_cir.io import write_json
+from offset_cir.train.config import TrainConfig, to_yaml
 from offset_cir.train.curves import plot_curves
+from offset_cir.train.run_log import RunLog, check_train_extras
 from offset_cir.distributed import any_rank, barrier, gather_with_grad, init_distributed
+from offset_cir.train.precision import autocast, training_precision
 from offset_cir.train.sampling import EpochSampler
+from offset_cir.train.selection import budget_used, patience_used, record_evaluation
 from offset_cir.train.signals import stop_signals_handled_by
-from offset_cir.train.state import (CURVES_NAME, STATE_JSON, TrainState, find_resumable, load_training_state,
-                                    read_state_json, remove_run_outputs, save_best, save_training_state)
+from offset_cir.train.state import (RESUME_OVERRIDES, TrainState, load_training_state, make_run_dir,
+                                    occupied, read_resumable, refuse_occupied_run_dir, save_best,
+                                    save_training_state)
 
 __all__ = ["Trainer", "train", "open_benchmark", "plot_curves", "EpochSampler", "TrainState", "RESUME_OVERRIDES"]
 
 log = logging.getLogger(__name__)
-
-# The keys a resumed run may change (`offset train --resume DIR max_steps=N`): its budget. Everything else
-# stays as saved, so that the data order and the optimisation continue exactly.
-RESUME_OVERRIDES = ("max_steps", "epochs", "time_budget_minutes", "early_stop_patience")
-
 
 # --------------------------------------------------------------------- trainer
 class Trainer:
@@ -58,32 +59,17 @@ class Trainer:
     ``overrides``: on resume, ``key=value`` changes of the budget only (``RESUME_OVERRIDES``).
     ``stop_signals``: a list that signal handlers installed earlier (the CLI's, during its imports) append to;
     a signal in it stops the run at the first safe point, as one received during training does.
+    ``callbacks``: called with the trainer after every optimiser step (``trainer.state`` says where the run is);
+    one may call :meth:`request_stop`.
     """
 
     def __init__(self, cfg: TrainConfig, resume: str | os.PathLike | None = None, progress: bool = True,
-                 stop_after_steps: int | None = None, overwrite: bool = False, overrides: list[str] | None = None,
-                 stop_signals: list[int] | None = None):
+                 overwrite: bool = False, overrides: list[str] | None = None, stop_signals: list[int] | None = None,
+                 callbacks: Sequence[Callable[["Trainer"], None]] = ()):
         self.resume_from = None
         self._resume_state: TrainState | None = None
         if resume is not None:
-            self.resume_from = find_resumable(Path(resume))
-            if self.resume_from is None:
-                raise UserInputError(f"--resume {resume}: no complete checkpoint (last/{STATE_JSON}) found there")
-            saved = read_state_json(self.resume_from)
-            self._resume_state = TrainState.from_dict(saved)
-            data = saved["config"]
-            if overrides:
-                changes = parse_overrides(overrides)
-                refused = sorted(item.split("=", 1)[0].strip() for item in overrides
-                                 if item.split("=", 1)[0].strip() not in RESUME_OVERRIDES)
-                if refused:
-                    raise UserInputError(
-                        f"--resume {resume}: {', '.join(refused)} cannot change on resume (the run continues with "
-                        f"its saved config); only its budget can: {', '.join(RESUME_OVERRIDES)}")
-                data = _merge(data, changes)
-            cfg = config_from_dict(data)
-            if cfg.out_dir != str(resume):
-                cfg.out_dir = str(resume)
+            self.resume_from, self._resume_state, cfg = read_resumable(resume, overrides)
         elif overrides:
             raise UserInputError("overrides apply to a resumed run only; put them into the config of a new run")
         if resume is not None and overwrite:
@@ -91,53 +77,25 @@ class Trainer:
         self.cfg = cfg
         self.progress = progress
         self.overwrite = overwrite
-        self.stop_after_steps = stop_after_steps  # tests: simulate an interruption after this many steps
+        self.callbacks = list(callbacks)
         self._signals: list[int] = stop_signals if stop_signals is not None else []
-        self._curves = True  # curves.png is drawn (False when matplotlib is missing)
+        self._stop_requested = False
 
     @property
     def _stop_signal(self) -> int | None:
         return self._signals[0] if self._signals else None
 
+    def request_stop(self) -> None:
+        """Stop at the next safe point (after the current step), save ``last/`` and end as "interrupted", as a
+        SIGINT does: ``offset train --resume`` continues the run."""
+        self._stop_requested = True
+
     # ........................................................ set-up helpers
-    def _precision(self, device: torch.device) -> str:
-        p = self.cfg.precision
-        if p == "auto":  # the release's fp16 autocast with a grad scaler on GPUs (SPEC section 5)
-            return "fp16" if device.type == "cuda" else "fp32"
-        if p == "fp16" and device.type != "cuda":
-            raise UserInputError("precision=fp16 needs a CUDA device; use bf16 or fp32 on the CPU")
-        if p not in ("fp32", "bf16", "fp16"):
-            raise UserInputError(f"precision={p!r}: expected auto, fp32, bf16 or fp16")
-        return p
-
-    def _autocast(self, device, precision):
-        if precision == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-    def _check_extras(self) -> None:
-        """What the `train` extra installs, checked before anything is trained or written.
-
-        TensorBoard logging needs it (an error); curves.png is best effort, as every figure is (a warning).
-        """
-        try:
-            import_extra("matplotlib", "train", "drawing curves.png")
-        except UserInputError as exc:
-            self._curves = False
-            log.warning("%s; training goes on without curves.png", exc)
-        if self.cfg.tensorboard:
-            import_extra("tensorboard", "train",
-                         "TensorBoard logging (tensorboard=true; tensorboard=false trains without it)")
-
     @staticmethod
     def _seed_all(seed: int) -> None:
         random.seed(seed)
         np.random.seed(seed % (2**32))
         torch.manual_seed(seed)
-
-    def _lr_factor(self, epoch: int) -> float:
-        o = self.cfg.optim
-        return o.decay_factor ** sum(1 for e in o.decay_epochs if epoch >= e)
 
     def _on_signal(self, signum, frame) -> None:
         if self._stop_signal is not None:
@@ -153,53 +111,13 @@ class Trainer:
         return setup_small_compute(self.cfg, model, bench, progress=self.progress and self.dist.is_main)
 
     # ............................................................ run folder
-    def _finished_reason(self, st: TrainState) -> tuple[str, str] | None:
-        """(what ended the run, the key that raises that budget) when a saved state has used up the budget."""
-        cfg = self.cfg
-        if cfg.max_steps and st.step >= cfg.max_steps:
-            return f"max_steps={cfg.max_steps} reached", "max_steps"
-        if st.epoch >= cfg.epochs:
-            return f"epochs={cfg.epochs} done", "epochs"
-        if cfg.time_budget_minutes and st.elapsed_s >= cfg.time_budget_minutes * 60:
-            return f"time_budget_minutes={cfg.time_budget_minutes:g} used", "time_budget_minutes"
-        patience = cfg.early_stop_patience
-        if patience is not None and st.evals_since_best >= patience:
-            return (f"early stopping after {st.evals_since_best} evaluations without improvement "
-                    f"(early_stop_patience={patience})"), "early_stop_patience"
-        return None
-
     def _already_finished(self, reason: str, key: str) -> dict:
         st = self._resume_state
         if self.dist.is_main:
             log.warning("%s: the run is already finished (%s at step %d): nothing to train, nothing changed. To train "
                         "it further, raise that budget: `offset train --resume %s %s=...`",
                         self.run_dir, reason, st.step, self.run_dir, key)
-        return {"name": self.cfg.name, "stopped": "already finished", "reason": reason, "steps": st.step,
-                "epochs": st.epoch, "best_score": st.best_score, "best_step": st.best_step,
-                "history": st.history, "seconds": 0.0, "run_dir": str(self.run_dir),
-                "triplets": 0, "triplets_per_s": 0.0}
-
-    def _check_run_dir(self, device) -> None:
-        """A new run never mixes with, or replaces, another one in its folder unless asked (``overwrite``)."""
-        run_dir = self.run_dir
-        if run_dir.exists() and not run_dir.is_dir():
-            raise UserInputError(f"out_dir {run_dir} is a file, not a folder: choose another out_dir=FOLDER")
-        held = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
-        if any_rank(bool(held) and not self.overwrite, self.dist, device):
-            shown = ", ".join(held[:6]) + (", ..." if len(held) > 6 else "")
-            raise UserInputError(
-                f"out_dir {run_dir} is not empty (it holds {shown or 'files'}): continue the run there with "
-                f"`offset train --resume {run_dir}`, train into another folder (out_dir=NEW_FOLDER), or give "
-                f"--overwrite to replace it")
-
-    def _make_run_dir(self) -> None:
-        run_dir = self.run_dir
-        if self.resume_from is None and self.overwrite and run_dir.is_dir():
-            removed = remove_run_outputs(run_dir)
-            if removed:
-                log.warning("--overwrite: removed the previous run's %s from %s", ", ".join(removed), run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(run_dir / "config.yaml", to_yaml(self.cfg.to_dict()))
+        return self._summary_of("already finished", st, reason=reason)
 
     def _interrupted_in_setup(self) -> dict:
         st = self.state
@@ -209,24 +127,14 @@ class Trainer:
             else:
                 log.warning("interrupted during the set-up: %s is unchanged (step %d); continue with "
                             "`offset train --resume %s`", self.resume_from, st.step, self.run_dir)
-        return {"name": self.cfg.name, "stopped": "interrupted", "steps": st.step, "epochs": st.epoch,
-                "best_score": st.best_score, "best_step": st.best_step, "history": st.history,
-                "seconds": 0.0, "run_dir": str(self.run_dir), "triplets": 0, "triplets_per_s": 0.0}
+        return self._summary_of("interrupted", st)
 
-    def _draw_curves(self) -> None:
-        if not self.dist.is_main or not self.metrics_path.is_file() or not self._curves:
-            return
-        try:
-            plot_curves(self.metrics_path, self.run_dir / CURVES_NAME, title=self.cfg.name)
-        except Exception as exc:  # a figure must never stop a run
-            log.warning("%s not drawn (%s)", self.run_dir / CURVES_NAME, exc)
-
-    def _tensorboard(self):
-        if not self.cfg.tensorboard:
-            return None
-        from torch.utils.tensorboard import SummaryWriter
-
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
+    def _summary_of(self, stopped: str, st: TrainState, **more) -> dict:
+        """The summary's fields: how the run stopped, where it is; ``more`` adds or replaces some."""
+        return {"name": self.cfg.name, "stopped": stopped, "steps": st.step, "epochs": st.epoch,
+                "clipseg_maps": self.cfg.data.clipseg_maps, "best_score": st.best_score, "best_step": st.best_step,
+                "history": st.history, "seconds": 0.0, "run_dir": str(self.run_dir), "triplets": 0,
+                "triplets_per_s": 0.0, **more}
 
     # ................................................................... fit
     def fit(self) -> dict:
@@ -251,8 +159,7 @@ class Trainer:
             stop_reason = stop_reason or "epochs done"
             self._end(stop_reason)
         finally:
-            if self.writer:
-                self.writer.close()
+            self.run_log.close()
         return self._summary(stop_reason)
 
     # ................................................................ set-up
@@ -262,15 +169,16 @@ class Trainer:
         cfg = self.cfg
         self.device = device = choose_device(cfg.device, what="device")
         self.dist = dist = init_distributed(device.type)
-        self.precision = self._precision(device)
+        self.precision = training_precision(cfg.precision, device)
         self.run_dir = Path(cfg.out_dir)
         if self.resume_from is not None:
-            finished = self._finished_reason(self._resume_state)
+            finished = budget_used(cfg, self._resume_state)
             if finished:
                 return self._already_finished(*finished)
-        self._check_extras()
+        curves = check_train_extras(cfg.tensorboard)
         if self.resume_from is None:
-            self._check_run_dir(device)
+            refuse_occupied_run_dir(self.run_dir, any_rank(not self.overwrite and bool(occupied(self.run_dir)),
+                                                            dist, device))
         # The data before anything is written: a wrong data.root leaves no run folder behind.
         from offset_cir.data import get_dataset
 
@@ -284,13 +192,13 @@ class Trainer:
         self.gather = gather_with_grad if (dist.enabled and cfg.gather_features) else None
         # The first safe point: a signal received during the set-up stops here, before anything is written
         # (a new run leaves no folder, a resumed one keeps its checkpoint as it was).
-        self.writer = None
-        self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.run_log = RunLog(self.run_dir, cfg.name, enabled=dist.is_main, curves=curves)
         if any_rank(self._stop_signal is not None, dist, device):
             return self._interrupted_in_setup()
         if dist.is_main:
-            self._make_run_dir()
-        self.writer = self._tensorboard() if dist.is_main else None
+            make_run_dir(self.run_dir, to_yaml(cfg.to_dict()), replace=self.resume_from is None and self.overwrite)
+        if cfg.tensorboard:
+            self.run_log.open_tensorboard()
         self.started = time.monotonic() - self.state.elapsed_s  # the run's clock, over all its invocations
         # this invocation's throughput: triplets through forward and backward, seconds spent evaluating
         self.loop_started, self.eval_s, self.triplets_seen = time.monotonic(), 0.0, 0
@@ -334,11 +242,12 @@ class Trainer:
         self.train_set = self.bench.triplets(cfg.data.train_split, self.model.preprocess, train=train_transform,
                                              use_masks=self.model.uses_masks)
         self.sampler = EpochSampler(len(self.train_set), cfg.seed, cfg.batch_size * dist.world_size, dist.rank,
-                                    dist.world_size)
+                                    dist.world_size, keep_partial=cfg.keep_partial_batch)
         self.loader_kw = dict(batch_size=cfg.batch_size, sampler=self.sampler, collate_fn=collate,
                               num_workers=cfg.data.num_workers, persistent_workers=False,
                               pin_memory=self.device.type == "cuda")
-        self.steps_per_epoch = self.sampler.per_rank() // cfg.batch_size // cfg.optim.grad_accum
+        # a last, smaller batch is one more batch; an accumulation an epoch's end leaves incomplete is not stepped
+        self.steps_per_epoch = -(-self.sampler.per_rank() // cfg.batch_size) // cfg.optim.grad_accum
         if self.steps_per_epoch < 1:
             raise UserInputError("fewer training batches than optim.grad_accum: lower grad_accum or batch_size")
 
@@ -347,9 +256,12 @@ class Trainer:
         """The current epoch (its rest, on resume): why the run stops, or None when the epoch ran to its end."""
         cfg, st = self.cfg, self.state
         epoch = st.epoch
-        factor = self._lr_factor(epoch)
+        factor = cfg.optim.lr_factor(epoch + 1)  # epochs count from 1 in the config, the logs and metrics.jsonl
         for g in self.opt.param_groups:
             g["lr"] = g["initial_lr"] * factor
+        if self.dist.is_main:
+            log.info("epoch %d/%d: lr backbone %.3g, new modules %.3g", epoch + 1, cfg.epochs,
+                     self.opt.param_groups[0]["lr"], self.opt.param_groups[1]["lr"])
         self.sampler.set_epoch(epoch, skip=st.batch_in_epoch * cfg.batch_size)
         loader = DataLoader(ItemSeededDataset(self.train_set, cfg.seed), **self.loader_kw)
         bar = None
@@ -357,7 +269,7 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=self.steps_per_epoch, initial=st.batch_in_epoch // cfg.optim.grad_accum,
-                       desc=f"{cfg.name} epoch {epoch}", unit="step", leave=False, dynamic_ncols=True)
+                       desc=f"{cfg.name} epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False, dynamic_ncols=True)
         self._speed_since, self._triplets_since = time.monotonic(), 0  # this process's, since the last log row
         micro, stop_reason = 0, None
         self.opt.zero_grad(set_to_none=True)
@@ -388,16 +300,19 @@ class Trainer:
         # others accumulate locally (no_sync around their forward and backward).
         accumulating = dist.enabled and micro + 1 < cfg.optim.grad_accum
         with self.train_model.no_sync() if accumulating else contextlib.nullcontext():
-            with self._autocast(device, self.precision):
+            with autocast(device, self.precision):
                 q, k, f_t = self.train_model(
                     batch["ref_image"].to(device, non_blocking=True), _masks(batch["ref_mask"], device),
                     batch["text"], batch["tgt_image"].to(device, non_blocking=True), _masks(batch["tgt_mask"], device))
-            losses = self.model.loss_from_features(q, k, f_t, self.gather)
+            # the losses' similarity matrices in fp32, or under the training autocast as the release computes them
+            loss_precision = self.precision if cfg.loss_precision == "autocast" else "fp32"
+            with autocast(device, loss_precision):
+                losses = self.model.loss_from_features(q, k, f_t, self.gather)
             loss = losses["total"] / cfg.optim.grad_accum
             finite = not any_rank(not bool(torch.isfinite(losses["total"]).item()), dist, device)
             if not finite:
                 raise TrainingError(
-                    f"non-finite loss at step {self.state.step} (epoch {self.state.epoch}): "
+                    f"non-finite loss at step {self.state.step} (epoch {self.state.epoch + 1}): "
                     f"total={losses['total'].item()}, bbc={losses['bbc'].item()}, fr={losses['fr'].item()}. "
                     f"Training stopped; the last good checkpoint in {self.run_dir / 'last'} is kept. Lower the "
                     f"learning rates or use fp32.")
@@ -427,6 +342,8 @@ class Trainer:
     def _after_step(self, losses: dict, bar=None) -> str | None:
         """Log, save and evaluate as the config asks after a step; why the run stops now, or None."""
         cfg, st = self.cfg, self.state
+        for callback in self.callbacks:
+            callback(self)
         if st.step % cfg.log_every_steps == 0 or st.step == 1:
             self._log_step(losses, bar)
         if cfg.save_every_steps and st.step % cfg.save_every_steps == 0:
@@ -442,21 +359,13 @@ class Trainer:
         now = time.monotonic()
         speed = self._triplets_since * world / max(now - self._speed_since, 1e-9)
         self._speed_since, self._triplets_since = now, 0
-        row = {"step": st.step, "epoch": st.epoch, "loss": losses["total"].item(),
+        row = {"step": st.step, "epoch": st.epoch + 1, "loss": losses["total"].item(),
                "bbc": losses["bbc"].item(), "fr": losses["fr"].item(),
                "lr_backbone": self.opt.param_groups[0]["lr"], "lr_new": self.opt.param_groups[1]["lr"],
                "triplets_per_s": speed, "elapsed_s": st.elapsed_s}
-        self._log_row(row)
-        if self.writer:
-            for key in ("loss", "bbc", "fr", "triplets_per_s"):
-                self.writer.add_scalar(f"train/{key}", row[key], st.step)
+        self.run_log.row(row, {f"train/{k}": row[k] for k in ("loss", "bbc", "fr", "triplets_per_s")}, st.step)
         if bar is not None:
             bar.set_postfix(loss=f"{row['loss']:.3f}", trip_s=f"{speed:.0f}")
-
-    def _log_row(self, row: dict) -> None:
-        if self.dist.is_main:
-            with open(self.metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
 
     def _save_last(self) -> None:
         """``last/``: the resumable checkpoint (rank 0 writes it)."""
@@ -485,21 +394,15 @@ class Trainer:
         stop = False
         if self.dist.is_main and result is not None:
             score = result["selection_score"]
-            row = {"step": st.step, "epoch": st.epoch, "eval": result["metrics"], "selection": score}
+            row = {"step": st.step, "epoch": st.epoch + 1, "eval": result["metrics"], "selection": score}
             st.history.append(row)
-            self._log_row(row)
-            self._draw_curves()
-            if self.writer:
-                for k, v in result["metrics"].items():
-                    self.writer.add_scalar(f"val/{k}", v, st.step)
-            if st.best_score is None or score > st.best_score:
-                st.best_score, st.best_step, st.evals_since_best = score, st.step, 0
-                save_best(self.run_dir, self.model, score, st.step, result)
-            else:
-                st.evals_since_best += 1
-            log.info("eval step %d: selection %.2f (best %.2f at step %s)", st.step, score, st.best_score, st.best_step)
-            p = cfg.early_stop_patience
-            stop = p is not None and st.evals_since_best >= p
+            self.run_log.row(row, {f"val/{k}": v for k, v in result["metrics"].items()}, st.step)
+            self.run_log.draw_curves()
+            if record_evaluation(st, score):  # strictly better: a tie keeps the earlier evaluation, as the release
+                save_best(self.run_dir, self.model if cfg.save_best else None, score, st.step, result)
+            log.info("eval after epoch %d (step %d): selection %.2f (best %.2f at step %s)", st.epoch + 1, st.step,
+                     score, st.best_score, st.best_step)
+            stop = patience_used(st, cfg.early_stop_patience)
         self.eval_s += time.monotonic() - eval_started
         return any_rank(stop, self.dist, self.device)  # only rank 0 evaluates: share its decision
 
@@ -512,20 +415,18 @@ class Trainer:
         out_of_time = any_rank(bool(self.budget_s) and time.monotonic() - self.started >= self.budget_s, dist, device)
         if out_of_time:
             reason = reason or "time budget"
-        if any_rank(self._stop_signal is not None, dist, device):
-            reason = "interrupted"
-        if self.stop_after_steps is not None and st.step >= self.stop_after_steps:
+        if any_rank(self._stop_signal is not None or self._stop_requested, dist, device):
             reason = "interrupted"
         return reason
 
     def _after_epoch(self) -> str | None:
         """The epoch ran to its end: evaluate as the config asks and save ``last/``; "early stop" or None."""
         cfg, st = self.cfg, self.state
+        stop_reason = None
+        if cfg.eval_every_epochs and (st.epoch + 1) % cfg.eval_every_epochs == 0 and self._evaluate_and_keep_best():
+            stop_reason = "early stop"
         st.epoch += 1
         st.batch_in_epoch = 0
-        stop_reason = None
-        if cfg.eval_every_epochs and st.epoch % cfg.eval_every_epochs == 0 and self._evaluate_and_keep_best():
-            stop_reason = "early stop"
         self._save_last()
         return stop_reason
 
@@ -543,15 +444,13 @@ class Trainer:
         cfg, st = self.cfg, self.state
         train_s = max(time.monotonic() - self.loop_started - self.eval_s, 1e-9)
         triplets = self.triplets_seen
-        summary = {"name": cfg.name, "stopped": stop_reason, "steps": st.step, "epochs": st.epoch,
-                   "best_score": st.best_score, "best_step": st.best_step, "history": st.history,
-                   "seconds": time.monotonic() - self.started, "run_dir": str(self.run_dir),
-                   # this invocation's throughput: triplets through forward and backward per second of training
-                   # (evaluation excluded), all processes together
-                   "triplets": triplets, "train_seconds": train_s, "triplets_per_s": triplets / train_s}
+        # this invocation's throughput: triplets through forward and backward per second of training (evaluation
+        # excluded), all processes together
+        summary = self._summary_of(stop_reason, st, seconds=time.monotonic() - self.started, triplets=triplets,
+                                   train_seconds=train_s, triplets_per_s=triplets / train_s)
         if self.dist.is_main:
             write_json(self.run_dir / "summary.json", summary, indent=2)
-            self._draw_curves()
+            self.run_log.draw_curves()
             speed = f"{summary['triplets_per_s']:.1f} triplets/s ({triplets} triplets in {train_s:.1f} s of training)"
             if stop_reason == "interrupted":
                 log.warning("interrupted at step %d: checkpoint saved; %s; continue with `offset train --resume %s`",
@@ -573,7 +472,8 @@ def open_benchmark(cfg: TrainConfig, get_dataset):
             how = (f"point data.root=FOLDER at the {cfg.data.dataset} benchmark (`offset doctor {cfg.data.dataset} "
                    f"--root FOLDER` checks one)")
         raise DatasetError(f"data.root={root} {what}: {how}, or set data.root=FOLDER to where the data is")
-    return get_dataset(cfg.data.dataset, cfg.data.root, **cfg.data.settings)
+    maps = {"clipseg_maps": cfg.data.clipseg_maps} if cfg.data.clipseg_maps else {}  # the release's CLIPSeg maps
+    return get_dataset(cfg.data.dataset, cfg.data.root, **cfg.data.settings, **maps)
 
 
 def _masks(t: torch.Tensor | None, device) -> torch.Tensor | None:
