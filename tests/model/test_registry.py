@@ -84,7 +84,7 @@ def test_a_package_configuration_added_through_its_table_builds_and_leaves(scrat
 def test_offset_info_prints_each_registered_backbone(capsys):
     from offset_cir.commands import info
 
-    assert info.run(argparse.Namespace(all_backbones=False)) == 0
+    assert info.run(argparse.Namespace(all_backbones=False, deviations=False)) == 0
     out = capsys.readouterr().out
     for name in list_backbones():
         entry = get_backbone_entry(name)
