@@ -164,8 +164,10 @@ class Query:
     """One composed query (SPEC section 6): reference id, text, and what evaluation needs.
 
     ``target`` is None where the split has no targets (CIRR test1, FashionIQ test). ``members`` are the
-    CIRR image-set members (for R_subset). ``pairid`` is the CIRR pair id. ``target_key`` is what a hit
-    must match when it is not the target id (Fashion200K: the target's description).
+    CIRR image-set members (for R_subset). ``pairid`` is the CIRR pair id (CIRCO: the query id). ``target_key``
+    is what a hit must match when it is not the target id (Fashion200K: the target's description).
+    ``ground_truths`` are every image that answers the query, the target first (CIRCO; empty elsewhere), and
+    ``aspects`` the query's semantic aspects (CIRCO val).
     """
 
     index: int
@@ -176,6 +178,8 @@ class Query:
     pairid: int | None = None
     group: str = ""
     target_key: str | None = None
+    ground_truths: tuple[str, ...] = ()
+    aspects: tuple[str, ...] = ()
 
 
 @dataclass
@@ -374,7 +378,7 @@ def collate(batch: list[dict]) -> dict:
 # --------------------------------------------------------------------------------------------- base class
 class Benchmark:
     """Base of every loader. Subclasses implement :meth:`_queries`, :meth:`eval_sets`, :meth:`image_path`,
-    :meth:`mask_path`, :meth:`splits`, and :meth:`inventory` (for ``offset doctor``).
+    :meth:`mask_path`, :meth:`splits`, and may give :meth:`expected_counts` (for ``offset doctor``).
 
     Settings common to all: ``root``, ``use_masks`` (False: this copy has no masks; only models without masks
     may use it).
@@ -408,6 +412,11 @@ class Benchmark:
 
     def annotation_files(self, split: str) -> list[Path]:
         raise NotImplementedError
+
+    def expected_counts(self, split: str) -> dict[str, int]:
+        """Counts a complete copy of ``split`` has (``offset doctor`` compares them with what it finds), keyed by
+        the doctor's fields (``triplets``, ``images_needed``); empty when the release publishes none."""
+        return {}
 
     def split_images(self, split: str) -> list[str]:
         """Every image id a split's protocol needs (queries, targets, galleries)."""

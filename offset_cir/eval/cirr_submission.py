@@ -32,7 +32,7 @@ def predict_test(model, bench, split: str = "test1", batch_size: int = 32, num_w
                  progress: bool = True) -> dict[str, dict[str, list[str]]]:
     """Top-50 over the split's gallery and top-3 over the set members (reference excluded) per pair id:
     ``{"recall": {pairid: [...]}, "recall_subset": {pairid: [...]}}``."""
-    from offset_cir.eval.evaluate import _Encoder, rank_unit
+    from offset_cir.eval.evaluate import Encoder, rank_unit
 
     split = bench.canonical_split(split)
     (es,) = bench.eval_sets(split)
@@ -43,7 +43,7 @@ def predict_test(model, bench, split: str = "test1", batch_size: int = 32, num_w
         model.eval()
     try:
         with torch.no_grad():
-            enc = _Encoder(model, bench, batch_size, num_workers, device, progress)
+            enc = Encoder(model, bench, batch_size, num_workers, device, progress)
             ranked = rank_unit(enc, es, ("all",), top_k=SIZES["recall"], subset=True,
                                subset_k=SIZES["recall_subset"], need_top=True)
     finally:
