@@ -1,4 +1,4 @@
-"""`offset info`: versions, backbones, presets and experiments."""
+"""`offset info`: versions, backbones, presets, experiments, datasets and protocols."""
 from __future__ import annotations
 
 NAME = "info"
@@ -18,6 +18,8 @@ def run(args) -> int:
 
     import offset_cir
     from offset_cir.model.backbone import PACKAGE_BACKBONES, PACKAGED_FACTORIES, available_backbones, backbone_family
+    from offset_cir.data import list_datasets
+    from offset_cir.eval.protocols import list_protocols
     from offset_cir.model.config import ABLATIONS
     from offset_cir.train.config import preset_names
 
@@ -41,4 +43,6 @@ def run(args) -> int:
     print("presets:", ", ".join(p["presets"]))
     print("experiments:", ", ".join(p["experiments"]))
     print("ablations:", ", ".join(ABLATIONS))
+    print("datasets:", ", ".join(list_datasets()))
+    print("protocols:", ", ".join(list_protocols()))
     return 0

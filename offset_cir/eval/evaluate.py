@@ -11,6 +11,7 @@ The protocols, their names (stamped into every result) and what each reports: :m
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import logging
@@ -213,6 +214,21 @@ def _subset_plan(es: EvalSet, row: dict[str, int]):
 
 # ------------------------------------------------------------------------------------------ evaluate
 
+@contextlib.contextmanager
+def evaluation_mode(model):
+    """The block runs the model in evaluation mode without gradients; a model that was training trains again
+    after it (also when the block fails)."""
+    was_training = bool(getattr(model, "training", False))
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+
+
 def _model_stamp(model) -> dict:
     cfg = getattr(model, "config", None)
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
@@ -377,18 +393,11 @@ def evaluate(model, bench, protocol: str | None = None, split: str | None = None
         raise UserInputError(f"query_transform must be 'eval' or 'train', got {query_transform!r}")
     split = bench.canonical_split(split or proto.split)
     units = _units(bench, proto, split)
-    was_training = bool(getattr(model, "training", False))
-    if hasattr(model, "eval"):
-        model.eval()
-    enc = Encoder(model, bench, batch_size, num_workers, device, progress,
-                  query_train_transform=query_transform == "train", cache=gallery_cache)
     started = _dt.datetime.now(_dt.timezone.utc)
-    try:
-        with torch.no_grad():
-            tally = _score_units(enc, proto, units, keep_rows=save_rankings is not None)
-    finally:
-        if was_training and hasattr(model, "train"):
-            model.train()
+    with evaluation_mode(model):
+        enc = Encoder(model, bench, batch_size, num_workers, device, progress,
+                      query_train_transform=query_transform == "train", cache=gallery_cache)
+        tally = _score_units(enc, proto, units, keep_rows=save_rankings is not None)
     selection, selection_rule = _headline(proto, tally.metrics, units)
     result = {
         "protocol": proto.name,
