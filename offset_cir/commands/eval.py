@@ -216,11 +216,11 @@ def run(args) -> int:
 
 def _check_model_flags(args) -> None:
     if args.baseline is None:
+        if args.backbone or args.pretrained:
+            raise UserInputError("--backbone and --pretrained choose a baseline's backbone: give --baseline too")
         if args.checkpoint is None:
             raise UserInputError("give --checkpoint CKPT, or --baseline MODE with --backbone NAME (or --checkpoint "
                                  "CKPT for its backbone)")
-        if args.backbone or args.pretrained:
-            raise UserInputError("--backbone and --pretrained choose a baseline's backbone: give --baseline too")
     elif (args.backbone is None) == (args.checkpoint is None):
         raise UserInputError(f"--baseline {args.baseline} needs its backbone: --backbone NAME [--pretrained ...] "
                              "or --checkpoint CKPT (one of them)")
