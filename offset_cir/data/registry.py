@@ -16,8 +16,8 @@ import importlib
 
 from offset_cir.errors import DatasetError
 
-_TABLE: dict[str, object] = {}  # key -> loader class or "module:Class"
-_NAMES: dict[str, str] = {}  # key -> the name as registered (what list_datasets shows)
+#: the table: key (the name without case, "-" or "_") -> (the name as registered, loader class or "module:Class")
+DATASETS: dict[str, tuple[str, object]] = {}
 
 
 def _key(name: str) -> str:
@@ -30,9 +30,9 @@ def register_dataset(name: str, loader=None):
 
     def add(target):
         key = _key(name)
-        if key in _TABLE and _TABLE[key] is not target and _resolve_spec(_TABLE[key]) is not _resolve_spec(target):
-            raise ValueError(f"dataset name {name!r} is already registered to {_TABLE[key]!r}")
-        _TABLE[key], _NAMES[key] = target, name
+        if key in DATASETS and _resolve_spec(DATASETS[key][1]) is not _resolve_spec(target):
+            raise ValueError(f"dataset name {name!r} is already registered to {DATASETS[key][1]!r}")
+        DATASETS[key] = (name, target)
         return target
 
     return add if loader is None else add(loader)
@@ -47,17 +47,18 @@ def _resolve_spec(target):
 
 def list_datasets() -> list[str]:
     """Every registered dataset name, in registration order."""
-    return [_NAMES[k] for k in _TABLE]
+    return [name for name, _ in DATASETS.values()]
 
 
 def dataset_class(name: str):
     """The loader class registered under ``name`` (imported now when registered by its path)."""
     key = _key(name)
-    if key not in _TABLE:
+    if key not in DATASETS:
         raise DatasetError(f"unknown dataset {name!r}; choose from {', '.join(list_datasets())}")
-    target = _TABLE[key]
+    registered, target = DATASETS[key]
     if isinstance(target, str):
-        target = _TABLE[key] = _resolve_spec(target)
+        target = _resolve_spec(target)
+        DATASETS[key] = (registered, target)
     return target
 
 
