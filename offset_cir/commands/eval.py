@@ -252,6 +252,28 @@ def _open_model(args, device) -> tuple[object, str | None, dict]:
     return model.to(device), model.target_identity, record
 
 
+def _outputs(args, bench, proto, split) -> tuple:
+    """(checkpoint folder recorded in, recorded result, --out, --rankings, sheet): each None when not written;
+    refused before the (long) evaluation when one exists and --overwrite is not given."""
+    from offset_cir.model.card import result_path
+
+    stem = f"{bench.name}-{proto.name}-{split}"
+    if args.baseline:
+        stem += f"-baseline-{args.baseline.replace('+', '-')}"
+    folder = _record_folder(args) if args.baseline is None else None  # a baseline is not the checkpoint's result
+    record = result_path(folder, bench.name, proto.name, split) if folder is not None else None
+    out = Path(args.out) if args.out else (None if record is not None else Path(f"runs/eval/{stem}.json"))
+    rankings = Path(args.rankings) if args.rankings else None
+    sheet = Path(args.sheet_out or f"runs/eval/{stem}-sheet.png") if args.sheet else None
+    taken = [str(p) for p in (record, out, rankings, sheet) if p is not None and p.exists()]
+    if taken and not args.overwrite:
+        raise UserInputError(
+            "not overwriting what an earlier evaluation wrote: " + ", ".join(taken) + ". Pass --overwrite to "
+            "replace it, or write elsewhere (--out, --rankings, --sheet-out; --no-record leaves the checkpoint's "
+            "results/ alone)")
+    return folder, record, out, rankings, sheet
+
+
 def _run(args) -> int:
     import tempfile
 
@@ -261,7 +283,7 @@ def _run(args) -> int:
     from offset_cir.eval.evaluate import evaluate
     from offset_cir.eval.gallery_cache import GalleryCache
     from offset_cir.eval.protocols import protocol_for
-    from offset_cir.model.card import default_name, format_result, record_result, result_path, write_model_card
+    from offset_cir.model.card import default_name, format_result, record_result, write_model_card
 
     _check_model_flags(args)
     if args.sheet is not None and args.sheet < 1:
@@ -273,18 +295,7 @@ def _run(args) -> int:
     bench = get_dataset(args.dataset, args.root, **dataset_settings(args))
     proto = protocol_for(args.protocol, bench)  # fail before loading a large checkpoint
     split = bench.canonical_split(args.split or proto.split)
-    stem = f"{bench.name}-{proto.name}-{split}" + (f"-baseline-{args.baseline.replace('+', '-')}" if args.baseline else "")
-    folder = _record_folder(args) if args.baseline is None else None  # a baseline is not the checkpoint's result
-    record = result_path(folder, bench.name, proto.name, split) if folder is not None else None
-    out = Path(args.out) if args.out else (None if record is not None else Path(f"runs/eval/{stem}.json"))
-    rankings = Path(args.rankings) if args.rankings else None
-    sheet = Path(args.sheet_out or f"runs/eval/{stem}-sheet.png") if args.sheet else None
-    taken = [str(p) for p in (record, out, rankings, sheet) if p is not None and p.exists()]
-    if taken and not args.overwrite:  # refuse before the (long) evaluation, not after it
-        raise UserInputError(
-            "not overwriting what an earlier evaluation wrote: " + ", ".join(taken) + ". Pass --overwrite to "
-            "replace it, or write elsewhere (--out, --rankings, --sheet-out; --no-record leaves the checkpoint's "
-            "results/ alone)")
+    folder, record, out, rankings, sheet = _outputs(args, bench, proto, split)
     manifest = read_manifest(args.manifest or f"{bench.name}-manifest.json", bench, explicit=bool(args.manifest))
     device = choose_device(args.device, what="--device")
     model, key, stamp = _open_model(args, device)

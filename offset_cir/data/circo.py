@@ -23,7 +23,8 @@ records' ``id`` (``Query.pairid``). The text is ``caption_template`` filled with
   ``image_info_unlabeled2017.json`` when that file is there, else every ``<digits>.jpg`` of ``image_root``.
 
 Evaluation (protocol ``circo-val``): mAP@K over all ground truths and Recall@K against the target, the whole
-gallery ranked; ``offset doctor circo`` compares a copy with the counts above (:data:`EXPECTED`).
+gallery ranked; ``offset doctor circo`` compares a copy with the counts above (:data:`EXPECTED`, the
+loader's ``expected``).
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ class CIRCO(Benchmark):
     name = "circo"
     default_protocol = "circo-val"
     split_aliases = {"dev": "val"}
+    expected = EXPECTED
 
     def __init__(self, root, annotations=None, image_root=None, image_info=None, mask_root=None,
                  mask_suffix: str = "-segmask.png", caption_template: str = "{relative_caption}",
@@ -78,9 +80,6 @@ class CIRCO(Benchmark):
             raise DatasetError(f"{self.name}: no annotations/val.json or annotations/test.json under "
                                f"{self.annotations} (give root= the CIRCO folder, or annotations=)")
         return found
-
-    def expected_counts(self, split: str) -> dict[str, int]:
-        return dict(EXPECTED.get(split, {}))
 
     # -- images
     @cached

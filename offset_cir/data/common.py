@@ -378,7 +378,7 @@ def collate(batch: list[dict]) -> dict:
 # --------------------------------------------------------------------------------------------- base class
 class Benchmark:
     """Base of every loader. Subclasses implement :meth:`_queries`, :meth:`eval_sets`, :meth:`image_path`,
-    :meth:`mask_path`, :meth:`splits`, and may give :meth:`expected_counts` (for ``offset doctor``).
+    :meth:`mask_path`, :meth:`splits`, and may give :attr:`expected` counts (for ``offset doctor``).
 
     Settings common to all: ``root``, ``use_masks`` (False: this copy has no masks; only models without masks
     may use it).
@@ -387,6 +387,7 @@ class Benchmark:
     name = "benchmark"
     default_protocol = ""
     split_aliases: dict[str, str] = {}
+    expected: dict[str, dict[str, int]] = {}  # split -> counts of the release, by the doctor's fields
 
     def __init__(self, root: str | Path, use_masks: bool = True):
         self.root = Path(root).expanduser()
@@ -412,11 +413,6 @@ class Benchmark:
 
     def annotation_files(self, split: str) -> list[Path]:
         raise NotImplementedError
-
-    def expected_counts(self, split: str) -> dict[str, int]:
-        """Counts a complete copy of ``split`` has (``offset doctor`` compares them with what it finds), keyed by
-        the doctor's fields (``triplets``, ``images_needed``); empty when the release publishes none."""
-        return {}
 
     def split_images(self, split: str) -> list[str]:
         """Every image id a split's protocol needs (queries, targets, galleries)."""
