@@ -253,8 +253,8 @@ def _open_model(args, device) -> tuple[object, str | None, dict]:
 
 
 def _outputs(args, bench, proto, split) -> tuple:
-    """(checkpoint folder recorded in, recorded result, --out, --rankings, sheet): each None when not written;
-    refused before the (long) evaluation when one exists and --overwrite is not given."""
+    """(checkpoint folder recorded in, recorded result, --out, --rankings, sheet, the outputs' file stem): each path
+    None when not written; refused before the (long) evaluation when one exists and --overwrite is not given."""
     from offset_cir.model.card import result_path
 
     stem = f"{bench.name}-{proto.name}-{split}"
@@ -271,7 +271,7 @@ def _outputs(args, bench, proto, split) -> tuple:
             "not overwriting what an earlier evaluation wrote: " + ", ".join(taken) + ". Pass --overwrite to "
             "replace it, or write elsewhere (--out, --rankings, --sheet-out; --no-record leaves the checkpoint's "
             "results/ alone)")
-    return folder, record, out, rankings, sheet
+    return folder, record, out, rankings, sheet, stem
 
 
 def _run(args) -> int:
@@ -295,7 +295,7 @@ def _run(args) -> int:
     bench = get_dataset(args.dataset, args.root, **dataset_settings(args))
     proto = protocol_for(args.protocol, bench)  # fail before loading a large checkpoint
     split = bench.canonical_split(args.split or proto.split)
-    folder, record, out, rankings, sheet = _outputs(args, bench, proto, split)
+    folder, record, out, rankings, sheet, stem = _outputs(args, bench, proto, split)
     manifest = read_manifest(args.manifest or f"{bench.name}-manifest.json", bench, explicit=bool(args.manifest))
     device = choose_device(args.device, what="--device")
     model, key, stamp = _open_model(args, device)
