@@ -118,13 +118,16 @@ def test_doctor_on_real_annotations(name, shared_data, tmp_path):
 
 
 def test_missing_protocol_split_is_named(tmp_path, capsys):
-    """A synthetic copy without its test split: doctor says which protocol cannot run (issue 9)."""
+    """A synthetic copy without its test split: doctor says which protocol cannot run."""
     from offset_cir.data import synthetic
 
     synthetic.generate(tmp_path / "syn", n_train=3, n_val=3, n_test=4, image_size=32, progress=False, workers=1)
     (tmp_path / "syn/captions/cap.rc2.test.json").unlink()
     (tmp_path / "syn/image_splits/split.rc2.test.json").unlink()
-    rep = check(get_dataset("synthetic", tmp_path / "syn"), open_images=False, hashes=False, progress=False)
+    from offset_cir.eval.protocols import protocol_splits
+
+    bench = get_dataset("synthetic", tmp_path / "syn")
+    rep = check(bench, open_images=False, hashes=False, progress=False, protocols=protocol_splits(bench))
     assert rep.missing_splits == {"test": ["synthetic"]} and not rep.ok
     assert main(["doctor", "synthetic", "--root", str(tmp_path / "syn"), "--no-open",
                  "--manifest", str(tmp_path / "m.json")]) == 1
@@ -132,8 +135,8 @@ def test_missing_protocol_split_is_named(tmp_path, capsys):
     assert "test: MISSING, needed by protocol synthetic" in out
     assert "PROBLEMS" in out
     # asked about train only: the missing test split is not this check's business
-    only = check(get_dataset("synthetic", tmp_path / "syn"), splits=["train"], open_images=False, hashes=False,
-                 progress=False)
+    only = check(bench, splits=["train"], open_images=False, hashes=False, progress=False,
+                 protocols=protocol_splits(bench))
     assert only.missing_splits == {} and only.ok
 
 

@@ -431,8 +431,12 @@ def test_loader_and_generator_read_the_meta_through_one_reader(bench, tmp_path):
     ds = get_dataset("synthetic", bench, meta_file=bad / S.META_NAME)
     with pytest.raises(DatasetError, match=r"field 'unseen_pairids.test' must be a list of pair ids"):
         ds.eval_sets("test")
-    # without a meta file (a real CIRR folder) there is nothing to report
-    assert get_dataset("cirr", bench, meta_file=tmp_path / "none.json").unseen_pairids("test") is None
+    # without a meta file there is nothing to report; CIRR's loader knows nothing of the file
+    assert get_dataset("synthetic", bench, meta_file=tmp_path / "none.json").unseen_pairids("test") is None
+    assert "unseen_pairids" in get_dataset("synthetic", bench).eval_sets("test")[0].notes
+    assert get_dataset("cirr", bench).eval_sets("test")[0].notes == {}
+    with pytest.raises(DatasetError, match="meta_file"):
+        get_dataset("cirr", bench, meta_file=bench / S.META_NAME)
 
 
 _OLD_PUBLIC_NAMES = (  # every public name of the single module, importable from the package as before

@@ -700,10 +700,11 @@ def test_selection_rule_is_a_field_of_the_protocol(synth_root):
     import offset_cir.eval.evaluate as ev
     from offset_cir import ModelConfig, build_model
     from offset_cir.data import get_dataset
+    from offset_cir.eval.protocols import PROTOCOLS
 
     # SPEC section 5: FashionIQ the categories' R@10, Shoes R@10 + R@50, CIRR all seven validation metrics
-    assert all(ev.PROTOCOLS[n].selection_ks == (10,) for n in ("fashioniq", "fashioniq-union", "fashioniq-full"))
-    assert ev.PROTOCOLS["shoes"].selection_ks == (10, 50) and ev.PROTOCOLS["cirr-val"].selection_ks is None
+    assert all(PROTOCOLS[n].selection_ks == (10,) for n in ("fashioniq", "fashioniq-union", "fashioniq-full"))
+    assert PROTOCOLS["shoes"].selection_ks == (10, 50) and PROTOCOLS["cirr-val"].selection_ks is None
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="tiny"))
     bench = get_dataset("synthetic", synth_root)
@@ -713,12 +714,12 @@ def test_selection_rule_is_a_field_of_the_protocol(synth_root):
     assert full["selection_score"] == pytest.approx(sum(m[k] for k in ("R@1", "R@5", "R@10", "R@50", "R_subset@1",
                                                                         "R_subset@2", "R_subset@3")))
     assert full["selection_rule"] == "sum of R@1/5/10/50 and R_subset@1/2/3"
-    original = ev.PROTOCOLS["cirr-val"]
+    original = PROTOCOLS["cirr-val"]
     try:
-        ev.PROTOCOLS["cirr-val"] = dataclasses.replace(original, selection_ks=(1, 50))
+        PROTOCOLS["cirr-val"] = dataclasses.replace(original, selection_ks=(1, 50))
         changed = ev.evaluate(model, bench, "cirr-val", **kw)
     finally:
-        ev.PROTOCOLS["cirr-val"] = original
+        PROTOCOLS["cirr-val"] = original
     assert changed["metrics"] == m
     assert changed["selection_score"] == pytest.approx(m["R@1"] + m["R@50"] + m["R_subset@1"] + m["R_subset@2"]
                                                        + m["R_subset@3"])

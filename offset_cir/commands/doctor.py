@@ -14,7 +14,7 @@ HELP = "check a dataset folder: counts, missing files, manifest"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dataset", help="fashioniq, shoes, cirr, fashion200k or synthetic")
+    parser.add_argument("dataset", help="a dataset name (`offset info` lists them)")
     add_dataset_arguments(parser, dataset_flag=False)
     parser.add_argument("--split", action="append", help="check only this split (repeatable; default: every split)")
     parser.add_argument("--manifest", help="manifest file to write (default: beside the dataset folder, "
@@ -35,12 +35,14 @@ def run(args) -> int:
 def _run(args) -> int:
     from offset_cir.data import get_dataset
     from offset_cir.data.doctor import SHOW, check, compare_manifests, default_manifest_path, save_manifest
+    from offset_cir.eval.protocols import protocol_splits
 
     settings = dataset_settings(args)
     if args.no_masks:
         settings["use_masks"] = False
     bench = get_dataset(args.dataset, args.root, **settings)
-    report = check(bench, args.split, open_images=not args.no_open, hashes=not args.no_hash)
+    report = check(bench, args.split, open_images=not args.no_open, hashes=not args.no_hash,
+                   protocols=protocol_splits(bench))
     for line in report.lines():
         print(cli_wording(line))
     differs = False

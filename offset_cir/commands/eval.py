@@ -1,4 +1,5 @@
-"""``offset eval``: evaluate a checkpoint on a benchmark protocol (SPEC section 7)."""
+"""``offset eval``: evaluate a checkpoint, or a backbone's training-free features, on a benchmark protocol
+(SPEC section 7)."""
 from __future__ import annotations
 
 import argparse
@@ -12,14 +13,14 @@ from pathlib import Path
 from offset_cir.errors import CheckpointError, OffsetError, UserInputError
 
 NAME = "eval"
-HELP = "evaluate a checkpoint on a benchmark protocol"
+HELP = "evaluate a checkpoint (or a training-free baseline) on a benchmark protocol"
 log = logging.getLogger(__name__)
 
 
 def add_dataset_arguments(parser: argparse.ArgumentParser, dataset_flag: bool = True) -> None:
     """--dataset/--root and the location settings shared by eval, submit and doctor."""
     if dataset_flag:
-        parser.add_argument("--dataset", required=True, help="fashioniq, shoes, cirr, fashion200k or synthetic")
+        parser.add_argument("--dataset", required=True, help="a dataset name (`offset info` lists them)")
     parser.add_argument("--root", required=True, help="the benchmark's folder (release layout, SPEC section 6)")
     parser.add_argument("--annotations", help="folder of the annotation files, if not under --root")
     parser.add_argument("--image-root", help="folder of the images, if not the release location")
@@ -77,12 +78,24 @@ def cli_names():
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from offset_cir.eval.baseline import BASELINES
+    from offset_cir.eval.protocols import list_protocols
+
     add_dataset_arguments(parser)
-    parser.add_argument("--checkpoint", required=True,
+    parser.add_argument("--checkpoint",
                         help="checkpoint folder saved by offset train (e.g. RUN/best), its model.safetensors, or "
-                             "hf-hub:ORG/NAME from the Hugging Face hub")
-    parser.add_argument("--protocol", help="fashioniq, fashioniq-union, fashioniq-full, shoes, cirr-val, synthetic, "
-                                           "fashion200k-tirg (default: the dataset's)")
+                             "hf-hub:ORG/NAME from the Hugging Face hub; with --baseline, whose backbone to use")
+    base = parser.add_argument_group("training-free baseline (instead of a trained model)")
+    base.add_argument("--baseline", choices=BASELINES,
+                      help="rank by the backbone's own pretrained features: the reference image's, the text's, or "
+                           "their normalised sum (no new module, no training)")
+    base.add_argument("--backbone", metavar="NAME", help="with --baseline: the backbone (`offset info` lists them)")
+    base.add_argument("--pretrained", metavar="TAG_OR_FILE",
+                      help="with --backbone: an OpenCLIP tag, a local weights file, or 'packaged'")
+    parser.add_argument("--protocol", help=f"{', '.join(list_protocols())} (default: the dataset's)")
+    parser.add_argument("--gallery-cache", metavar="DIR",
+                        help="keep this model's gallery features in DIR and reuse them in later evaluations "
+                             "(a large gallery such as CIRCO's is then encoded once per model; default: none)")
     parser.add_argument("--split", help="split to evaluate (default: the protocol's)")
     parser.add_argument("--batch-size", type=int, default=32, help="queries and gallery images per forward pass")
     parser.add_argument("--num-workers", type=int, default=2, help="data-loader worker processes")
@@ -186,16 +199,79 @@ def run(args) -> int:
         return _run(args)
 
 
+def _check_model_flags(args) -> None:
+    if args.baseline is None:
+        if args.backbone or args.pretrained:
+            raise UserInputError("--backbone and --pretrained choose a baseline's backbone: give --baseline too")
+        if args.checkpoint is None:
+            raise UserInputError("give --checkpoint CKPT, or --baseline MODE with --backbone NAME (or --checkpoint "
+                                 "CKPT for its backbone)")
+    elif (args.backbone is None) == (args.checkpoint is None):
+        raise UserInputError(f"--baseline {args.baseline} needs its backbone: --backbone NAME [--pretrained ...] "
+                             "or --checkpoint CKPT (one of them)")
+    elif args.pretrained and not args.backbone:
+        raise UserInputError("--pretrained goes with --backbone")
+
+
+def _open_model(args, device) -> tuple[object, str | None, dict]:
+    """(model or baseline encoder, the key naming its gallery features, what the result records of it)."""
+    import offset_cir
+    from offset_cir.eval.baseline import BaselineEncoder
+
+    record: dict = {}
+    ckpt_hash = None
+    if args.checkpoint is not None:
+        record["checkpoint"] = str(args.checkpoint)
+        try:
+            from offset_cir.model.checkpoint import checkpoint_hash
+
+            ckpt_hash = record["checkpoint_hash"] = checkpoint_hash(args.checkpoint)
+        except CheckpointError:
+            pass
+    if args.baseline is None:
+        return offset_cir.load_checkpoint(args.checkpoint).to(device), ckpt_hash, record
+    if args.backbone is not None:
+        model = BaselineEncoder.from_backbone(args.backbone, args.pretrained, args.baseline)
+    else:
+        model = BaselineEncoder.from_checkpoint(args.checkpoint, args.baseline, checkpoint_key=ckpt_hash)
+    return model.to(device), model.target_identity, record
+
+
+def _outputs(args, bench, proto, split) -> tuple:
+    """(checkpoint folder recorded in, recorded result, --out, --rankings, sheet, the outputs' file stem): each path
+    None when not written; refused before the (long) evaluation when one exists and --overwrite is not given."""
+    from offset_cir.model.card import result_path
+
+    stem = f"{bench.name}-{proto.name}-{split}"
+    if args.baseline:
+        stem += f"-baseline-{args.baseline.replace('+', '-')}"
+    folder = _record_folder(args) if args.baseline is None else None  # a baseline is not the checkpoint's result
+    record = result_path(folder, bench.name, proto.name, split) if folder is not None else None
+    out = Path(args.out) if args.out else (None if record is not None else Path(f"runs/eval/{stem}.json"))
+    rankings = Path(args.rankings) if args.rankings else None
+    sheet = Path(args.sheet_out or f"runs/eval/{stem}-sheet.png") if args.sheet else None
+    taken = [str(p) for p in (record, out, rankings, sheet) if p is not None and p.exists()]
+    if taken and not args.overwrite:
+        raise UserInputError(
+            "not overwriting what an earlier evaluation wrote: " + ", ".join(taken) + ". Pass --overwrite to "
+            "replace it, or write elsewhere (--out, --rankings, --sheet-out; --no-record leaves the checkpoint's "
+            "results/ alone)")
+    return folder, record, out, rankings, sheet, stem
+
+
 def _run(args) -> int:
     import tempfile
 
-    import offset_cir
+    from offset_cir import io
     from offset_cir.data import get_dataset
     from offset_cir.data.doctor import default_manifest_path
     from offset_cir.device import choose_device
-    from offset_cir.eval.evaluate import evaluate, get_protocol
-    from offset_cir.model.card import default_name, format_result, record_result, result_path, write_model_card
+    from offset_cir.eval.evaluate import evaluate
+    from offset_cir.eval.gallery_cache import GalleryCache
+    from offset_cir.eval.protocols import protocol_for
+    from offset_cir.model.card import default_name, format_result, record_result, write_model_card
 
+    _check_model_flags(args)
     if args.sheet is not None and args.sheet < 1:
         raise UserInputError(f"--sheet expects a number of queries >= 1, got {args.sheet}")
     if args.sheet is not None:  # checked before the evaluation, not after it
@@ -203,37 +279,25 @@ def _run(args) -> int:
 
         import_extra("matplotlib", "train", "--sheet (a contact sheet of rankings)")
     bench = get_dataset(args.dataset, args.root, **dataset_settings(args))
-    proto = get_protocol(args.protocol, bench)  # fail before loading a large checkpoint
+    proto = protocol_for(args.protocol, bench)  # fail before loading a large checkpoint
     split = bench.canonical_split(args.split or proto.split)
-    stem = f"{bench.name}-{proto.name}-{split}"
-    folder = _record_folder(args)
-    record = result_path(folder, bench.name, proto.name, split) if folder is not None else None
-    out = Path(args.out) if args.out else (None if record is not None else Path(f"runs/eval/{stem}.json"))
-    rankings = Path(args.rankings) if args.rankings else None
-    sheet = Path(args.sheet_out or f"runs/eval/{stem}-sheet.png") if args.sheet else None
-    taken = [str(p) for p in (record, out, rankings, sheet) if p is not None and p.exists()]
-    if taken and not args.overwrite:  # refuse before the (long) evaluation, not after it
-        raise UserInputError(
-            "not overwriting what an earlier evaluation wrote: " + ", ".join(taken) + ". Pass --overwrite to "
-            "replace it, or write elsewhere (--out, --rankings, --sheet-out; --no-record leaves the checkpoint's "
-            "results/ alone)")
+    folder, record, out, rankings, sheet, stem = _outputs(args, bench, proto, split)
     manifest = read_manifest(args.manifest or default_manifest_path(bench), bench, explicit=bool(args.manifest))
     device = choose_device(args.device, what="--device")
-    model = offset_cir.load_checkpoint(args.checkpoint).to(device)
+    model, key, stamp = _open_model(args, device)
     if not model.uses_masks:
         bench.use_masks = False
+    cache = None
+    if args.gallery_cache:
+        if key is None:
+            raise UserInputError(f"--gallery-cache: {args.checkpoint} has no content hash to name its features by")
+        cache = GalleryCache(args.gallery_cache, key)
     with tempfile.TemporaryDirectory(prefix="offset-eval-") as tmp:
         ranked = rankings or (Path(tmp) / "rankings.jsonl" if sheet is not None else None)
         result = evaluate(model, bench, proto.name, split=split, batch_size=args.batch_size,
                           num_workers=args.num_workers, save_rankings=ranked, device=device,
-                          query_transform=args.query_transform)
-        result["checkpoint"] = str(args.checkpoint)
-        try:
-            from offset_cir.model.checkpoint import checkpoint_hash
-
-            result["checkpoint_hash"] = checkpoint_hash(args.checkpoint)
-        except CheckpointError:
-            pass
+                          query_transform=args.query_transform, gallery_cache=cache)
+        result.update(stamp)
         if manifest is not None:
             result["dataset_manifest"] = manifest
         if rankings is None:
@@ -241,7 +305,7 @@ def _run(args) -> int:
         written = []
         if out is not None:
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(result, indent=2), encoding="utf-8")
+            io.write_json(out, result)
             written.append(f"results: {out}")
         if record is not None:
             try:
@@ -249,7 +313,7 @@ def _run(args) -> int:
             except (OSError, UserInputError) as exc:  # the evaluation is done: keep its result, do not lose it
                 rescue = Path(f"runs/eval/{stem}-{result['timestamp'].replace(':', '')}.json")
                 rescue.parent.mkdir(parents=True, exist_ok=True)
-                rescue.write_text(json.dumps(result, indent=2), encoding="utf-8")
+                io.write_json(rescue, result)
                 log.warning("could not record the result in %s (%s); written to %s", folder, exc, rescue)
                 written.append(f"results: {rescue}")
             else:
@@ -264,7 +328,8 @@ def _run(args) -> int:
 
             gallery = result["gallery"][0]
             rows = spread(read_rankings(ranked, gallery), args.sheet)
-            name = str(args.checkpoint) if folder is None else default_name(folder)
+            name = (str(args.checkpoint) if folder is None else default_name(folder)) if args.baseline is None \
+                else f"baseline {args.baseline} ({model.config['backbone']})"
             title = (f"{name} on {bench.name} {split} (protocol {proto.name}, gallery "
                      f"{gallery}): reference, text, top-5 and the true target")
             written.append(f"sheet: {draw_retrieval_sheet(rows, bench.image_path, sheet, k=5, title=title)} "

@@ -1,5 +1,5 @@
-"""`offset info`: versions, backbones, presets and experiments; `--deviations`: where offset-cir can depart from the
-authors' release."""
+"""`offset info`: versions, backbones, presets, experiments, datasets and protocols; `--deviations`: where
+offset-cir can depart from the authors' release."""
 from __future__ import annotations
 
 NAME = "info"
@@ -26,6 +26,8 @@ def run(args) -> int:
     import torch
 
     import offset_cir
+    from offset_cir.data import list_datasets
+    from offset_cir.eval.protocols import list_protocols
     from offset_cir.model.config import ABLATIONS
     from offset_cir.model.registry import backbone_family, get_backbone_entry, list_backbones
     from offset_cir.train.config import preset_names
@@ -49,4 +51,6 @@ def run(args) -> int:
     print("presets:", ", ".join(p["presets"]))
     print("experiments:", ", ".join(p["experiments"]))
     print("ablations:", ", ".join(ABLATIONS))
+    print("datasets:", ", ".join(list_datasets()))
+    print("protocols:", ", ".join(list_protocols()))
     return 0

@@ -51,6 +51,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--dtype", default="auto", help="auto (bf16/fp16 on GPU, fp32 on CPU), float32, float16, bfloat16")
     run.add_argument("--workers", type=int, default=4, help="threads decoding images and checking masks")
     run.add_argument("--limit", type=int, help="only the first N images (a trial run)")
+    run.add_argument("--shard", metavar="I/N",
+                     help="run part I of N (0-based) of the images, e.g. one per GPU or machine; the last part to "
+                          "finish merges the captions and prints one summary (under torchrun: the rank's part; "
+                          "default: all)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -87,8 +91,38 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, prompt_template=args.prompt_template, fixed_prompt=args.fixed_prompt,
         dtype=args.dtype, max_new_tokens=args.max_new_tokens,
     )
-    logger.info("%d images (%s layout, masks like %s)", len(jobs), layout_name, jobs[0].mask if jobs else "-")
+    shard = _shard(args)
+    logger.info("%d images (%s layout, masks like %s)%s", len(jobs), layout_name, jobs[0].mask if jobs else "-",
+                f", shard {shard}" if shard.count > 1 else "")
     report = run_masks(jobs, generator, captions_out=captions_out, captions=captions, overwrite=args.overwrite,
-                       workers=args.workers, progress=not args.no_progress)
+                       workers=args.workers, progress=not args.no_progress, shard=shard)
+    if shard.count > 1:
+        merged = _merge_shards(report, jobs, generator.batch_size, captions_out, shard)
+        if merged is None:
+            print(f"shard {shard}: {report.summary()}\n(the last shard to finish prints the merged summary)",
+                  file=sys.stderr if report.failed else sys.stdout)
+            return 0 if report.ok else 1
+        report = merged
     print(report.summary(), file=sys.stderr if report.failed else sys.stdout)
     return 0 if report.ok else 1
+
+
+def _shard(args):
+    from offset_cir.errors import UserInputError
+    from offset_cir.masks.shards import Shard
+
+    under_torchrun = Shard.from_torchrun()
+    if args.shard is None:
+        return under_torchrun or Shard()
+    if under_torchrun is not None:
+        raise UserInputError(f"--shard {args.shard} under torchrun: each rank runs its own part already; drop --shard")
+    return Shard.parse(args.shard)
+
+
+def _merge_shards(report, jobs, batch_size: int, captions_out, shard):
+    """Leave this shard's report; the merged report when every shard's is there, else None."""
+    from offset_cir.masks.shards import merge, plan_fingerprint, write_report
+
+    fingerprint = plan_fingerprint(jobs, batch_size)
+    write_report(report, captions_out, shard, fingerprint)
+    return merge(captions_out, shard.count, fingerprint)

@@ -1,21 +1,26 @@
-"""``offset validate-submission FILE``: check a CIRR test-server file offline (SPEC section 7)."""
+"""``offset validate-submission FILE``: check a CIRR or CIRCO test-server file offline (SPEC section 7)."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
 NAME = "validate-submission"
-HELP = "check a CIRR test-server file offline"
+HELP = "check a CIRR or CIRCO test-server file offline"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", nargs="+", help="submission JSON file(s)")
+    parser.add_argument("--dataset", choices=["cirr", "circo"], default="cirr",
+                        help="whose test server the file is for (default: cirr)")
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--root", help="CIRR folder (holding cirr/captions and cirr/image_splits, or captions/ directly)")
-    where.add_argument("--annotations", help="folder holding captions/ and image_splits/")
-    parser.add_argument("--split", default="test1", help="the CIRR split the file answers")
-    parser.add_argument("--version", default="rc2", help="CIRR annotation version of the file and the captions")
-    parser.add_argument("--metric", choices=["recall", "recall_subset"], help="expected metric (default: the file's)")
+    where.add_argument("--root", help="the benchmark's folder (CIRR: holding cirr/captions and cirr/image_splits, or "
+                                      "captions/ directly; CIRCO: holding annotations/)")
+    where.add_argument("--annotations", help="folder holding the annotation files (CIRR: captions/ and "
+                                             "image_splits/; CIRCO: val.json and test.json)")
+    parser.add_argument("--split", help="the split the file answers (default: cirr test1, circo test)")
+    parser.add_argument("--version", default="rc2", help="cirr: annotation version of the file and the captions")
+    parser.add_argument("--metric", choices=["recall", "recall_subset"],
+                        help="cirr: expected metric (default: the file's)")
 
 
 def run(args) -> int:
@@ -23,10 +28,12 @@ def run(args) -> int:
     from offset_cir.data import get_dataset
 
     root = args.root or args.annotations
+    settings = {"annotations": args.annotations} if args.annotations else {}
+    if args.dataset == "cirr":
+        settings["version"] = args.version
     failed = 0
     with cli_names():  # library messages in the flags' names (--root, --annotations)
-        bench = get_dataset("cirr", root, version=args.version,
-                            **({"annotations": args.annotations} if args.annotations else {}))
+        bench = get_dataset(args.dataset, root, **settings)
         for f in args.file:
             failed += _check_one(f, bench, args)
     return 1 if failed else 0
@@ -34,9 +41,15 @@ def run(args) -> int:
 
 def _check_one(f: str, bench, args) -> int:
     """Print ``OK`` or the file's problems; 1 when it failed, else 0."""
-    from offset_cir.eval.cirr_submission import validate_submission
+    if args.dataset == "circo":
+        from offset_cir.eval.circo_submission import validate_submission
 
-    problems = validate_submission(Path(f), bench, args.split, version=args.version, metric=args.metric)
+        problems = validate_submission(Path(f), bench, args.split or "test")
+    else:
+        from offset_cir.eval.cirr_submission import validate_submission
+
+        problems = validate_submission(Path(f), bench, args.split or "test1", version=args.version,
+                                       metric=args.metric)
     if not problems:
         print(f"{f}: OK")
         return 0

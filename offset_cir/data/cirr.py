@@ -1,4 +1,4 @@
-"""CIRR (Liu et al., ICCV 2021), release layout rc2 (SPEC section 6); also reads the synthetic benchmark.
+"""CIRR (Liu et al., ICCV 2021), release layout rc2 (SPEC section 6).
 
 Files (every location is a setting)::
 
@@ -12,12 +12,15 @@ Files (every location is a setting)::
 
 Defaults: ``annotations`` = ``<root>/cirr`` when it holds ``captions/``, else ``<root>``; ``image_root`` =
 ``<root>/img_raw`` when present, else ``<root>``. Splits are whatever caption files exist (train, val, test1
-for CIRR; train, val, test for the synthetic benchmark); a split's queries have targets when its records do.
-Captions are used as written.
+for CIRR); a split's queries have targets when its records do. Captions are used as written.
 
-Evaluation (SPEC section 7): gallery ``all`` = every image of the split file; R_subset ranks the query's set
-members minus the reference. With ``synthetic_meta.json`` in ``root`` listing unseen-pair queries, the
-evaluation also reports metrics on those queries.
+- ``triplets(split)``: (reference, caption, ``target_hard``) of every record with a target (train, val);
+- ``queries(split)``: every record, with its pair id and image-set members (test1: no target);
+- ``eval_sets(split)``: one unit ``all``, gallery ``all`` = every image of the split file.
+
+Evaluation (SPEC section 7): R@K over gallery ``all``; R_subset ranks the query's set members minus the
+reference. The synthetic benchmark (:mod:`offset_cir.data.synthetic.benchmark`) uses this layout and adds its own
+notes to the evaluation units (:meth:`CIRR.unit_notes`).
 """
 from __future__ import annotations
 
@@ -25,7 +28,6 @@ import re
 from pathlib import Path
 
 from offset_cir.data.common import Benchmark, EvalSet, Query, cached, field_of, load_json, mask_beside
-from offset_cir.data.synthetic.meta import META_NAME as META_FILE, unseen_pairids_if_any
 from offset_cir.errors import DatasetError
 
 
@@ -35,8 +37,7 @@ class CIRR(Benchmark):
     split_aliases = {"dev": "val", "test": "test1"}
 
     def __init__(self, root, annotations=None, image_root=None, mask_root=None, mask_suffix: str = "-segmask.png",
-                 version: str = "rc2", meta_file=None, use_masks: bool = True,
-                 clipseg_maps: str | None = None):
+                 version: str = "rc2", use_masks: bool = True, clipseg_maps: str | None = None):
         super().__init__(root, use_masks, clipseg_maps)
         if annotations:
             self.annotations = Path(annotations)
@@ -49,7 +50,6 @@ class CIRR(Benchmark):
         self.mask_root = Path(mask_root) if mask_root else None
         self.mask_suffix = mask_suffix
         self.version = version
-        self.meta_path = Path(meta_file) if meta_file else self.root / META_FILE
 
     def canonical_split(self, split: str) -> str:
         if split in self.splits():
@@ -130,25 +130,11 @@ class CIRR(Benchmark):
             out.append(Query(index=i, reference=ref, text=caption, target=target, members=members, pairid=pairid))
         return out
 
-    @cached
-    def unseen_pairids(self, split: str) -> set[int] | None:
-        """Pair ids of the unseen-pair queries of ``split`` from ``synthetic_meta.json`` (None without one)."""
-        return unseen_pairids_if_any(self.meta_path, split)
+    def unit_notes(self, split: str) -> dict:
+        """What the evaluation unit of ``split`` carries besides its records (none for CIRR)."""
+        return {}
 
     def eval_sets(self, split: str = "val") -> list[EvalSet]:
         split = self.canonical_split(split)
-        queries = self._queries(split)
-        notes = {}
-        unseen = self.unseen_pairids(split)
-        if unseen is not None:
-            notes["unseen_pairids"] = sorted(unseen)
-        return [EvalSet("all", queries, {"all": list(self.image_table(split))}, notes=notes)]
-
-
-class Synthetic(CIRR):
-    """The synthetic cluttered-scene benchmark (``offset synth``): CIRR layout, splits train/val/test with
-    targets in every split, and the unseen-pair queries listed in ``synthetic_meta.json``."""
-
-    name = "synthetic"
-    default_protocol = "synthetic"
-    split_aliases = {"dev": "val"}
+        return [EvalSet("all", self._queries(split), {"all": list(self.image_table(split))},
+                        notes=self.unit_notes(split))]

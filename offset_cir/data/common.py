@@ -143,8 +143,10 @@ class Query:
     """One composed query (SPEC section 6): reference id, text, and what evaluation needs.
 
     ``target`` is None where the split has no targets (CIRR test1, FashionIQ test). ``members`` are the
-    CIRR image-set members (for R_subset). ``pairid`` is the CIRR pair id. ``target_key`` is what a hit
-    must match when it is not the target id (Fashion200K: the target's description).
+    CIRR image-set members (for R_subset). ``pairid`` is the CIRR pair id (CIRCO: the query id). ``target_key``
+    is what a hit must match when it is not the target id (Fashion200K: the target's description).
+    ``ground_truths`` are every image that answers the query, the target first (CIRCO; empty elsewhere), and
+    ``aspects`` the query's semantic aspects (CIRCO val).
     """
 
     index: int
@@ -155,6 +157,8 @@ class Query:
     pairid: int | None = None
     group: str = ""
     target_key: str | None = None
+    ground_truths: tuple[str, ...] = ()
+    aspects: tuple[str, ...] = ()
 
 
 @dataclass
@@ -351,7 +355,7 @@ def collate(batch: list[dict]) -> dict:
 # --------------------------------------------------------------------------------------------- base class
 class Benchmark:
     """Base of every loader. Subclasses implement :meth:`_queries`, :meth:`eval_sets`, :meth:`image_path`,
-    :meth:`mask_path`, :meth:`splits`, and :meth:`inventory` (for ``offset doctor``).
+    :meth:`mask_path`, :meth:`splits`, and may give :attr:`expected` counts (for ``offset doctor``).
 
     Settings common to all: ``root``, ``use_masks`` (False: this copy has no masks; only models without masks
     may use it), ``clipseg_maps`` (how the maps of the release's download load; :mod:`offset_cir.data.mask_fit`).
@@ -360,6 +364,7 @@ class Benchmark:
     name = "benchmark"
     default_protocol = ""
     split_aliases: dict[str, str] = {}
+    expected: dict[str, dict[str, int]] = {}  # split -> counts of the release, by the doctor's fields
 
     def __init__(self, root: str | Path, use_masks: bool = True, clipseg_maps: str | None = None):
         self.root = Path(root).expanduser()

@@ -3,10 +3,11 @@
 Per split: triplet count, images and masks the split's protocol needs, which are missing (first 20 names and
 the total), which images and masks do not open, which masks training would refuse for their size (the rule of
 :mod:`offset_cir.data.mask_fit`, under the benchmark's ``clipseg_maps`` setting) and whether they are the release's
-CLIPSeg maps (square, one size, not their images'); which split a protocol made for this benchmark needs is absent
-(a synthetic copy without ``test``); then a manifest (relative path, size, sha256 of every annotation file, image
-and mask found) so that two people can compare their copies (:func:`compare_manifests`), saved beside the dataset
-or where asked, never over another copy's manifest unless asked (:func:`save_manifest`).
+CLIPSeg maps (square, one size, not their images'), and counts that differ from the release's (``bench.expected``);
+which split a protocol made for this benchmark needs is absent (a synthetic copy without ``test``; the caller names
+the protocols); then a manifest (relative path, size, sha256 of every annotation file, image and mask found) so that
+two people can compare their copies (:func:`compare_manifests`), saved beside the dataset or where asked, never over
+another copy's manifest unless asked (:func:`save_manifest`).
 """
 from __future__ import annotations
 
@@ -41,9 +42,10 @@ class SplitReport:
     refused_masks: list[str] = field(default_factory=list)
     annotation_files: list[str] = field(default_factory=list)
     error: str | None = None
+    wrong_counts: list[str] = field(default_factory=list)  # "<field>: found N, the release has M"
 
     def problems(self, masks: bool) -> bool:
-        return bool(self.error or self.missing_images or self.unreadable or (
+        return bool(self.error or self.missing_images or self.unreadable or self.wrong_counts or (
             masks and (self.missing_masks or self.unreadable_masks or self.refused_masks)))
 
 
@@ -79,7 +81,8 @@ class Report:
                        f"{s.images_found}/{s.images_needed}, masks {s.masks_found}/{s.images_needed}")
             for label, names in (("missing images", s.missing_images), ("missing masks", s.missing_masks),
                                  ("unreadable images", s.unreadable), ("unreadable masks", s.unreadable_masks),
-                                 ("masks training refuses for their size", s.refused_masks)):
+                                 ("masks training refuses for their size", s.refused_masks),
+                                 ("counts unlike the release's", s.wrong_counts)):
                 if names:
                     shown = ", ".join(names[:SHOW])
                     more = f" ... ({len(names)} in all)" if len(names) > SHOW else f" ({len(names)})"
@@ -134,27 +137,17 @@ def _rel(path: Path, root: Path) -> str:
         return str(path)
 
 
-def protocol_splits(bench) -> dict[str, list[str]]:
-    """split -> the evaluation protocols made for this benchmark (SPEC section 7) that evaluate on it."""
-    from offset_cir.eval.evaluate import PROTOCOLS
-
-    out: dict[str, list[str]] = {}
-    for proto in PROTOCOLS.values():
-        if proto.datasets and proto.datasets[0] == bench.name:
-            out.setdefault(bench.split_aliases.get(proto.split, proto.split), []).append(proto.name)
-    return out
-
-
 def check(bench, splits: list[str] | None = None, masks: bool | None = None, open_images: bool = True,
-          hashes: bool = True, progress: bool = True) -> Report:
-    """Inspect ``bench`` (see module doc). ``masks``: whether masks are required (default: ``bench.use_masks``)."""
+          hashes: bool = True, progress: bool = True, protocols: dict[str, list[str]] | None = None) -> Report:
+    """Inspect ``bench`` (see module doc). ``masks``: whether masks are required (default: ``bench.use_masks``);
+    ``protocols``: split -> the protocols that evaluate on it (a split among them that this copy lacks is named)."""
     masks = bench.use_masks if masks is None else bool(masks)
     try:
         available = bench.splits()
     except DatasetError as exc:
         return Report(bench.name, str(bench.root), masks, [SplitReport("-", error=str(exc))], {})
     wanted = [bench.canonical_split(s) for s in splits] if splits else available
-    missing_splits = {s: p for s, p in protocol_splits(bench).items()  # only the splits asked for, when asked
+    missing_splits = {s: p for s, p in (protocols or {}).items()  # only the splits asked for, when asked
                       if s not in available and (not splits or s in wanted)}
     reports, files = [], {}
     for split in wanted:
@@ -180,6 +173,8 @@ def check(bench, splits: list[str] | None = None, masks: bool | None = None, ope
             it = tqdm(ids, desc=f"{bench.name} {split}", unit="img", leave=False)
         for image_id in it:
             _check_image(bench, image_id, rep, files, open_images)
+        rep.wrong_counts = [f"{k}: found {getattr(rep, k):,}, the release has {n:,}"
+                            for k, n in getattr(bench, "expected", {}).get(split, {}).items() if getattr(rep, k) != n]
     manifest = {
         "dataset": bench.name,
         "root": str(bench.root),

@@ -16,8 +16,6 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
-import torch
-
 from offset_cir import io
 from offset_cir.errors import UserInputError
 
@@ -32,23 +30,16 @@ def predict_test(model, bench, split: str = "test1", batch_size: int = 32, num_w
                  progress: bool = True) -> dict[str, dict[str, list[str]]]:
     """Top-50 over the split's gallery and top-3 over the set members (reference excluded) per pair id:
     ``{"recall": {pairid: [...]}, "recall_subset": {pairid: [...]}}``."""
-    from offset_cir.eval.evaluate import _Encoder, rank_unit
+    from offset_cir.eval.evaluate import Encoder, evaluation_mode, rank_unit
 
     split = bench.canonical_split(split)
     (es,) = bench.eval_sets(split)
     if any(q.pairid is None for q in es.queries):
         raise UserInputError(f"{bench.name} {split}: queries without pairid cannot be submitted")
-    was_training = bool(getattr(model, "training", False))
-    if hasattr(model, "eval"):
-        model.eval()
-    try:
-        with torch.no_grad():
-            enc = _Encoder(model, bench, batch_size, num_workers, device, progress)
-            ranked = rank_unit(enc, es, ("all",), top_k=SIZES["recall"], subset=True,
-                               subset_k=SIZES["recall_subset"], need_top=True)
-    finally:
-        if was_training and hasattr(model, "train"):
-            model.train()
+    with evaluation_mode(model):
+        enc = Encoder(model, bench, batch_size, num_workers, device, progress)
+        ranked = rank_unit(enc, es, ("all",), top_k=SIZES["recall"], subset=True,
+                           subset_k=SIZES["recall_subset"], need_top=True)
     recall = {str(q.pairid): ids for q, ids in zip(es.queries, ranked.top["all"])}
     subset = {str(q.pairid): ids for q, ids in zip(es.queries, ranked.subset_top)}
     return {"recall": recall, "recall_subset": subset}
@@ -69,7 +60,7 @@ def write_submission(predictions: dict[str, dict[str, list[str]]], out_dir, spli
     return paths
 
 
-class _Problems:
+class Problems:
     """Problems grouped by kind; each kind keeps its first ``limit`` examples and a total."""
 
     def __init__(self, limit: int = 20):
@@ -97,7 +88,7 @@ def validate_submission(path, bench, split: str = "test1", version: str = "rc2",
     """Every problem of a submission file (empty list: the file passes). ``bench`` is a CIRR benchmark
     holding the split's annotations; ``metric`` forces the expected metric (default: the file's own)."""
     path = Path(path)
-    p = _Problems(limit)
+    p = Problems(limit)
     if not path.is_file():
         return [f"{path}: file not found"]
     size = path.stat().st_size

@@ -1,26 +1,19 @@
-"""``offset_cir.evaluate``: the evaluation protocols of SPEC section 7.
+"""``offset_cir.evaluate``: a model (or a training-free baseline) scored by a protocol (SPEC section 7).
 
-The gallery of an evaluation unit is encoded once (``model.encode_target``), the queries in batches
-(``model.encode_query``); each query batch is ranked with one matrix product against the gallery features,
-the reference is excluded from its own ranking, and the metrics of :mod:`offset_cir.eval.metrics` are
-computed from the ranks. Memory: the gallery feature matrix plus one batch of images and one row block of
-scores; images are read from disk by the DataLoader as they are needed.
+The gallery of an evaluation unit is encoded once (``model.encode_target``; with a :class:`GalleryCache`, once per
+model across evaluations), the queries in batches (``model.encode_query``); each query batch is ranked with one
+matrix product against the gallery features, the reference is excluded from its own ranking unless the protocol
+keeps it (CIRCO), and the metrics of :mod:`offset_cir.eval.metrics` are computed from the ranks or, for several
+ground truths, from the top-50 lists. Memory: the gallery feature matrix plus one batch of images and one row block
+of scores; images are read from disk by the DataLoader as they are needed.
 
-Protocols (the name is stamped into every result):
-
-- ``fashioniq``: val, per category R@10/R@50 and their averages, galleries ``union`` and ``full``
-  (``fashioniq-union`` / ``fashioniq-full``: one of them);
-- ``shoes``: eval triplets, gallery the eval images, R@1/10/50 and mean;
-- ``cirr-val`` (alias ``cirr``): R@1/5/10/50, R_subset@1/2/3 and (R@5+R_subset@1)/2;
-- ``synthetic``: the CIRR metrics on the synthetic benchmark (test split), plus ``unseen_*`` metrics over the
-  unseen-pair queries listed in ``synthetic_meta.json``;
-- ``fashion200k-tirg`` (alias ``fashion200k``): R@1/10/50, a hit when the description equals the target's.
+The protocols, their names (stamped into every result) and what each reports: :mod:`offset_cir.eval.protocols`.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,64 +22,17 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader
 
+from offset_cir import io
 from offset_cir.data.common import EvalSet, ItemSeededDataset, collate
 from offset_cir.device import choose_device, device_of
 from offset_cir.errors import DatasetError, UserInputError
 from offset_cir.eval import metrics as M
+from offset_cir.eval.gallery_cache import GalleryCache
+from offset_cir.eval.protocols import Protocol, protocol_for
 from offset_cir.stamps import environment
 
 log = logging.getLogger(__name__)
 TOP_K = 50
-
-
-@dataclass(frozen=True)
-class Protocol:
-    name: str
-    datasets: tuple[str, ...]
-    split: str
-    galleries: tuple[str, ...]
-    ks: tuple[int, ...]
-    subset_ks: tuple[int, ...] = ()
-    per_unit: bool = False  # FashionIQ: metrics per category, then averaged
-    query_transform: str = "eval"  # SPEC 4, A2: the release uses the training transform for FashionIQ queries
-    description: str = ""
-    # The checkpoint-selection rule (SPEC section 5): the R@K summed into ``selection_score`` (over the categories
-    # when per_unit, plus every R_subset@K when subset_ks); None: every K of ks.
-    selection_ks: tuple[int, ...] | None = None
-
-
-PROTOCOLS: dict[str, Protocol] = {p.name: p for p in [
-    Protocol("fashioniq", ("fashioniq",), "val", ("union", "full"), (10, 50), per_unit=True, query_transform="train",
-             selection_ks=(10,),
-             description="FashionIQ val, per category R@10/R@50 and averages; galleries union and full"),
-    Protocol("fashioniq-union", ("fashioniq",), "val", ("union",), (10, 50), per_unit=True, query_transform="train",
-             selection_ks=(10,),
-             description="FashionIQ val, gallery union (reference and target images of the category's val triplets)"),
-    Protocol("fashioniq-full", ("fashioniq",), "val", ("full",), (10, 50), per_unit=True, query_transform="train",
-             selection_ks=(10,),
-             description="FashionIQ val, gallery full (every image of split.<cat>.val.json)"),
-    Protocol("shoes", ("shoes",), "eval", ("all",), (1, 10, 50), selection_ks=(10, 50),
-             description="Shoes eval triplets, gallery the eval images; R@1/10/50 and mean"),
-    Protocol("cirr-val", ("cirr", "synthetic"), "val", ("all",), (1, 5, 10, 50), (1, 2, 3),
-             description="CIRR val, gallery all val images; R@K, R_subset@K over set members minus the reference"),
-    Protocol("synthetic", ("synthetic", "cirr"), "test", ("all",), (1, 5, 10, 50), (1, 2, 3),
-             description="synthetic benchmark (CIRR layout and metrics), with unseen-pair metrics"),
-    Protocol("fashion200k-tirg", ("fashion200k",), "test", ("all",), (1, 10, 50),
-             description="Fashion200K test (TIRG): a hit when the retrieved image's description equals the target's"),
-]}
-ALIASES = {"cirr": "cirr-val", "fashion200k": "fashion200k-tirg", "shoes-eval": "shoes"}
-
-
-def get_protocol(name: str | None, bench) -> Protocol:
-    """Resolve a protocol name (None: the benchmark's default) and check it fits the benchmark."""
-    name = name or bench.default_protocol
-    key = ALIASES.get(name, name)
-    if key not in PROTOCOLS:
-        raise UserInputError(f"unknown protocol {name!r}; choose from {', '.join(sorted(PROTOCOLS) + sorted(ALIASES))}")
-    proto = PROTOCOLS[key]
-    if bench.name not in proto.datasets:
-        raise UserInputError(f"protocol {proto.name} is for {' or '.join(proto.datasets)}, not {bench.name}")
-    return proto
 
 
 # ------------------------------------------------------------------------------------------ encoding
@@ -103,35 +49,47 @@ def _progress(it, total: int, desc: str, enabled: bool):
     return tqdm(it, total=total, desc=desc, leave=False, unit="batch")
 
 
-class _Encoder:
+class Encoder:
     """Runs the model over the gallery and queries of ``bench``'s evaluation units (no_grad, eval mode).
 
-    ``device``: None = the model's own device, else ``offset_cir.device.choose_device``'s rule."""
+    ``device``: None = the model's own device, else ``offset_cir.device.choose_device``'s rule. ``cache``: a
+    :class:`GalleryCache` for this model (gallery features read from it, or encoded and stored)."""
 
     def __init__(self, model, bench, batch_size: int, num_workers: int, device, progress: bool,
-                 query_train_transform: bool = False, seed: int = 0):
+                 query_train_transform: bool = False, seed: int = 0, cache: GalleryCache | None = None):
         self.model, self.bench, self.batch_size, self.num_workers = model, bench, int(batch_size), int(num_workers)
         self.query_train_transform, self.seed = bool(query_train_transform), int(seed)
         self.device = device_of(model) if device is None else choose_device(device)
         self.uses_masks = bool(getattr(model, "uses_masks", True))
         self.preprocess = model.preprocess
         self.progress = progress
+        self.cache = cache
 
     def _masks(self, batch: dict, key: str):
         masks = batch[key]  # None when the Dataset was opened without masks
         return None if masks is None else masks.to(self.device)
 
     def gallery(self, es: EvalSet, ids: list[str]) -> torch.Tensor:
+        if not ids:
+            raise DatasetError(f"evaluation unit {es.name}: the gallery is empty")
+        if self.cache is None:
+            return torch.cat(list(self._encode_gallery(es, ids)))
+        setting = {"image_size": getattr(self.preprocess, "image_size", None), "masks": self.uses_masks,
+                   "mean": getattr(self.preprocess, "mean", None), "std": getattr(self.preprocess, "std", None)}
+        feats = self.cache.features(ids, self._files, setting, lambda todo: self._encode_gallery(es, todo))
+        return feats.to(self.device)
+
+    def _files(self, image_id: str) -> list:
+        files = [self.bench.image_path(image_id)]
+        return files + [self.bench.mask_path(image_id)] if self.uses_masks else files
+
+    def _encode_gallery(self, es: EvalSet, ids: list[str]) -> Iterator[torch.Tensor]:
         ds = self.bench.image_dataset(ids, self.preprocess, self.uses_masks, source=f"{es.describe()}, gallery")
         loader = _loader(ds, self.batch_size, self.num_workers)
-        out = []
         for batch in _progress(loader, len(loader), f"gallery {es.name}", self.progress):
             feats = self.model.encode_target(batch["image"].to(self.device), self._masks(batch, "mask"))
             _check_finite(feats, f"gallery features of {es.name}", batch["index"])
-            out.append(feats.float())
-        if not out:
-            raise DatasetError(f"evaluation unit {es.name}: the gallery is empty")
-        return torch.cat(out)
+            yield feats.float()
 
     def queries(self, es: EvalSet) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Query features in file order. With the training transform (A2) each query's random crop is drawn from
@@ -167,9 +125,11 @@ class _Ranked:
     subset_top: list[list[str]] | None
 
 
-def rank_unit(enc: _Encoder, es: EvalSet, galleries: tuple[str, ...], top_k: int = TOP_K,
-              subset: bool = False, subset_k: int = 3, need_top: bool = False) -> _Ranked:
-    """Encode ``es``'s gallery once and rank every query against each named gallery."""
+def rank_unit(enc: Encoder, es: EvalSet, galleries: tuple[str, ...], top_k: int = TOP_K,
+              subset: bool = False, subset_k: int = 3, need_top: bool = False,
+              exclude_reference: bool = True) -> _Ranked:
+    """Encode ``es``'s gallery once and rank every query against each named gallery (its reference excluded
+    unless ``exclude_reference`` is False)."""
     missing = [g for g in galleries if g not in es.galleries]
     if missing:
         raise DatasetError(f"evaluation unit {es.name} has no gallery {missing[0]!r} (has {', '.join(es.galleries)})")
@@ -185,7 +145,8 @@ def rank_unit(enc: _Encoder, es: EvalSet, galleries: tuple[str, ...], top_k: int
         else:
             gal_rows = torch.as_tensor([row[x] for x in es.galleries[g]], dtype=torch.long, device=feats.device)
             g_feats = feats.index_select(0, gal_rows)
-        exclude = torch.as_tensor([pos.get(q.reference, -1) for q in es.queries], dtype=torch.long)
+        exclude = torch.as_tensor([pos.get(q.reference, -1) if exclude_reference else -1 for q in es.queries],
+                                  dtype=torch.long)
         if es.keys is not None:  # Fashion200K: positives are the images with the target's description
             codes: dict[str, int] = {}
             g_codes = torch.as_tensor([codes.setdefault(es.keys[x], len(codes)) for x in es.galleries[g]])
@@ -253,6 +214,21 @@ def _subset_plan(es: EvalSet, row: dict[str, int]):
 
 # ------------------------------------------------------------------------------------------ evaluate
 
+@contextlib.contextmanager
+def evaluation_mode(model):
+    """The block runs the model in evaluation mode without gradients; a model that was training trains again
+    after it (also when the block fails)."""
+    was_training = bool(getattr(model, "training", False))
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+
+
 def _model_stamp(model) -> dict:
     cfg = getattr(model, "config", None)
     if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
@@ -264,7 +240,7 @@ def _model_stamp(model) -> dict:
     backbone = getattr(cfg, "backbone", None) if cfg is not None and not isinstance(cfg, dict) else (cfg or {}).get("backbone")
     # "needs_masks": the result file's key since its first version (model.uses_masks), kept for readers of results
     return {"class": type(model).__name__, "backbone": backbone, "needs_masks": bool(getattr(model, "uses_masks", True)),
-            "config": config}
+            "config": config, "baseline": getattr(model, "baseline", None)}
 
 
 def _put(metrics: dict[str, float], new: dict[str, float], unit: str) -> None:
@@ -275,20 +251,8 @@ def _put(metrics: dict[str, float], new: dict[str, float], unit: str) -> None:
     metrics.update(new)
 
 
-def evaluate(model, bench, protocol: str | None = None, split: str | None = None, batch_size: int = 32,
-             num_workers: int = 0, save_rankings: str | Path | None = None, device=None,
-             progress: bool = True, query_transform: str | None = None) -> dict:
-    """Evaluate ``model`` on ``bench`` with ``protocol`` (SPEC section 7); returns a JSON-able stamped dict.
-
-    ``save_rankings``: a JSON Lines file receiving, per query and gallery, the top-50 gallery ids.
-    ``query_transform``: ``"eval"`` or ``"train"`` for the reference images (SPEC 4, A2); default the
-    protocol's (``train`` for FashionIQ as in the release, ``eval`` elsewhere); galleries always use ``eval``.
-    """
-    proto = get_protocol(protocol, bench)
-    query_transform = query_transform or proto.query_transform
-    if query_transform not in ("eval", "train"):
-        raise UserInputError(f"query_transform must be 'eval' or 'train', got {query_transform!r}")
-    split = bench.canonical_split(split or proto.split)
+def _units(bench, proto: Protocol, split: str) -> list[EvalSet]:
+    """The evaluation units of ``split``, checked: distinct names, and targets to score against."""
     units = bench.eval_sets(split)
     for es in units:  # error messages about an item name the dataset, split and unit
         es.source = es.source or f"{bench.name} split {split}, unit {es.name}"
@@ -297,90 +261,144 @@ def evaluate(model, bench, protocol: str | None = None, split: str | None = None
         raise DatasetError(f"{bench.name} split {split}: evaluation units must have distinct names, got {names}")
     for es in units:
         if any(q.target is None for q in es.queries):
+            server = {"cirr": "cirr", "circo": "circo"}.get(bench.name)
             raise UserInputError(f"{bench.name} split {split} has no targets: it cannot be scored offline"
-                                 + (" (use `offset submit cirr` for the CIRR test server)" if bench.name == "cirr" else ""))
-    was_training = bool(getattr(model, "training", False))
-    if hasattr(model, "eval"):
-        model.eval()
-    enc = _Encoder(model, bench, batch_size, num_workers, device, progress,
-                   query_train_transform=query_transform == "train")
-    subset = bool(proto.subset_ks)
-    need_top = save_rankings is not None
-    metrics: dict[str, float] = {}
-    unit_metrics: list[dict[str, float]] = []
-    several = len(units) > 1 and not proto.per_unit  # per-unit protocols name the unit in every key already
-    counts: dict[str, int] = {}
-    sizes: dict[str, dict[str, int]] = {g: {} for g in proto.galleries}
-    notes: dict = {}
-    rankings_rows = []
-    started = _dt.datetime.now(_dt.timezone.utc)
-    try:
-        with torch.no_grad():
-            for es in units:
-                r = rank_unit(enc, es, proto.galleries, subset=subset, need_top=need_top)
-                counts[es.name] = len(es.queries)
-                um: dict[str, float] = {}  # this unit's metrics
-                for g in proto.galleries:
-                    sizes[g][es.name] = len(es.galleries[g])
-                    if proto.per_unit:
-                        _put(um, M.recalls(r.ranks[g], proto.ks, f"{g}/{es.name}/R"), es.name)
-                    else:
-                        _put(um, M.recalls(r.ranks[g], proto.ks), es.name)
-                if subset:
-                    _put(um, M.recalls(r.subset_ranks, proto.subset_ks, "R_subset"), es.name)
-                    _put(um, {"(R@5+R_subset@1)/2": (um["R@5"] + um["R_subset@1"]) / 2}, es.name)
-                unseen = es.notes.get("unseen_pairids")
-                if unseen is not None:
-                    unseen = set(unseen)
-                    sel = torch.as_tensor([q.pairid in unseen for q in es.queries], dtype=torch.bool)
-                    counts[f"{es.name}/unseen" if len(units) > 1 else "unseen"] = int(sel.sum())
-                    if sel.any():
-                        _put(um, M.recalls(r.ranks["all"][sel], proto.ks, "unseen_R"), es.name)
-                        if subset:
-                            _put(um, M.recalls(r.subset_ranks[sel], proto.subset_ks, "unseen_R_subset"), es.name)
-                            _put(um, {"unseen_(R@5+R_subset@1)/2": (um["unseen_R@5"] + um["unseen_R_subset@1"]) / 2},
-                                 es.name)
-                # Several units of a protocol that is not per unit: each unit's metrics under "<unit>/", and the
-                # unprefixed headline the mean over units (as FashionIQ's "avg"); never one unit over another.
-                _put(metrics, {(f"{es.name}/{k}" if several else k): v for k, v in um.items()}, es.name)
-                unit_metrics.append(um)
-                unit_notes = {k: v for k, v in es.notes.items() if k != "unseen_pairids"}
-                if len(units) > 1:
-                    if unit_notes:
-                        notes[es.name] = unit_notes
-                else:
-                    notes.update(unit_notes)
-                if need_top:
-                    for g in proto.galleries:
-                        for q, ids in zip(es.queries, r.top[g]):
-                            rankings_rows.append({"unit": es.name, "gallery": g, "index": q.index, "pairid": q.pairid,
-                                                  "reference": q.reference, "text": q.text, "target": q.target,
-                                                  "top": ids})
-    finally:
-        if was_training and hasattr(model, "train"):
-            model.train()
-    if several:
-        shared = [k for k in unit_metrics[0] if all(k in um for um in unit_metrics)]
-        _put(metrics, {k: sum(um[k] for um in unit_metrics) / len(unit_metrics) for k in shared}, "mean over units")
+                                 + (f" (use `offset submit {server}` for its test server)" if server else ""))
+    return units
+
+
+def _recall_metrics(proto: Protocol, r: _Ranked, es: EvalSet) -> dict[str, float]:
+    """R@K per gallery (per category for FashionIQ), and R_subset@K with CIRR's headline when the protocol has them."""
+    um: dict[str, float] = {}
+    for g in proto.galleries:
+        _put(um, M.recalls(r.ranks[g], proto.ks, f"{g}/{es.name}/R" if proto.per_unit else "R"), es.name)
+    if proto.subset_ks:
+        _put(um, M.recalls(r.subset_ranks, proto.subset_ks, "R_subset"), es.name)
+        _put(um, {"(R@5+R_subset@1)/2": (um["R@5"] + um["R_subset@1"]) / 2}, es.name)
+    return um
+
+
+def _map_metrics(proto: Protocol, r: _Ranked, es: EvalSet) -> dict[str, float]:
+    """Several ground truths (CIRCO): mAP@K over them, R@K of the target, mAP@``aspect_k`` per semantic aspect."""
+    (g,) = proto.galleries
+    lists, truths = r.top[g], [q.ground_truths or (q.target,) for q in es.queries]
+    um = M.mean_average_precision(lists, truths, proto.ks)
+    _put(um, M.recalls(r.ranks[g], proto.ks), es.name)
+    if any(q.aspects for q in es.queries):
+        _put(um, M.map_per_aspect(lists, truths, [q.aspects for q in es.queries], proto.aspect_k), es.name)
+    return um
+
+
+def _unseen_metrics(proto: Protocol, r: _Ranked, es: EvalSet, um: dict[str, float]) -> int | None:
+    """Add the metrics over the unit's unseen-pair queries (synthetic benchmark) to ``um``; their count, or None."""
+    unseen = es.notes.get("unseen_pairids")
+    if unseen is None:
+        return None
+    unseen = set(unseen)
+    sel = torch.as_tensor([q.pairid in unseen for q in es.queries], dtype=torch.bool)
+    if sel.any():
+        _put(um, M.recalls(r.ranks["all"][sel], proto.ks, "unseen_R"), es.name)
+        if proto.subset_ks:
+            _put(um, M.recalls(r.subset_ranks[sel], proto.subset_ks, "unseen_R_subset"), es.name)
+            _put(um, {"unseen_(R@5+R_subset@1)/2": (um["unseen_R@5"] + um["unseen_R_subset@1"]) / 2}, es.name)
+    return int(sel.sum())
+
+
+def _headline(proto: Protocol, metrics: dict[str, float], units: list[EvalSet]) -> tuple[float, str]:
+    """Add the protocol's averages to ``metrics``; return the selection score and its rule (SPEC section 5)."""
     selection_ks = proto.selection_ks or proto.ks
+    if proto.metric == "map":
+        return (sum(metrics[f"mAP@{k}"] for k in selection_ks),
+                "sum of " + "/".join(f"mAP@{k}" for k in selection_ks))
     if proto.per_unit:
         for g in proto.galleries:
             for k in proto.ks:
                 metrics[f"{g}/avg/R@{k}"] = sum(metrics[f"{g}/{u.name}/R@{k}"] for u in units) / len(units)
             metrics[f"{g}/avg"] = sum(metrics[f"{g}/avg/R@{k}"] for k in proto.ks) / len(proto.ks)
         selection = sum(metrics[f"{proto.galleries[0]}/{u.name}/R@{k}"] for u in units for k in selection_ks)
-        selection_rule = (f"sum over categories of {' + '.join(f'R@{k}' for k in selection_ks)} "
-                          f"({proto.galleries[0]} gallery)")
-    elif subset:
-        metrics["mean"] = sum(metrics[f"R@{k}"] for k in proto.ks) / len(proto.ks)
-        selection = sum(metrics[f"R@{k}"] for k in selection_ks) + sum(metrics[f"R_subset@{k}"] for k in proto.subset_ks)
-        selection_rule = (f"sum of R@{'/'.join(map(str, selection_ks))} and "
-                          f"R_subset@{'/'.join(map(str, proto.subset_ks))}")
-    else:
-        metrics["mean"] = sum(metrics[f"R@{k}"] for k in proto.ks) / len(proto.ks)
-        selection = sum(metrics[f"R@{k}"] for k in selection_ks)
-        selection_rule = (" + ".join(f"R@{k}" for k in selection_ks) if proto.selection_ks
-                          else "sum of " + "/".join(f"R@{k}" for k in selection_ks))
+        return selection, (f"sum over categories of {' + '.join(f'R@{k}' for k in selection_ks)} "
+                           f"({proto.galleries[0]} gallery)")
+    metrics["mean"] = sum(metrics[f"R@{k}"] for k in proto.ks) / len(proto.ks)
+    selection = sum(metrics[f"R@{k}"] for k in selection_ks)
+    if proto.subset_ks:
+        selection += sum(metrics[f"R_subset@{k}"] for k in proto.subset_ks)
+        return selection, (f"sum of R@{'/'.join(map(str, selection_ks))} and "
+                           f"R_subset@{'/'.join(map(str, proto.subset_ks))}")
+    return selection, (" + ".join(f"R@{k}" for k in selection_ks) if proto.selection_ks
+                       else "sum of " + "/".join(f"R@{k}" for k in selection_ks))
+
+
+def _rankings_rows(es: EvalSet, r: _Ranked, galleries: tuple[str, ...]) -> list[dict]:
+    return [{"unit": es.name, "gallery": g, "index": q.index, "pairid": q.pairid, "reference": q.reference,
+             "text": q.text, "target": q.target, "top": ids}
+            for g in galleries for q, ids in zip(es.queries, r.top[g])]
+
+
+@dataclass
+class _Tally:
+    """What the units of one evaluation add up to."""
+
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    unit_metrics: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    notes: dict = dataclasses.field(default_factory=dict)
+    rows: list[dict] = dataclasses.field(default_factory=list)
+
+
+def _score_units(enc: Encoder, proto: Protocol, units: list[EvalSet], keep_rows: bool) -> _Tally:
+    """Rank every unit and score it; several units of a protocol that is not per unit keep each unit's metrics under
+    ``"<unit>/"`` and the unprefixed headline the mean over units (as FashionIQ's "avg"), never one over another."""
+    t = _Tally()
+    several = len(units) > 1 and not proto.per_unit  # per-unit protocols name the unit in every key already
+    for es in units:
+        r = rank_unit(enc, es, proto.galleries, top_k=max(TOP_K, *proto.ks), subset=bool(proto.subset_ks),
+                      need_top=keep_rows or proto.metric == "map", exclude_reference=proto.exclude_reference)
+        t.counts[es.name] = len(es.queries)
+        um = _map_metrics(proto, r, es) if proto.metric == "map" else _recall_metrics(proto, r, es)
+        n_unseen = _unseen_metrics(proto, r, es, um)
+        if n_unseen is not None:
+            t.counts[f"{es.name}/unseen" if len(units) > 1 else "unseen"] = n_unseen
+        _put(t.metrics, {(f"{es.name}/{k}" if several else k): v for k, v in um.items()}, es.name)
+        t.unit_metrics.append(um)
+        unit_notes = {k: v for k, v in es.notes.items() if k != "unseen_pairids"}
+        if len(units) == 1:
+            t.notes.update(unit_notes)
+        elif unit_notes:
+            t.notes[es.name] = unit_notes
+        if keep_rows:
+            t.rows += _rankings_rows(es, r, proto.galleries)
+    if several:
+        shared = [k for k in t.unit_metrics[0] if all(k in um for um in t.unit_metrics)]
+        _put(t.metrics, {k: sum(um[k] for um in t.unit_metrics) / len(t.unit_metrics) for k in shared},
+             "mean over units")
+    return t
+
+
+def evaluate(model, bench, protocol: str | None = None, split: str | None = None, batch_size: int = 32,
+             num_workers: int = 0, save_rankings: str | Path | None = None, device=None,
+             progress: bool = True, query_transform: str | None = None,
+             gallery_cache: GalleryCache | None = None) -> dict:
+    """Evaluate ``model`` on ``bench`` with ``protocol`` (SPEC section 7); returns a JSON-able stamped dict.
+
+    ``model``: an OFFSET model, or anything with its ``encode_query`` / ``encode_target`` / ``preprocess``
+    (an ONNX encoder, a :class:`~offset_cir.eval.baseline.BaselineEncoder`: its ``baseline`` is stamped).
+    ``save_rankings``: a JSON Lines file receiving, per query and gallery, the top-50 gallery ids.
+    ``query_transform``: ``"eval"`` or ``"train"`` for the reference images (SPEC 4, A2); default the
+    protocol's (``train`` for FashionIQ as in the release, ``eval`` elsewhere); galleries always use ``eval``.
+    ``gallery_cache``: gallery features of this model stored and reused across evaluations.
+    """
+    proto = protocol_for(protocol, bench)
+    query_transform = query_transform or proto.query_transform
+    if query_transform not in ("eval", "train"):
+        raise UserInputError(f"query_transform must be 'eval' or 'train', got {query_transform!r}")
+    split = bench.canonical_split(split or proto.split)
+    units = _units(bench, proto, split)
+    started = _dt.datetime.now(_dt.timezone.utc)
+    with evaluation_mode(model):
+        enc = Encoder(model, bench, batch_size, num_workers, device, progress,
+                      query_train_transform=query_transform == "train", cache=gallery_cache)
+        tally = _score_units(enc, proto, units, keep_rows=save_rankings is not None)
+    selection, selection_rule = _headline(proto, tally.metrics, units)
     result = {
         "protocol": proto.name,
         "protocol_description": proto.description,
@@ -388,24 +406,26 @@ def evaluate(model, bench, protocol: str | None = None, split: str | None = None
         "root": str(bench.root), "clipseg_maps": getattr(bench, "clipseg_maps", None),
         "split": split,
         "gallery": list(proto.galleries),
-        "gallery_size": sizes,
-        "num_queries": counts,
-        "reference_excluded": True,
+        "gallery_size": {g: {es.name: len(es.galleries[g]) for es in units} for g in proto.galleries},
+        "num_queries": tally.counts,
+        "reference_excluded": proto.exclude_reference,
         "query_transform": query_transform,
-        "metrics": metrics,
+        "baseline": getattr(model, "baseline", None),
+        "metrics": tally.metrics,
         "selection_score": selection,
         "selection_rule": selection_rule,
         "model": _model_stamp(model),
         "versions": environment(),
         "timestamp": started.isoformat(timespec="seconds"),
-        "notes": notes,
+        "notes": tally.notes,
     }
-    if need_top:
+    if gallery_cache is not None:
+        used = gallery_cache.last
+        result["gallery_features"] = {"cache": str(gallery_cache.folder), "chunks_reused": used.reused,
+                                      "chunks_encoded": used.encoded, "images_encoded": used.images_encoded}
+    if save_rankings is not None:
         path = Path(save_rankings)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as fh:
-            for row in rankings_rows:
-                fh.write(json.dumps(row) + "\n")
+        io.write_jsonl(path, tally.rows, sort_keys=False)
         result["rankings_file"] = str(path)
     return result
-

@@ -6,6 +6,9 @@ removed before ranking. The rank of a query is the 0-based position of its first
 (the target, or for Fashion200K any image whose description equals the target's); a query with no positive
 candidate left gets rank ``NO_HIT`` and is a miss at every k. Recall@k is the percentage of queries with
 rank < k, so k larger than the gallery counts every query whose positive is in the gallery.
+
+Several ground truths (CIRCO): :func:`average_precision_at_k` on a retrieved list, :func:`mean_average_precision`
+and :func:`map_per_aspect` over queries; a list naming an image twice is refused.
 """
 from __future__ import annotations
 
@@ -108,3 +111,59 @@ def chance_levels(gallery_size: int, subset_size: int = 6) -> dict[str, float]:
     of ``subset_size`` members (CIRR: 6); the reference is excluded from both."""
     return {"R@1": chance_recall_at_k(gallery_size, 1), "R@10": chance_recall_at_k(gallery_size, 10),
             "R_subset@1": chance_recall_at_k(subset_size, 1)}
+
+
+# --------------------------------------------------------------------------------------- several ground truths
+def _unique(items: Sequence, what: str) -> None:
+    seen: set = set()
+    for item in items:
+        if item in seen:
+            raise ValueError(f"{what} lists {item!r} twice; a ranking and a set of ground truths hold each image once")
+        seen.add(item)
+
+
+def average_precision_at_k(ranked: Sequence, relevant: Sequence, k: int) -> float:
+    """AP@K as CIRCO defines it: the sum, over the ranks r <= K whose item is relevant, of precision@r, divided by
+    min(K, number of relevant items); a fraction in [0, 1]. ``ranked`` is the retrieved list, best first (only its
+    first K count); ``relevant`` every ground truth. A list holding an item twice is refused (it would count a
+    ground truth twice), as is an empty ``relevant`` or K < 1."""
+    if k < 1:
+        raise ValueError(f"AP@K needs K >= 1, got {k}")
+    if not relevant:
+        raise ValueError("AP@K of a query without ground truths is undefined")
+    _unique(ranked, "the ranking")
+    _unique(relevant, "the ground truths")
+    wanted = set(relevant)
+    hits, total = 0, 0.0
+    for r, item in enumerate(ranked[:k], start=1):
+        if item in wanted:
+            hits += 1
+            total += hits / r
+    return total / min(k, len(wanted))
+
+
+def mean_average_precision(rankings: Sequence[Sequence], relevants: Sequence[Sequence], ks: Iterable[int],
+                           prefix: str = "mAP") -> dict[str, float]:
+    """``{f"{prefix}@{k}": mean AP@k over the queries, in %}`` (CIRCO's mAP@K)."""
+    if len(rankings) != len(relevants):
+        raise ValueError(f"{len(rankings)} rankings for {len(relevants)} sets of ground truths")
+    if not rankings:
+        raise ValueError("mAP of zero queries is undefined")
+    return {f"{prefix}@{k}": 100.0 * sum(average_precision_at_k(r, g, k) for r, g in zip(rankings, relevants))
+            / len(rankings) for k in ks}
+
+
+def map_per_aspect(rankings: Sequence[Sequence], relevants: Sequence[Sequence], aspects: Sequence[Sequence[str]],
+                   k: int = 10) -> dict[str, float]:
+    """mAP@k (in %) over the queries of each semantic aspect (a query counts once for each of its aspects), keyed
+    ``"mAP@<k>/<aspect>"``, aspects in sorted order."""
+    groups: dict[str, list[int]] = {}
+    for i, names in enumerate(aspects):
+        for name in dict.fromkeys(names):
+            groups.setdefault(name, []).append(i)
+    out = {}
+    for name in sorted(groups):
+        rows = groups[name]
+        (value,) = mean_average_precision([rankings[i] for i in rows], [relevants[i] for i in rows], [k]).values()
+        out[f"mAP@{k}/{name}"] = value
+    return out

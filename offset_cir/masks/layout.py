@@ -10,8 +10,8 @@ A :class:`MaskLayout` maps an image path to its mask path with a pattern over th
 ``{rel_parent}`` (the image's folder relative to the root), ``{parent}`` (its absolute folder),
 ``{stem}``, ``{name}`` (file name) and ``{ext}`` (suffix without the dot).
 Release presets: FashionIQ ``resized_image/<cat>_segmask/<asin>-seg.png``; Shoes ``<name>-segmask.jpg`` beside
-the image; CIRR ``<name>-segmask.png`` beside the image; Fashion200K ``<stem>-segmask.png`` beside the image;
-an image folder ``<out>/<sub folders>/<stem>-segmask.png``.
+the image; CIRR and CIRCO ``<name>-segmask.png`` beside the image; Fashion200K ``<stem>-segmask.png`` beside the
+image; an image folder ``<out>/<sub folders>/<stem>-segmask.png``.
 """
 from __future__ import annotations
 
@@ -75,9 +75,10 @@ LAYOUTS: dict[str, MaskLayout] = {
     "shoes": MaskLayout("shoes", "{out}/{rel_parent}/{stem}-segmask.jpg", category_part=0, category_prefix="womens_"),
     "cirr": MaskLayout("cirr", "{out}/{rel_parent}/{stem}-segmask.png"),
     "fashion200k": MaskLayout("fashion200k", "{out}/{rel_parent}/{stem}-segmask.png", category_part=1),
+    "circo": MaskLayout("circo", "{out}/{rel_parent}/{stem}-segmask.png"),
     "images": MaskLayout("images", "{out}/{rel_parent}/{stem}-segmask.png"),
 }
-DATASETS = ("fashioniq", "shoes", "cirr", "fashion200k")
+DATASETS = ("fashioniq", "shoes", "cirr", "fashion200k", "circo")
 
 
 def get_layout(name: str, pattern: str | None = None) -> MaskLayout:
@@ -186,6 +187,7 @@ _RELEASE_FOLDERS = {
     "shoes": ("womens_*", "womens_<type>/<0or1>/img_womens_<type>_<n>.jpg"),
     "cirr": ("{train,dev,test1}", "train/<n>/<name>.png, dev/<name>.png, test1/<name>.png"),
     "fashion200k": ("women", "women/<category>/<sub category>/<id>/<id>_<k>.jpeg"),
+    "circo": ("COCO2017_unlabeled/unlabeled2017", "COCO2017_unlabeled/unlabeled2017/<12-digit id>.jpg"),
 }
 
 
@@ -209,6 +211,8 @@ def find_images(layout: str, root: str | os.PathLike, exclude: tuple = ()) -> li
         folders = [root / n for n in ("train", "dev", "test1") if (root / n).is_dir()]
     elif layout == "fashion200k":
         folders = [root / "women"] if (root / "women").is_dir() else []
+    elif layout == "circo":
+        folders = [root / _RELEASE_FOLDERS["circo"][0]] if (root / _RELEASE_FOLDERS["circo"][0]).is_dir() else []
     else:
         raise UserInputError(f"unknown layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     images = sorted({p for folder in folders for p in walk_images(folder, exclude)

@@ -1,12 +1,13 @@
-"""The synthetic cluttered-scene benchmark generator, in the CIRR layout (issue 4 section 2; SPEC sections 6 and 7).
+"""The synthetic cluttered-scene benchmark generator, in the CIRR layout (SPEC sections 6 and 7).
 
 Each image holds one *dominant object* (shape, colour, size, pattern; random position and rotation) over a
 random textured background with 3 to 8 smaller *clutter* objects drawn from the same shapes and colours, so
 the paper's premise (a dominant portion plus noise, SPEC section 1) holds by construction. A triplet's target
 changes 1 to 3 of the dominant object's attributes; background and clutter are drawn anew. The dominant
 object's soft mask is written beside each image as ``<name>-segmask.png`` (SPEC section 6, CIRR row).
-Everything is a pure function of the seed (byte-identical files). The benchmark is *read* by the CIRR loader
-(``get_dataset("synthetic", root)``, :class:`offset_cir.data.cirr.Synthetic`).
+Everything is a pure function of the seed (byte-identical files). The benchmark is *read* by its loader
+(``get_dataset("synthetic", root)``, :class:`offset_cir.data.synthetic.benchmark.Synthetic`), CIRR's with the
+unseen-pair notes.
 
 One job per module:
 
@@ -15,7 +16,8 @@ One job per module:
 - :mod:`~offset_cir.data.synthetic.captions`: modification texts;
 - :mod:`~offset_cir.data.synthetic.plan`: images, sets, records and held-out pairs of every split (no pixels);
 - :mod:`~offset_cir.data.synthetic.generator`: :func:`generate`, which writes a benchmark folder;
-- :mod:`~offset_cir.data.synthetic.meta`: ``synthetic_meta.json``, its one reader (:func:`load_meta`).
+- :mod:`~offset_cir.data.synthetic.meta`: ``synthetic_meta.json``, its one reader (:func:`load_meta`);
+- :mod:`~offset_cir.data.synthetic.benchmark`: :class:`Synthetic`, the loader (imports torch, unlike the others).
 
 The public names below are imported from their modules on first use (importing the package loads nothing else).
 """
@@ -31,6 +33,7 @@ _PUBLIC = {
     "offset_cir.data.synthetic.plan": ("SPLITS", "N_CHANGES_P", "choose_heldout", "plan_benchmark"),
     "offset_cir.data.synthetic.generator": ("GENERATOR_VERSION", "DEFAULTS", "generate"),
     "offset_cir.data.synthetic.meta": ("META_NAME", "PARTIAL_MARKER", "read_meta", "load_meta", "unseen_pairids"),
+    "offset_cir.data.synthetic.benchmark": ("Synthetic",),
 }
 _MODULE_OF = {name: module for module, names in _PUBLIC.items() for name in names}
 

@@ -1,8 +1,8 @@
 """The benchmark's metadata file ``synthetic_meta.json``: its name, its layout and its one reader.
 
 The generator writes the file last (a folder without it is an interrupted run, marked by ``PARTIAL_MARKER``);
-the CIRR loader (:class:`offset_cir.data.cirr.Synthetic`) reads the unseen-pair queries from it and the
-generator reads it back to decide whether a folder is up to date. Both go through :func:`read_meta`.
+the benchmark's loader (:class:`offset_cir.data.synthetic.benchmark.Synthetic`) reads the unseen-pair queries
+from it and the generator reads it back to decide whether a folder is up to date. Both go through :func:`read_meta`.
 
 Layout (one JSON object)::
 
