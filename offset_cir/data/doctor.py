@@ -119,14 +119,11 @@ class Report:
 
 def _size(path: Path) -> tuple[int, int] | None:
     """The pixel size of an image file that opens and verifies, else None."""
-    from PIL import Image
+    from offset_cir.images import ImageReadError, read_header
 
     try:
-        with Image.open(path) as im:
-            size = im.size
-            im.verify()
-        return size
-    except Exception:  # noqa: BLE001  any failure means the file is not a readable image
+        return read_header(path, verify=True).size
+    except ImageReadError:
         return None
 
 
