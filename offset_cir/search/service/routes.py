@@ -38,6 +38,7 @@ from offset_cir.search.service.state import Service, service_of
 def add_routes(app: FastAPI) -> None:
     """The routes, on ``app`` itself (so each is matched, and counted in the metrics, by its own template)."""
     app.add_api_route("/", home, methods=["GET"], response_class=HTMLResponse)
+    app.add_api_route("/favicon.ico", favicon, methods=["GET"], include_in_schema=False)
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics_page, methods=["GET"])
     app.add_api_route("/gallery", gallery, methods=["GET"])
@@ -62,6 +63,11 @@ def mask_url(image_id: str) -> str:
 
 async def home(request: Request):
     return HTMLResponse(service_of(request).page, headers={"Cache-Control": "no-store"})
+
+
+async def favicon(request: Request):
+    """No icon: 204, so that a browser's request for one is answered without a console error."""
+    return Response(status_code=204, headers={"Cache-Control": "max-age=86400"})
 
 
 async def health(request: Request):
