@@ -58,7 +58,8 @@ def browser(tmp_path_factory):
         shutil.rmtree(profile, ignore_errors=True)
 
 
-def _open(browser, url, images=12):
+def _open(browser, url, images=12, pick=None):
+    """Load the page (its console emptied first) and wait for its gallery; ``pick`` a gallery reference."""
     browser.set_window_size(1200, 900)
     browser.get("about:blank")
     console_errors(browser)  # start each test's console afresh, before the page loads
@@ -67,6 +68,8 @@ def _open(browser, url, images=12):
     wait.until(lambda d: f"{images} images" in d.find_element(By.ID, "info").text)
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#gallery .pick")) == images)
     record_answers(browser)
+    if pick is not None:
+        _pick(browser, wait, pick)
     return wait
 
 
@@ -91,6 +94,12 @@ def _search(browser, wait, text, k=None):
     assert answer["status"] == 200, answer
     wait.until(lambda d: len(_result_ids(d)) == len(answer["body"]["results"]))
     return answer["body"]
+
+
+def _pick(browser, wait, image_id):
+    """Pick gallery image ``image_id`` as the reference and wait for its stored mask on the canvas."""
+    browser.find_element(By.CSS_SELECTOR, f'#gallery .pick[data-id="{image_id}"]').click()
+    wait.until(lambda d: "the stored mask" in d.find_element(By.ID, "mask-state").text)
 
 
 def _result_ids(driver):
@@ -193,9 +202,7 @@ def test_brush_eraser_undo_and_clear(live, browser):
 def test_pick_a_gallery_reference_and_see_errors(live, browser):
     """A gallery reference with its stored mask; an empty text is refused next to its field without a request."""
     base, index, url = live
-    wait = _open(browser, url)
-    browser.find_element(By.CSS_SELECTOR, '#gallery .pick[data-id="img002"]').click()
-    wait.until(lambda d: "the stored mask" in d.find_element(By.ID, "mask-state").text)
+    wait = _open(browser, url, pick="img002")
     browser.find_element(By.ID, "go").click()
     wait.until(lambda d: "Say what should change" in d.find_element(By.ID, "err-text").text)
     assert browser.find_element(By.ID, "text").get_attribute("aria-invalid") == "true"
@@ -218,9 +225,7 @@ def test_pick_a_gallery_reference_and_see_errors(live, browser):
 
 def test_a_repainted_gallery_reference_uses_the_painted_mask(live, browser):
     base, index, url = live
-    wait = _open(browser, url)
-    browser.find_element(By.CSS_SELECTOR, '#gallery .pick[data-id="img002"]').click()
-    wait.until(lambda d: "the stored mask" in d.find_element(By.ID, "mask-state").text)
+    wait = _open(browser, url, pick="img002")
     browser.find_element(By.ID, "clear").click()
     _choose_tool(browser, "box")
     view = browser.find_element(By.ID, "view").rect
@@ -355,9 +360,7 @@ def test_a_refusal_is_shown_next_to_its_field(live, browser):
     """Where the server refuses what the page let through (here: a text limit the page was told wrongly), its
     message appears next to the field the answer names."""
     base, _, url = live
-    wait = _open(browser, url)
-    browser.find_element(By.CSS_SELECTOR, '#gallery .pick[data-id="img003"]').click()
-    wait.until(lambda d: "the stored mask" in d.find_element(By.ID, "mask-state").text)
+    wait = _open(browser, url, pick="img003")
     browser.execute_script("S.health.limits.max_text_chars = 5000; document.getElementById('text').maxLength = 5000;")
     browser.execute_script("document.getElementById('text').value = 'x'.repeat(501);")
     browser.find_element(By.ID, "go").click()
