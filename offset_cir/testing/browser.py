@@ -31,9 +31,9 @@ def missing_browser() -> str | None:
     """Why the browser checks cannot run here (None when they can)."""
     if not CHROMIUM.exists() or not DRIVER.exists():
         return f"needs {CHROMIUM} and {DRIVER} (Debian chromium + chromium-driver: `make browser`)"
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("selenium") is None:
         return "needs selenium (the 'dev' extra)"
     return None
 

@@ -47,7 +47,9 @@ def add_routes(app: FastAPI) -> None:
     svc = app.state.service
     app.add_api_route("/search", search, methods=["POST"],
                       openapi_extra=search_form_openapi(svc.limits, mask_modes(svc.index)))
-    app.add_api_route("/suggest-mask", suggest_mask, methods=["POST"], openapi_extra=reference_form_openapi())
+    app.add_api_route("/suggest-mask", suggest_mask, methods=["POST"], openapi_extra=reference_form_openapi(),
+                      response_class=Response, responses={200: {"description": "the mask, grayscale, the reference's "
+                                                                "size", "content": {"image/png": {}}}})
     app.add_exception_handler(FormError, form_error_answer)
 
 

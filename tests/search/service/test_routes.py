@@ -237,7 +237,8 @@ def test_suggest_mask(piped, client, generator, base):
     assert r.status_code == 200 and r.headers["content-type"] == "image/png"
     got = Image.open(io.BytesIO(r.content))
     assert got.size == photo.size
-    np.testing.assert_array_equal(np.asarray(got.convert("L")), np.asarray(_box_mask(photo.size, generator.box(photo.size))))
+    want = _box_mask(photo.size, generator.box(photo.size))
+    np.testing.assert_array_equal(np.asarray(got.convert("L")), np.asarray(want))
     r = c.post("/suggest-mask", data={"ref_id": "sub/img004"})
     assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (24, 24)
     refused = client.post("/suggest-mask", data={"ref_id": "img001"})
@@ -292,3 +293,4 @@ def test_the_form_as_openapi_documents_it(index):
     assert "image" not in body["application/x-www-form-urlencoded"]["schema"]["properties"]
     suggest = app.openapi()["paths"]["/suggest-mask"]["post"]["requestBody"]["content"]["multipart/form-data"]
     assert set(suggest["schema"]["properties"]) == {"image", "ref_id"}
+    assert "image/png" in app.openapi()["paths"]["/suggest-mask"]["post"]["responses"]["200"]["content"]
