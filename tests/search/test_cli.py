@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -48,10 +49,72 @@ def test_search_uses_the_mask_beside_the_image_and_says_so(indexed, capsys):
     assert _search(base, "--image", str(base / "q" / "query.png")) == 0
     out, err = capsys.readouterr()
     assert f"mask: {(base / 'q' / 'query-segmask.png').resolve()} (found beside the image" in err
+    marked = np.asarray(Image.open(base / "q" / "query-segmask.png").convert("L")) >= 128
+    assert f"coverage {marked.mean():.4f}, box " in err and " of 64x64" in err
     got = [h["id"] for h in json.loads(out)]
     want = Index.open(base / "idx").search(base / "q" / "query.png", "make it red", k=4,
                                            mask=base / "q" / "query-segmask.png")
     assert got == [h.id for h in want]
+
+
+def _ids_with_mask(base, image, mask_array):
+    """The ranking the Python API gives for ``image`` with the mask ``mask_array`` (uint8, made here)."""
+    mask = Image.fromarray(mask_array, "L")
+    return [h.id for h in Index.open(base / "idx").search(image, "make it red", k=4, mask=mask)]
+
+
+def test_search_with_a_box_says_which_mask_and_what_it_marks(indexed, capsys):
+    """--box marks a box of the reference, before the mask beside the image (which the person overrides)."""
+    base, _ = indexed
+    capsys.readouterr()
+    assert _search(base, "--image", str(base / "q" / "query.png"), "--box", "8, 16,40,56") == 0
+    out, err = capsys.readouterr()
+    assert "mask: the box 8, 16,40,56 (--box): coverage 0.3125, box 8,16,40,56 of 64x64" in err  # 32*40/4096
+    want = np.zeros((64, 64), dtype=np.uint8)
+    want[16:56, 8:40] = 255
+    assert [h["id"] for h in json.loads(out)] == _ids_with_mask(base, base / "q" / "query.png", want)
+
+
+def test_search_with_the_whole_image(indexed, capsys):
+    base, _ = indexed
+    capsys.readouterr()
+    assert _search(base, "--image", str(base / "q" / "lonely.png"), "--whole-image") == 0
+    out, err = capsys.readouterr()
+    assert "mask: the whole image (--whole-image): coverage 1.0000, box 0,0,64,64 of 64x64" in err
+    want = np.full((64, 64), 255, dtype=np.uint8)
+    assert [h["id"] for h in json.loads(out)] == _ids_with_mask(base, base / "q" / "lonely.png", want)
+
+
+def test_a_gallery_reference_says_its_stored_mask(indexed, capsys):
+    base, _ = indexed
+    capsys.readouterr()
+    assert _search(base, "--ref-id", "img003") == 0
+    out, err = capsys.readouterr()
+    assert f"mask: {(base / 'g' / 'img003-segmask.png').resolve()} (stored in the index" in err
+    assert [h["id"] for h in json.loads(out)] == [h.id for h in Index.open(base / "idx").search_id("img003",
+                                                                                                  "make it red", 4)]
+    assert _search(base, "--ref-id", "img003", "--whole-image") == 0
+    out, err = capsys.readouterr()
+    assert "mask: the whole image (--whole-image): coverage 1.0000" in err
+
+
+@pytest.mark.parametrize("box, phrase", [("1,2,3", "--box must be four whole numbers"),
+                                         ("0,0,65,10", "--box 0,0,65,10 is not a box inside the 64x64 image"),
+                                         ("10,10,10,20", "need 0 <= x0 < x1 <= 64"),
+                                         ("-1,0,5,5", "--box must be four whole numbers")])
+def test_a_bad_box_is_refused_naming_the_flag(indexed, capsys, box, phrase):
+    base, _ = indexed
+    capsys.readouterr()
+    assert _search(base, "--image", str(base / "q" / "lonely.png"), f"--box={box}") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and phrase in err and "Traceback" not in err
+
+
+def test_mask_flags_exclude_one_another(indexed, capsys):
+    base, _ = indexed
+    with pytest.raises(SystemExit):
+        _search(base, "--image", str(base / "q" / "lonely.png"), "--box", "0,0,4,4", "--whole-image")
+    assert "not allowed with argument" in capsys.readouterr().err
 
 
 def test_missing_mask_message_names_the_cli_flags(indexed, capsys):
@@ -60,6 +123,7 @@ def test_missing_mask_message_names_the_cli_flags(indexed, capsys):
     assert _search(base, "--image", str(base / "q" / "lonely.png")) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--mask FILE" in err and "lonely-segmask.png" in err
+    assert "--box x0,y0,x1,y1" in err and "--whole-image" in err
     assert "--captioner DIR --segmenter DIR" in err
     assert "MaskGenerator" not in err and "mask_generator" not in err and "use_masks" not in err
 

@@ -64,7 +64,10 @@ def test_index_and_service_use_the_mask_pipeline(tmp_path, capsys, monkeypatch):
         r = c.post("/search", data={"text": "make it red", "k": "5"},
                    files={"image": ("r.png", ref.read_bytes(), "image/png")})
         assert r.status_code == 200, r.text
-        assert r.json()["query"]["mask"] == "generated" and c.get("/health").json()["mask_pipeline"] is True
+        assert r.json()["query"]["mask"]["mode"] == "generated" and c.get("/health").json()["mask_pipeline"] is True
+        dominant = np.asarray(Image.open(stored).convert("L")) >= 128  # the pipeline made this same mask
+        assert r.json()["query"]["mask"]["coverage"] == pytest.approx(dominant.mean(), abs=1e-6)
+        assert "generated" in c.get("/health").json()["mask_modes"]
         assert [x["id"] for x in r.json()["results"]] == [h.id for h in a]
 
     # `offset search` takes the same --captioner/--segmenter as `offset serve` and says where the mask came from

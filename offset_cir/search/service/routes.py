@@ -1,32 +1,56 @@
-"""The service's routes: ``POST /search``, ``GET /images/{id}``, ``GET /gallery``, ``GET /health``, ``GET /metrics``
-and ``GET /`` (the page). Each reads the app's :class:`~offset_cir.search.service.state.Service`.
+"""The service's routes: ``POST /search``, ``POST /suggest-mask``, ``GET /images/{id}``, ``GET /masks/{id}``,
+``GET /gallery``, ``GET /health``, ``GET /metrics`` and ``GET /`` (the page). Each reads the app's
+:class:`~offset_cir.search.service.state.Service`.
 
-``/images/{id}`` serves gallery images by id only: no client string ever becomes a file path. A search decodes
-uploads and encodes its query in a worker thread, under the concurrency cap (``SearchSlots``).
+``/images/{id}`` and ``/masks/{id}`` serve gallery images and their stored masks by id only: no client string ever
+becomes a file path. A search (and a suggested mask) decodes uploads, makes the mask and encodes its query in a
+worker thread, under the concurrency cap (``SearchSlots``). Refused forms answer ``{"detail", "field"}``.
 """
 from __future__ import annotations
 
+import io
 import time
 import urllib.parse
+import weakref
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, HTMLResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from offset_cir.errors import UserInputError
-from offset_cir.search.inputs import short_repr
-from offset_cir.search.service.form import SearchQuery, decode_upload, parse_gallery_page, read_search_form
+from offset_cir.search.inputs import load_pil, short_repr
+from offset_cir.search.query_mask import QueryMask, offered_mask_modes, query_mask
+from offset_cir.search.service.form import (
+    FormError,
+    SearchQuery,
+    choose_mask_mode,
+    decode_upload,
+    parse_gallery_page,
+    read_reference_form,
+    read_search_form,
+    reference_form_openapi,
+    search_form_openapi,
+)
 from offset_cir.search.service.state import Service, service_of
+
 
 def add_routes(app: FastAPI) -> None:
     """The routes, on ``app`` itself (so each is matched, and counted in the metrics, by its own template)."""
     app.add_api_route("/", home, methods=["GET"], response_class=HTMLResponse)
+    app.add_api_route("/favicon.ico", favicon, methods=["GET"], include_in_schema=False)
     app.add_api_route("/health", health, methods=["GET"])
     app.add_api_route("/metrics", metrics_page, methods=["GET"])
     app.add_api_route("/gallery", gallery, methods=["GET"])
     app.add_api_route("/images/{image_id:path}", image, methods=["GET"])
-    app.add_api_route("/search", search, methods=["POST"])
+    app.add_api_route("/masks/{image_id:path}", stored_mask, methods=["GET"])
+    svc = app.state.service
+    app.add_api_route("/search", search, methods=["POST"],
+                      openapi_extra=search_form_openapi(svc.limits, mask_modes(svc.index)))
+    app.add_api_route("/suggest-mask", suggest_mask, methods=["POST"], openapi_extra=reference_form_openapi(),
+                      response_class=Response, responses={200: {"description": "the mask, grayscale, the reference's "
+                                                                "size", "content": {"image/png": {}}}})
+    app.add_exception_handler(FormError, form_error_answer)
 
 
 def image_url(image_id: str) -> str:
@@ -34,8 +58,18 @@ def image_url(image_id: str) -> str:
     return "/images/" + urllib.parse.quote(image_id, safe="/")
 
 
+def mask_url(image_id: str) -> str:
+    """The URL of a gallery image's stored mask (``GET /masks/{id}``)."""
+    return "/masks/" + urllib.parse.quote(image_id, safe="/")
+
+
 async def home(request: Request):
     return HTMLResponse(service_of(request).page, headers={"Cache-Control": "no-store"})
+
+
+async def favicon(request: Request):
+    """No icon: 204, so that a browser's request for one is answered without a console error."""
+    return Response(status_code=204, headers={"Cache-Control": "max-age=86400"})
 
 
 async def health(request: Request):
@@ -47,7 +81,7 @@ async def health(request: Request):
             "checkpoint_hash": index.manifest["checkpoint"]["hash"],
             # whether a query needs a mask; "needs_masks" is the same, for clients that read that name
             "uses_masks": uses_mask, "needs_masks": uses_mask,
-            "mask_pipeline": index.mask_generator is not None, "read_only": True,
+            "mask_pipeline": index.mask_generator is not None, "mask_modes": list(mask_modes(index)), "read_only": True,
             "runtime": getattr(index.model, "runtime", "torch"), "limits": svc.limits.to_json()}
 
 
@@ -61,7 +95,8 @@ async def gallery(request: Request, offset: str = "0", limit: str = "24"):
     index = service_of(request).index
     start, count = parse_gallery_page(offset, limit)
     return {"total": len(index), "offset": start,
-            "images": [{"id": it["id"], "url": image_url(it["id"]), "has_mask": bool(it.get("mask"))}
+            "images": [{"id": it["id"], "url": image_url(it["id"]), "has_mask": bool(it.get("mask")),
+                        "mask_url": mask_url(it["id"]) if it.get("mask") else None}
                        for it in index.items[start:start + count]]}
 
 
@@ -75,61 +110,130 @@ async def image(request: Request, image_id: str):
     return FileResponse(path, headers={"Cache-Control": "max-age=3600"})
 
 
+async def stored_mask(request: Request, image_id: str):
+    """A gallery image's stored mask, by id (404 when it has none)."""
+    index = service_of(request).index
+    if image_id not in index:
+        raise HTTPException(404, f"no gallery image with id {short_repr(image_id)}")
+    mask = index.item(image_id).get("mask")
+    if not mask or not Path(mask).is_file():
+        raise HTTPException(404, f"gallery image {short_repr(image_id)} has no stored mask on disk")
+    return FileResponse(mask, headers={"Cache-Control": "max-age=3600"})
+
+
 async def search(request: Request):
     t0 = time.perf_counter()
     svc = service_of(request)
     query = await read_search_form(request, svc.limits, svc.index)
-    reference, mask_used = describe_reference(svc, query)
+    reference, mode = describe_reference(svc, query)
     async with svc.slots.slot():
         try:
-            hits, stages = await run_in_threadpool(run_search, svc, query)
-        except UserInputError as exc:  # MaskRequiredError, a mask of another size, an unreadable stored file
+            hits, stages, used = await run_in_threadpool(run_search, svc, query, mode)
+        except UserInputError as exc:  # a stored mask file gone, an unreadable gallery file
             raise HTTPException(422, svc.public(str(exc))) from None
     svc.metrics.observe_stages(stages)
     took = time.perf_counter() - t0
     svc.metrics.seconds.labels("total").observe(took)
+    index = svc.index
     return {
-        "query": {"text": query.text, "k": query.k, "reference": reference, "mask": mask_used},
-        "results": [{"rank": i + 1, "id": h.id, "score": h.score, "url": image_url(h.id)} for i, h in enumerate(hits)],
+        "query": {"text": query.text, "k": query.k, "reference": reference, "mask": used.to_json()},
+        "results": [{"rank": i + 1, "id": h.id, "score": h.score, "url": image_url(h.id),
+                     "mask_url": mask_url(h.id) if index.item(h.id).get("mask") else None}
+                    for i, h in enumerate(hits)],
         "took_ms": round(took * 1000.0, 2),
     }
 
 
 def describe_reference(svc: Service, query: SearchQuery) -> tuple[dict, str]:
-    """The answer's ``reference`` and which mask the search uses; refuses (before queueing) a gallery reference
-    whose file is gone and an upload without the mask the model needs when no mask pipeline can make one."""
+    """The answer's ``reference`` and the mask mode the search uses (``choose_mask_mode``); refuses (before
+    queueing) a gallery reference whose file is gone and a request whose mask no mode offered here can make."""
     index = svc.index
-    uses_mask = index.uses_query_mask
+    if query.ref_id is None:
+        return {"kind": "upload"}, choose_mask_mode(query, mask_modes(index), stored=False)
+    item = index.item(query.ref_id)
+    if not Path(item["path"]).is_file():
+        raise HTTPException(404, f"gallery image {short_repr(query.ref_id)} is no longer on disk; the index "
+                                 f"needs an update (`offset index`)")
+    reference = {"kind": "gallery", "id": query.ref_id, "url": image_url(query.ref_id)}
+    if item.get("mask"):
+        reference["mask_url"] = mask_url(query.ref_id)
+    return reference, choose_mask_mode(query, mask_modes(index), stored=bool(item.get("mask")))
+
+
+_MODES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def mask_modes(index) -> tuple[str, ...]:
+    """The ``mask_mode`` values ``index``'s service offers (``query_mask.offered_mask_modes``), worked out once."""
+    modes = _MODES.get(index)
+    if modes is None:
+        stored = any(it.get("mask") for it in index.items)
+        modes = _MODES[index] = offered_mask_modes(index.uses_query_mask, index.mask_generator is not None, stored)
+    return modes
+
+
+def reference_image(svc: Service, query: SearchQuery):
+    """The reference of ``query`` as a PIL image: the decoded upload or the gallery file."""
     if query.ref_id is not None:
-        if not Path(index.item(query.ref_id)["path"]).is_file():
-            raise HTTPException(404, f"gallery image {short_repr(query.ref_id)} is no longer on disk; the index "
-                                     f"needs an update (`offset index`)")
-        stored = bool(index.item(query.ref_id).get("mask"))
-        used = "stored" if uses_mask and stored else ("generated" if uses_mask else "not used by this model")
-        return {"kind": "gallery", "id": query.ref_id, "url": image_url(query.ref_id)}, used
-    if uses_mask and query.mask is None and index.mask_generator is None:
-        raise HTTPException(
-            422, "this model was trained with masks and no 'mask' was uploaded; upload one (grayscale, white = the "
-                 "part that matters, the size of the image) or pick a gallery reference (it has a stored mask); the "
-                 "mask pipeline is not configured on this server")
-    used = ("uploaded" if query.mask is not None else "generated") if uses_mask else "not used by this model"
-    return {"kind": "upload"}, used
+        return load_pil(svc.index.item(query.ref_id)["path"], "reference image")
+    return decode_upload(query.image, "image", svc.limits.max_pixels)
 
 
-def run_search(svc: Service, query: SearchQuery):
-    """Decode the uploads, encode the query and rank the gallery (in a worker thread): (hits, seconds by stage)."""
+def make_query_mask(svc: Service, query: SearchQuery, image, mode: str) -> QueryMask:
+    """The query's mask as ``mode`` says (``query_mask``); an uploaded mask of another size is refused naming
+    the ``mask`` field."""
+    index = svc.index
+    if mode == "uploaded":
+        mask = decode_upload(query.mask, "mask", svc.limits.max_pixels, mode="L")
+        try:
+            return query_mask(image, "uploaded", mask=mask)
+        except UserInputError as exc:
+            raise FormError("mask", f"field 'mask': {exc}") from None
+    if mode == "stored":
+        item = index.item(query.ref_id)
+        return query_mask(image, "stored", mask=item["mask"], image_source=item["path"])
+    return query_mask(image, mode, generator=index.mask_generator)
+
+
+def run_search(svc: Service, query: SearchQuery, mode: str):
+    """Decode the uploads, make the mask, encode the query and rank the gallery (in a worker thread):
+    (hits, seconds by stage, the :class:`QueryMask` used)."""
     index, stages = svc.index, {}
     s = time.perf_counter()
-    if query.ref_id is not None:
-        q = index.query_for_id(query.ref_id, query.text)
-    else:
-        pil = decode_upload(query.image, "image", svc.limits.max_pixels)
-        mask = decode_upload(query.mask, "mask", svc.limits.max_pixels, mode="L") if query.mask is not None else None
+    image = reference_image(svc, query)
+    used = make_query_mask(svc, query, image, mode)
+    if query.image is not None or query.mask is not None:  # uploads were decoded
         stages["decode"] = time.perf_counter() - s
         s = time.perf_counter()
-        q = index.encode_query(pil, query.text, mask=mask)
+    q = index.encode_query(image, query.text, mask=used.image)
     stages["encode"] = time.perf_counter() - s
     s = time.perf_counter()
     hits = index.rank(q, query.k, exclude_id=query.ref_id)
     stages["search"] = time.perf_counter() - s
-    return hits, stages
+    return hits, stages, used
+
+
+async def suggest_mask(request: Request):
+    """The mask pipeline's mask for a reference (``image`` or ``ref_id``), as a grayscale PNG of its size."""
+    svc = service_of(request)
+    query = await read_reference_form(request, svc.limits, svc.index)
+    if svc.index.mask_generator is None:
+        raise FormError("mask_mode", f"this server has no mask pipeline to suggest a mask; "
+                                     f"it offers mask_mode {', '.join(mask_modes(svc.index)) or 'none'}")
+    async with svc.slots.slot():
+        png = await run_in_threadpool(_suggested_png, svc, query)
+    return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
+def _suggested_png(svc: Service, query: SearchQuery) -> bytes:
+    image = reference_image(svc, query)
+    made = query_mask(image, "generated", generator=svc.index.mask_generator)
+    buf = io.BytesIO()
+    made.image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+async def form_error_answer(request: Request, exc: FormError):
+    """A refused form: ``{"detail", "field"}`` (the field the page shows the message beside)."""
+    return JSONResponse({"detail": exc.detail, "field": exc.field}, status_code=exc.status_code,
+                        headers=exc.headers)

@@ -42,6 +42,7 @@ class ServiceLimits:
     def to_json(self) -> dict:
         """The ``limits`` of ``GET /health``."""
         return {"max_upload_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels, "max_k": self.max_k,
+                "max_text_chars": self.max_text_chars,
                 "max_concurrency": max(1, int(self.max_concurrency)), "queue_timeout_s": self.queue_timeout,
                 "body_timeout_s": self.body_timeout}
 

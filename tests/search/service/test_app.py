@@ -74,7 +74,11 @@ def test_valid_upload_search_matches_python_api(client, index, gallery):
     assert [x["id"] for x in body["results"]] == [h.id for h in want]
     np.testing.assert_allclose([x["score"] for x in body["results"]], [h.score for h in want], rtol=1e-6)
     assert [x["rank"] for x in body["results"]] == [1, 2, 3, 4, 5]
-    assert body["query"]["mask"] == "uploaded" and body["query"]["reference"] == {"kind": "upload"}
+    assert body["query"]["reference"] == {"kind": "upload"}
+    marked = np.argwhere(np.asarray(Image.open(mask).convert("L")) >= 128)  # (row, col) of dominant pixels
+    (y0, x0), (y1, x1) = marked.min(axis=0), marked.max(axis=0) + 1
+    assert body["query"]["mask"] == {"mode": "uploaded", "coverage": len(marked) / (24 * 24),
+                                     "box": [int(x0), int(y0), int(x1), int(y1)], "size": [24, 24]}
     assert body["results"][0]["url"] == f"/images/{want[0].id}"
     assert all("path" not in x for x in body["results"])  # no server paths leave the service
     assert str(base) not in r.text
@@ -86,13 +90,15 @@ def test_gallery_reference_uses_stored_mask(client, index):
     body = r.json()
     assert [x["id"] for x in body["results"]] == [h.id for h in index.search_id("sub/img004", "more red", k=4)]
     assert "sub/img004" not in [x["id"] for x in body["results"]]
-    assert body["query"]["mask"] == "stored"
+    assert body["query"]["mask"]["mode"] == "stored"
 
 
 def test_mask_required_for_upload_without_mask(client, gallery):
     base, _ = gallery
     r = client.post("/search", data={"text": "red", "k": "3"}, files=_files((base / "g" / "img001.png").read_bytes()))
-    assert r.status_code == 422 and "trained with masks" in r.json()["detail"]
+    assert r.status_code == 422 and r.json()["field"] == "mask_mode"
+    assert "needs a mask" in r.json()["detail"]
+    assert "this server offers mask_mode uploaded, whole, stored" in r.json()["detail"]
 
 
 @pytest.mark.parametrize("data,files,status,phrase", [
