@@ -28,7 +28,12 @@ Source = Union[str, os.PathLike, bytes, bytearray, memoryview, IO[bytes]]
 
 
 class ImageReadError(UserInputError):
-    """A file or upload that cannot be read as an image (missing, not an image, corrupt, or too large)."""
+    """A file or upload that cannot be read as an image (missing, not an image, corrupt, or too large);
+    ``reason`` is what was wrong, without the name of the file (for messages that name it their own way)."""
+
+    def __init__(self, message: str, reason: str | None = None):
+        super().__init__(message)
+        self.reason = reason if reason is not None else message
 
 
 class ImageMissingError(ImageReadError, FileNotFoundError):
@@ -118,7 +123,7 @@ def _too_large(where: _Where, size: tuple[int, int] | None, limit: int) -> Image
 
 def _unreadable(where: _Where, reason: str) -> ImageReadError:
     named = f"{where.label} ({reason})" if where.label else reason
-    return ImageReadError(f"{where.what} cannot be read (corrupt or not an image): {named}")
+    return ImageReadError(f"{where.what} cannot be read (corrupt or not an image): {named}", reason)
 
 
 def _open(source, where: _Where, formats: Sequence[str] | None):
@@ -156,13 +161,15 @@ def read_header(source: Source, *, what: str = "image", name: str | None = None,
 
 
 def read_image(source: Source, mode: str | None = "RGB", *, what: str = "image", name: str | None = None,
-               max_pixels: int | None = None, formats: Sequence[str] | None = None):
+               max_pixels: int | None = None, formats: Sequence[str] | None = None, upright: bool = False):
     """Decode ``source`` (a path, bytes, or a binary file object) as a PIL image in ``mode`` (None: as stored).
 
     ``what`` and ``name`` say how messages name it (``what="mask"``; ``name="field 'image'"`` for an upload; a
     path names itself). ``max_pixels`` refuses larger images before decoding (None: PIL's own limit,
     ``2 * Image.MAX_IMAGE_PIXELS``, which also applies above any larger value); ``formats`` restricts the
-    accepted formats (PIL's names: ``("PNG", "JPEG")``). Raises :class:`ImageReadError` and its subclasses.
+    accepted formats (PIL's names: ``("PNG", "JPEG")``); ``upright=True`` turns the image by its EXIF orientation,
+    as a browser shows it (an upload a person painted a mask over). Raises :class:`ImageReadError` and its
+    subclasses.
     """
     where = _Where.of(source, what, name)
     with _open(source, where, formats) as im:
@@ -171,6 +178,11 @@ def read_image(source: Source, mode: str | None = "RGB", *, what: str = "image",
             raise _too_large(where, (w, h), max_pixels)
         try:
             im.load()
+            if upright:
+                from PIL import ImageOps
+
+                turned = ImageOps.exif_transpose(im)
+                return turned.convert(mode) if mode else turned.copy()
             return im.convert(mode) if mode else im.copy()
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise _unreadable(where, str(exc) or type(exc).__name__) from None

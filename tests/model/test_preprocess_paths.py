@@ -17,7 +17,11 @@ pytestmark = pytest.mark.skipif(not peak_measurable(), reason="needs Linux /proc
 S = 64  # the tiny backbone's input side
 MODEL_INPUT_BYTES = 3 * S * S * 4
 OUTPUT_MULTIPLE = 8
-CLI_OUTPUT_MULTIPLE = 16  # two fresh processes' peaks differ by a few hundred kB besides what the image costs
+CLI_OUTPUT_MULTIPLE = 16
+# two fresh processes' peaks differ besides what the image costs (allocator arenas, import order): up to 2.3 MB
+# was seen on a loaded machine; allowed once, it is still a thousandth of what resizing the whole strip costs
+# (about 1.9 GB at this input size)
+PROCESS_NOISE_BYTES = 8 * 2**20
 THIN = (1, 100_000)  # width x height
 ORDINARY = (316, 316)  # as many pixels (99,856)
 # one decoded copy of the thin image: 4 bytes a pixel (RGBX) and PIL's pointer to each of its 100,000 rows
@@ -84,7 +88,7 @@ def test_offset_index_over_a_folder_with_a_thin_image(tmp_path, checkpoint):
                          tmp_path / f"idx-{name}", "--workers", "0", "--device", "cpu", "--no-progress"])
 
     extra = _extra(index("ordinary", ORDINARY), index("thin", THIN))
-    assert extra <= COPY_BYTES + CLI_OUTPUT_MULTIPLE * MODEL_INPUT_BYTES, f"{extra / 2**20:.1f} MiB more than ordinary"
+    assert extra <= COPY_BYTES + CLI_OUTPUT_MULTIPLE * MODEL_INPUT_BYTES + PROCESS_NOISE_BYTES, f"{extra / 2**20:.1f} MiB more than ordinary"
 
 
 def test_offset_search_with_a_thin_image(tmp_path, checkpoint):
@@ -98,4 +102,4 @@ def test_offset_search_with_a_thin_image(tmp_path, checkpoint):
                          "1", "--json", "--device", "cpu"])
 
     extra = _extra(search("ordinary", ORDINARY), search("thin", THIN))
-    assert extra <= COPY_BYTES + CLI_OUTPUT_MULTIPLE * MODEL_INPUT_BYTES, f"{extra / 2**20:.1f} MiB more than ordinary"
+    assert extra <= COPY_BYTES + CLI_OUTPUT_MULTIPLE * MODEL_INPUT_BYTES + PROCESS_NOISE_BYTES, f"{extra / 2**20:.1f} MiB more than ordinary"

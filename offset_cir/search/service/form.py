@@ -10,10 +10,8 @@ form or an upload that is not an image. Messages quote at most 80 characters of 
 from __future__ import annotations
 
 import dataclasses
-import io
 import re
 import unicodedata
-import warnings
 from typing import Container
 
 from fastapi import HTTPException
@@ -372,22 +370,6 @@ def reference_form_openapi() -> dict:
 # ----------------------------------------------------------------------------------------------- uploads
 
 
-def _claimed_size(data: bytes) -> tuple[int, int] | None:
-    """Width and height an image file's header claims, read without PIL's bomb check (nothing is decoded)."""
-    from PIL import Image
-
-    Image.init()
-    for fmt in UPLOAD_FORMATS:
-        factory, accept = Image.OPEN.get(fmt, (None, None))
-        if factory is None or (accept is not None and accept(data[:16]) is not True):
-            continue
-        try:
-            return tuple(factory(io.BytesIO(data)).size)
-        except Exception:
-            continue
-    return None
-
-
 def _too_many_pixels(field: str, size: tuple[int, int] | None, max_pixels: int) -> FormError:
     if size is None:
         return FormError(field, f"field '{field}' has more pixels than the limit of {max_pixels} pixels", 413)
@@ -399,27 +381,15 @@ def decode_upload(data: bytes, field: str, max_pixels: int, mode: str = "RGB"):
     """Bytes of an uploaded file -> PIL image, turned upright by its EXIF orientation (as browsers show it, so a
     mask painted over it fits); a FormError otherwise (415 not an image, 413 too many pixels, checked from the
     header before anything is decoded)."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    from offset_cir.images import ImageReadError, ImageTooLargeError, read_image
 
     if not data:
         raise FormError(field, f"field '{field}' is an empty file")
     try:
-        im = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
-    except UnidentifiedImageError:
-        raise FormError(field, f"field '{field}' is not an image this service can read (PNG, JPEG, WebP, ...)",
-                        415) from None
-    except Image.DecompressionBombError:  # PIL's own, larger limit; report the service's
-        raise _too_many_pixels(field, _claimed_size(data), max_pixels) from None
-    except Exception as exc:
-        raise FormError(field, f"field '{field}' could not be read as an image: {public_message(str(exc))}",
-                        415) from None
-    if im.size[0] * im.size[1] > max_pixels:
-        raise _too_many_pixels(field, im.size, max_pixels)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            im.load()
-            return ImageOps.exif_transpose(im).convert(mode)
-    except Exception as exc:
-        raise FormError(field, f"field '{field}' could not be decoded as an image: {public_message(str(exc))}",
-                        415) from None
+        return read_image(data, mode, what=f"field '{field}'", max_pixels=max_pixels, formats=UPLOAD_FORMATS,
+                          upright=True)
+    except ImageTooLargeError as exc:
+        raise _too_many_pixels(field, exc.size, max_pixels) from None
+    except ImageReadError as exc:
+        raise FormError(field, f"field '{field}' is not an image this service can read "
+                               f"({', '.join(UPLOAD_FORMATS)}): {public_message(exc.reason)}", 415) from None
