@@ -27,6 +27,7 @@ from typing import Sequence
 
 from offset_cir import io
 from offset_cir.errors import UserInputError
+from offset_cir.masks.records import MaskReport, read_captions, write_json_atomic
 from offset_cir.hashing import bytes_sha256
 
 logger = logging.getLogger(__name__)
@@ -93,8 +94,6 @@ def write_report(report, captions_out, shard: Shard, fingerprint: str) -> Path:
 def merge(captions_out, count: int, fingerprint: str):
     """The merged report of all ``count`` shards of the plan ``fingerprint`` (captions merged into
     ``captions_out`` and the counts into ``summary.json``), or None while a shard's report is missing."""
-    from offset_cir.masks.pipeline import MaskReport, read_captions, write_json_atomic
-
     reports = []
     for i in range(count):
         path = report_file(captions_out, Shard(i, count))
