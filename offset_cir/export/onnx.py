@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from offset_cir import io
 from offset_cir.errors import ExportError, UserInputError
 from offset_cir.hashing import file_sha256, tagged
 from offset_cir.stamps import environment
@@ -280,37 +281,16 @@ def export_onnx(model, out: str | os.PathLike, *, checkpoint: str | os.PathLike 
         graphs: dict[str, Any] = {}
         files: dict[str, str] = {}
         s, length, d = int(model.preprocess.image_size), int(trace_inputs["tokens"].shape[1]), int(model.embed_dim)
-        shapes = {"images": ["batch", 3, s, s], "masks": ["batch", 3, s, s], "tokens": ["batch", length]}
+        shapes = {"images": ["batch", 3, s, s], "masks": ["batch", 3, s, s], "tokens": ["batch", length],
+                  OUTPUT_NAME: ["batch", d]}
         for role in ("query", "target"):
-            path = staging / GRAPH_FILES[role]
-            log.info("exporting the %s graph (%s exporter, inputs %s)", role, exporter, ", ".join(names[role]))
-            with torch.no_grad():
-                _export_graph(modules[role], tuple(trace_inputs[n] for n in names[role]), names[role], path,
-                              exporter, opset)
-            want = _torch_features(model, role, check_inputs, names[role])
-            got = _ort_run(path, check_inputs, names[role])
-            diffs[role] = float(np.abs(got - want).max())
-            if not diffs[role] <= TOLERANCE:  # a trace that baked in a batch size or a length, an unsupported op...
-                raise ExportError(f"the exported {role} graph does not reproduce the model: onnxruntime differs from "
-                                  f"torch by {diffs[role]:.3g} (more than {TOLERANCE:.0e}) at batch "
-                                  f"{len(check_inputs['images'])}; nothing was written. Try --exporter "
-                                  f"{'dynamo' if exporter == 'torchscript' else 'torchscript'}, or report the backbone")
+            graphs[role], diffs[role], q_diff = _export_role(
+                model, modules[role], role, names[role], staging, trace_inputs, check_inputs,
+                exporter=exporter, opset=opset, int8=int8, shapes=shapes)
             files[role] = str(out / GRAPH_FILES[role])
-            entry = {
-                "file": GRAPH_FILES[role], "sha256": _sha256(path),
-                "inputs": [{"name": n, "shape": shapes[n], "dtype": "int64" if n == "tokens" else "float32"}
-                           for n in names[role]],
-                "output": {"name": OUTPUT_NAME, "shape": ["batch", d], "dtype": "float32", "l2_normalised": True},
-                "int8_file": None,
-            }
             if int8:
-                qpath = staging / INT8_FILES[role]
-                log.info("quantising the %s graph to int8 (onnxruntime dynamic quantisation)", role)
-                _quantize_int8(path, qpath)
-                int8_diffs[role] = float(np.abs(_ort_run(qpath, check_inputs, names[role]) - want).max())
-                entry.update(int8_file=INT8_FILES[role], int8_sha256=_sha256(qpath))
+                int8_diffs[role] = q_diff
                 files[role + "_int8"] = str(out / INT8_FILES[role])
-            graphs[role] = entry
         cfg = model.config
         meta = {
             "format": FORMAT, "version": VERSION, "exporter": exporter, "opset": opset,
@@ -326,7 +306,7 @@ def export_onnx(model, out: str | os.PathLike, *, checkpoint: str | os.PathLike 
                       "max_abs_diff": diffs, "int8_max_abs_diff": int8_diffs, "tolerance": TOLERANCE},
             "versions": environment("onnx", "onnxscript", "onnxruntime"),
         }
-        (staging / EXPORT_NAME).write_text(json.dumps(meta, indent=1) + "\n")
+        io.write_text(staging / EXPORT_NAME, json.dumps(meta, indent=1) + "\n")
         files["export"] = str(out / EXPORT_NAME)
         _commit(staging, out)
     except BaseException:
@@ -337,6 +317,36 @@ def export_onnx(model, out: str | os.PathLike, *, checkpoint: str | os.PathLike 
     log.info("exported to %s (max |onnxruntime - torch|: query %.2g, target %.2g)", out, diffs["query"],
              diffs["target"])
     return ExportReport(out, files, diffs, int8_diffs, meta)
+
+
+def _export_role(model, module, role: str, names: list[str], staging: Path, trace_inputs: dict,
+                 check_inputs: dict, *, exporter: str, opset: int, int8: bool, shapes: dict):
+    """One graph (``role``: query or target) written into ``staging`` and checked against torch: its
+    ``export.json`` entry, its largest difference from torch, and that of its int8 copy (None without one)."""
+    path = staging / GRAPH_FILES[role]
+    log.info("exporting the %s graph (%s exporter, inputs %s)", role, exporter, ", ".join(names))
+    with torch.no_grad():
+        _export_graph(module, tuple(trace_inputs[n] for n in names), names, path, exporter, opset)
+    want = _torch_features(model, role, check_inputs, names)
+    diff = float(np.abs(_ort_run(path, check_inputs, names) - want).max())
+    if not diff <= TOLERANCE:  # a trace that baked in a batch size or a length, an unsupported op...
+        raise ExportError(f"the exported {role} graph does not reproduce the model: onnxruntime differs from "
+                          f"torch by {diff:.3g} (more than {TOLERANCE:.0e}) at batch "
+                          f"{len(check_inputs['images'])}; nothing was written. Try --exporter "
+                          f"{'dynamo' if exporter == 'torchscript' else 'torchscript'}, or report the backbone")
+    entry = {
+        "file": GRAPH_FILES[role], "sha256": _sha256(path),
+        "inputs": [{"name": n, "shape": shapes[n], "dtype": "int64" if n == "tokens" else "float32"} for n in names],
+        "output": {"name": OUTPUT_NAME, "shape": shapes[OUTPUT_NAME], "dtype": "float32", "l2_normalised": True},
+        "int8_file": None,
+    }
+    if not int8:
+        return entry, diff, None
+    qpath = staging / INT8_FILES[role]
+    log.info("quantising the %s graph to int8 (onnxruntime dynamic quantisation)", role)
+    _quantize_int8(path, qpath)
+    entry.update(int8_file=INT8_FILES[role], int8_sha256=_sha256(qpath))
+    return entry, diff, float(np.abs(_ort_run(qpath, check_inputs, names) - want).max())
 
 
 def _checkpoint_path(checkpoint) -> str | None:
