@@ -65,7 +65,7 @@ class TrainState:
         eval_s: of ``elapsed_s``, the seconds spent evaluating.
         triplets: triplets through forward and backward so far, all processes together, over all invocations.
         metrics_rows: rows of ``metrics.jsonl`` written up to this state; a resumed run keeps these and drops the
-            rows after them (None in checkpoints that predate the count: the rows up to ``step`` are kept).
+            rows after them (None in a checkpoint written without the count: the rows up to ``step`` are kept).
     """
 
     step: int = 0
