@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from offset_cir.errors import TrainingError, UserInputError
 from offset_cir.config_base import parse_overrides
-from offset_cir.testing.training import stop_after
+from offset_cir.testing.training import SimulatedKill, die_after, stop_after
 from offset_cir.train.config import TrainConfig, load_config, preset_names
 from offset_cir.train.precision import training_precision
 from offset_cir.train.sampling import EpochSampler
@@ -106,7 +106,8 @@ def test_resume_equals_uninterrupted(synth_root, tmp_path):
     state = json.loads((tmp_path / "part" / "last" / "trainer_state.json").read_text())
     assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (3, 0, 3)
     # the saved state is the TrainState, every field of it
-    assert TrainState.from_dict(state) == TrainState(step=3, epoch=0, batch_in_epoch=3, elapsed_s=state["elapsed_s"])
+    assert TrainState.from_dict(state) == TrainState(step=3, epoch=0, batch_in_epoch=3, elapsed_s=state["elapsed_s"],
+                                                     triplets=3 * 8, metrics_rows=3)
     assert {f for f in TrainState.__dataclass_fields__} <= set(state)
     resumed = Trainer(None, resume=tmp_path / "part", progress=False).fit()
     assert resumed["steps"] == 6
@@ -118,6 +119,79 @@ def test_resume_equals_uninterrupted(synth_root, tmp_path):
     lrs = [json.loads(line)["lr_new"] for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()
            if '"lr_new"' in line]
     assert lrs[-1] == pytest.approx(1e-4)  # 1e-3 x 0.1 after epoch 1 began, restored on resume
+
+
+def _rows(run_dir, timing=False):
+    """metrics.jsonl's rows; without their clock fields (``timing=False``), which differ between two runs."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return rows if timing else [{k: v for k, v in r.items() if k not in ("triplets_per_s", "elapsed_s")} for r in rows]
+
+
+def test_resume_after_a_kill_writes_each_step_once(synth_root, tmp_path):
+    # 4 steps per epoch (checkpoints at 4 and 8), a checkpoint every 5 steps, an evaluation every 3: the process
+    # dies during step 8, after the checkpoint of step 5 and the rows of step 6, its evaluation, and step 7
+    extra = ("max_steps=10", "save_every_steps=5", "eval_every_steps=3")
+    full = Trainer(_cfg(synth_root, tmp_path / "full", *extra), progress=False).fit()
+    killed = tmp_path / "killed"
+    with pytest.raises(SimulatedKill):
+        Trainer(_cfg(synth_root, killed, *extra), progress=False, callbacks=[die_after(7)]).fit()
+    assert json.loads((killed / "last" / "trainer_state.json").read_text())["step"] == 5
+    assert [r["step"] for r in _rows(killed)][-3:] == [6, 6, 7]  # written after the checkpoint, done again on resume
+    resumed = Trainer(None, resume=killed, progress=False).fit()
+    assert (full["steps"], resumed["steps"]) == (10, 10)
+    rows, expected = _rows(killed), _rows(tmp_path / "full")
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == sorted(set(steps)) == list(range(1, 11))
+    assert [r["step"] for r in rows if "eval" in r] == [3, 6, 9]
+    assert rows == expected  # the same rows as the uninterrupted run, losses and evaluations bit for bit
+    assert [h["step"] for h in resumed["history"]] == [h["step"] for h in full["history"]]
+
+
+def test_summary_counts_the_whole_run_over_a_resume(synth_root, tmp_path):
+    full = Trainer(_cfg(synth_root, tmp_path / "full", "max_steps=6"), progress=False).fit()
+    part = Trainer(_cfg(synth_root, tmp_path / "part", "max_steps=6"), progress=False, callbacks=[stop_after(3)]).fit()
+    assert part["triplets"] == 3 * 8
+    resumed = Trainer(None, resume=tmp_path / "part", progress=False).fit()
+    written = json.loads((tmp_path / "part" / "summary.json").read_text())
+    assert written == resumed
+    # triplets and seconds both cover the whole run: both invocations, as the uninterrupted run's do
+    assert resumed["triplets"] == full["triplets"] == 6 * 8
+    assert resumed["seconds"] > resumed["train_seconds"] > part["train_seconds"] > 0
+    assert resumed["seconds"] == pytest.approx(resumed["train_seconds"] + resumed["eval_seconds"])
+    assert resumed["eval_seconds"] > part["eval_seconds"] == 0  # the one evaluation, at the end of the resumed part
+    assert resumed["triplets_per_s"] == pytest.approx(resumed["triplets"] / resumed["train_seconds"])
+    saved = json.loads((tmp_path / "part" / "last" / "trainer_state.json").read_text())
+    assert (saved["triplets"], saved["elapsed_s"], saved["eval_s"]) == (
+        resumed["triplets"], resumed["seconds"], resumed["eval_seconds"])
+
+
+def test_the_summary_names_the_budget_that_ended_the_run(synth_root, tmp_path, caplog):
+    # one step per epoch (32 triplets, batch 32); the synthetic preset's own epochs=20 ends the run before max_steps
+    cfg = load_config("synthetic", [f"data.root={synth_root}", f"out_dir={tmp_path / 'epochs'}", "max_steps=40",
+                                    "tensorboard=false", "eval_every_epochs=0", "batch_size=32"])
+    assert (cfg.epochs, cfg.max_steps) == (20, 40)
+    with caplog.at_level("INFO", logger="offset_cir.train.trainer"):
+        summary = Trainer(cfg, progress=False).fit()
+    assert (summary["steps"], summary["epochs"], summary["stopped"], summary["ended_by"]) == (20, 20, "epochs done",
+                                                                                              "epochs")
+    assert summary["reason"] == "epochs=20 done at step 20, end of epoch 20 (max_steps=40 not reached)"
+    said = [r.getMessage() for r in caplog.records if r.name == "offset_cir.train.trainer"]
+    assert any("max_steps=40 is out of reach: epochs=20 of 1 step(s) end the run at step 20" in m for m in said)
+    assert said[-1].startswith(f"synthetic ended by epochs: {summary['reason']}")
+    assert json.loads((tmp_path / "epochs" / "summary.json").read_text())["ended_by"] == "epochs"
+    # max_steps on an epoch's last step ends that epoch too: evaluated once, counted as done, not trained again
+    out = tmp_path / "steps"
+    summary = Trainer(_cfg(synth_root, out, "max_steps=3", "batch_size=32", "eval_every_epochs=1"),
+                      progress=False).fit()
+    assert (summary["steps"], summary["epochs"], summary["ended_by"]) == (3, 3, "max_steps")
+    assert summary["reason"] == "max_steps=3 reached at step 3, end of epoch 3 (epochs=50 not reached)"
+    summary = Trainer(None, resume=out, overrides=["max_steps=5"], progress=False).fit()
+    assert (summary["steps"], summary["epochs"], summary["ended_by"]) == (5, 5, "max_steps")
+    assert [(r["step"], r["epoch"]) for r in _rows(out) if "eval" in r] == [(s, s) for s in range(1, 6)]
+    assert [h["step"] for h in summary["history"]] == [1, 2, 3, 4, 5]
+    # a resume of the finished run names the same budget
+    again = Trainer(None, resume=out, progress=False).fit()
+    assert (again["stopped"], again["ended_by"]) == ("already finished", "max_steps")
 
 
 def _weights_untrained():
@@ -251,6 +325,51 @@ def test_sigint_saves_and_resume_finishes(synth_root, tmp_path):
     trainer.cfg.max_steps = cfg_steps
     summary = trainer.fit()
     assert summary["steps"] == cfg_steps
+
+
+def _steps_written(run_dir) -> list[int]:
+    """The steps of metrics.jsonl's whole lines (a line a killed process tore is left out)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.is_file() else []
+    return [json.loads(line)["step"] for line in lines]
+
+
+@pytest.mark.slow  # a training process of its own, killed and resumed: 30 s or more on a loaded 2-core machine
+def test_sigkill_then_resume_writes_each_step_once(synth_root, tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "killed"
+    args = _cli_args(synth_root, out, "max_steps=400", "save_every_steps=3")
+    proc = subprocess.Popen([sys.executable, "-m", "offset_cir.cli", "train", "--no-progress", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT)
+    checkpoint, written = None, []
+    try:
+        for _ in range(1500):  # bounded wait (at most about 300 s) for rows written after a checkpoint
+            if proc.poll() is not None:
+                break
+            proc.send_signal(signal.SIGSTOP)  # frozen: its files hold still while they are read
+            state = out / "last" / "trainer_state.json"
+            checkpoint = json.loads(state.read_text())["step"] if state.is_file() else None
+            written = _steps_written(out)
+            if checkpoint and written and written[-1] > checkpoint + 1:
+                proc.kill()  # SIGKILL: no handler runs, nothing is saved
+                break
+            proc.send_signal(signal.SIGCONT)
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    assert written[-1] > checkpoint + 1  # rows of steps after the checkpoint: the resumed run trains them again
+    end = written[-1] + 2
+    assert _cli("--resume", out, f"max_steps={end}") == 0
+    assert _cli(*_cli_args(synth_root, tmp_path / "full", f"max_steps={end}", "save_every_steps=3")) == 0
+    assert _steps_written(out) == _steps_written(tmp_path / "full") == [*range(1, end + 1), end]  # last: its evaluation
+    losses = [r["loss"] for r in _rows(out) if "loss" in r]
+    assert losses == pytest.approx([r["loss"] for r in _rows(tmp_path / "full") if "loss" in r], rel=1e-5)
 
 
 # ------------------------------------------------- no run lost (issue 9)

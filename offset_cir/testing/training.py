@@ -1,5 +1,6 @@
-"""Test doubles for the trainer: a callback that interrupts a run at a chosen step, and an evaluation that returns
-scripted selection scores (for checking which evaluation early stopping and checkpoint selection keep)."""
+"""Test doubles for the trainer: callbacks that interrupt a run at a chosen step (as a SIGINT stops it, or as a
+``kill -9`` ends it), and an evaluation that returns scripted selection scores (for checking which evaluation early
+stopping and checkpoint selection keep)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -12,6 +13,22 @@ def stop_after(steps: int) -> Callable:
     def callback(trainer) -> None:
         if trainer.state.step >= steps:
             trainer.request_stop()
+
+    return callback
+
+
+class SimulatedKill(BaseException):
+    """Raised by :func:`die_after`: a ``BaseException``, so no ``except Exception`` of the trainer saves anything."""
+
+
+def die_after(steps: int) -> Callable:
+    """A ``Trainer`` callback: at the start of step ``steps + 1``'s after-step work (its rows unwritten) the run
+    dies as under ``kill -9``: it raises :class:`SimulatedKill`, nothing is saved, and ``last/`` and
+    ``metrics.jsonl`` stay as the process left them (rows after the last checkpoint included)."""
+
+    def callback(trainer) -> None:
+        if trainer.state.step > steps:
+            raise SimulatedKill(f"killed after step {steps}")
 
     return callback
 

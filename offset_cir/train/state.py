@@ -59,7 +59,13 @@ class TrainState:
         best_step: the step of ``best_score`` (the model in ``best/``).
         evals_since_best: evaluations since the best one (early stopping counts these).
         history: one row per evaluation: ``{"step", "epoch", "eval": metrics, "selection": score}``.
-        elapsed_s: seconds of the run so far, over all its invocations (the time budget counts these).
+        elapsed_s: seconds of the run so far, over all its invocations, training and evaluation (the time budget
+            counts these; the set-up of each invocation and the work a killed process did after its last
+            checkpoint are not counted).
+        eval_s: of ``elapsed_s``, the seconds spent evaluating.
+        triplets: triplets through forward and backward so far, all processes together, over all invocations.
+        metrics_rows: rows of ``metrics.jsonl`` written up to this state; a resumed run keeps these and drops the
+            rows after them (None in a checkpoint written without the count: the rows up to ``step`` are kept).
     """
 
     step: int = 0
@@ -70,9 +76,20 @@ class TrainState:
     evals_since_best: int = 0
     history: list[dict] = field(default_factory=list)
     elapsed_s: float = 0.0
+    eval_s: float = 0.0
+    triplets: int = 0
+    metrics_rows: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def throughput(self) -> dict[str, float]:
+        """The whole run's time and throughput, as summary.json gives them: ``seconds`` (training and evaluation),
+        ``eval_seconds``, ``train_seconds`` (evaluation excluded), ``triplets`` and ``triplets_per_s`` (per second
+        of training), all processes together."""
+        train_s = max(self.elapsed_s - self.eval_s, 0.0)
+        return {"seconds": self.elapsed_s, "eval_seconds": self.eval_s, "train_seconds": train_s,
+                "triplets": self.triplets, "triplets_per_s": self.triplets / train_s if train_s > 0 else 0.0}
 
     @classmethod
     def from_dict(cls, saved: dict) -> "TrainState":

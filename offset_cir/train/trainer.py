@@ -41,7 +41,8 @@ from offset_cir.train.run_log import RunLog, check_train_extras
 from offset_cir.distributed import any_rank, barrier, gather_with_grad, init_distributed
 from offset_cir.train.precision import autocast, training_precision
 from offset_cir.train.sampling import EpochSampler
-from offset_cir.train.selection import budget_used, patience_used, record_evaluation
+from offset_cir.train.selection import (STOPPED_BY, budget_reason, budget_used, max_steps_out_of_reach,
+                                        patience_used, record_evaluation)
 from offset_cir.train.signals import stop_signals_handled_by
 from offset_cir.train.state import (RESUME_OVERRIDES, TrainState, load_training_state, make_run_dir,
                                     occupied, read_resumable, refuse_occupied_run_dir, save_best,
@@ -50,6 +51,8 @@ from offset_cir.train.state import (RESUME_OVERRIDES, TrainState, load_training_
 __all__ = ["Trainer", "train", "open_benchmark", "plot_curves", "EpochSampler", "TrainState", "RESUME_OVERRIDES"]
 
 log = logging.getLogger(__name__)
+
+_ENDS_EPOCH = ("max_steps", "time budget")  # a budget that ends a run at an epoch's last step ends that epoch first
 
 # --------------------------------------------------------------------- trainer
 class Trainer:
@@ -114,10 +117,10 @@ class Trainer:
     def _already_finished(self, reason: str, key: str) -> dict:
         st = self._resume_state
         if self.dist.is_main:
-            log.warning("%s: the run is already finished (%s at step %d): nothing to train, nothing changed. To train "
-                        "it further, raise that budget: `offset train --resume %s %s=...`",
-                        self.run_dir, reason, st.step, self.run_dir, key)
-        return self._summary_of("already finished", st, reason=reason)
+            log.warning("%s: the run is already finished (%s): nothing to train, nothing changed. To train it "
+                        "further, raise that budget: `offset train --resume %s %s=...`", self.run_dir, reason,
+                        self.run_dir, key)
+        return self._summary_of("already finished", st, reason=reason, ended_by=key)
 
     def _interrupted_in_setup(self) -> dict:
         st = self.state
@@ -130,11 +133,12 @@ class Trainer:
         return self._summary_of("interrupted", st)
 
     def _summary_of(self, stopped: str, st: TrainState, **more) -> dict:
-        """The summary's fields: how the run stopped, where it is; ``more`` adds or replaces some."""
-        return {"name": self.cfg.name, "stopped": stopped, "steps": st.step, "epochs": st.epoch,
-                "clipseg_maps": self.cfg.data.clipseg_maps, "best_score": st.best_score, "best_step": st.best_step,
-                "history": st.history, "seconds": 0.0, "run_dir": str(self.run_dir), "triplets": 0,
-                "triplets_per_s": 0.0, **more}
+        """The summary's fields: how the run stopped, where it is, and the whole run's throughput (every invocation
+        of it: ``TrainState.throughput``); ``more`` adds or replaces some."""
+        return {"name": self.cfg.name, "stopped": stopped, "ended_by": None, "reason": stopped, "steps": st.step,
+                "epochs": st.epoch, "clipseg_maps": self.cfg.data.clipseg_maps, "best_score": st.best_score,
+                "best_step": st.best_step, "history": st.history, "run_dir": str(self.run_dir), **st.throughput(),
+                **more}
 
     # ................................................................... fit
     def fit(self) -> dict:
@@ -154,8 +158,9 @@ class Trainer:
                 stop_reason = self._train_epoch()
                 if stop_reason == "interrupted":
                     break
-                if stop_reason is None:  # the epoch ran to its end
-                    stop_reason = self._after_epoch()
+                if stop_reason is None or (stop_reason in _ENDS_EPOCH  # the epoch ran to its end
+                                           and self.state.batch_in_epoch >= self.batches_per_epoch):
+                    stop_reason = self._after_epoch() or stop_reason
             stop_reason = stop_reason or "epochs done"
             self._end(stop_reason)
         finally:
@@ -197,16 +202,19 @@ class Trainer:
             return self._interrupted_in_setup()
         if dist.is_main:
             make_run_dir(self.run_dir, to_yaml(cfg.to_dict()), replace=self.resume_from is None and self.overwrite)
+        if self.resume_from is not None:  # the rows a killed process wrote after the checkpoint go
+            self.run_log.resume(self.state)
         if cfg.tensorboard:
             self.run_log.open_tensorboard()
         self.started = time.monotonic() - self.state.elapsed_s  # the run's clock, over all its invocations
-        # this invocation's throughput: triplets through forward and backward, seconds spent evaluating
-        self.loop_started, self.eval_s, self.triplets_seen = time.monotonic(), 0.0, 0
         self.budget_s = cfg.time_budget_minutes * 60 if cfg.time_budget_minutes else None
+        self._last_eval_step = None
         if dist.is_main:
             log.info("training %s: %s on %s (%s), %d triplets, %d steps/epoch, global batch %d, %d process(es)",
                      cfg.name, cfg.model.backbone, device, self.precision, len(self.train_set), self.steps_per_epoch,
                      cfg.batch_size * dist.world_size, dist.world_size)
+            if out_of_reach := max_steps_out_of_reach(cfg, self.state, self.steps_per_epoch):
+                log.warning(out_of_reach)
         return None
 
     def _build_model(self):
@@ -247,7 +255,8 @@ class Trainer:
                               num_workers=cfg.data.num_workers, persistent_workers=False,
                               pin_memory=self.device.type == "cuda")
         # a last, smaller batch is one more batch; an accumulation an epoch's end leaves incomplete is not stepped
-        self.steps_per_epoch = -(-self.sampler.per_rank() // cfg.batch_size) // cfg.optim.grad_accum
+        self.batches_per_epoch = -(-self.sampler.per_rank() // cfg.batch_size)
+        self.steps_per_epoch = self.batches_per_epoch // cfg.optim.grad_accum
         if self.steps_per_epoch < 1:
             raise UserInputError("fewer training batches than optim.grad_accum: lower grad_accum or batch_size")
 
@@ -278,7 +287,7 @@ class Trainer:
             micro += 1
             st.batch_in_epoch += 1
             self._triplets_since += batch["ref_image"].shape[0]
-            self.triplets_seen += batch["ref_image"].shape[0] * self.dist.world_size
+            st.triplets += batch["ref_image"].shape[0] * self.dist.world_size
             if micro < cfg.optim.grad_accum:
                 continue
             micro = 0
@@ -286,7 +295,10 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             stop_reason = self._after_step(losses, bar)
-            if stop_reason:
+            # a budget used up by the epoch's last step ends the epoch first (the micro-batches left over, too few
+            # for a step, are read as an uninterrupted run reads them): the epoch is done, not to be resumed
+            if stop_reason and not (stop_reason in _ENDS_EPOCH and st.batch_in_epoch + cfg.optim.grad_accum
+                                    > self.batches_per_epoch):
                 break
         if bar is not None:
             bar.close()
@@ -346,11 +358,11 @@ class Trainer:
             callback(self)
         if st.step % cfg.log_every_steps == 0 or st.step == 1:
             self._log_step(losses, bar)
-        if cfg.save_every_steps and st.step % cfg.save_every_steps == 0:
-            self._save_last()
         stop_reason = None
         if cfg.eval_every_steps and st.step % cfg.eval_every_steps == 0 and self._evaluate_and_keep_best():
             stop_reason = "early stop"
+        if cfg.save_every_steps and st.step % cfg.save_every_steps == 0:
+            self._save_last()  # after the step's evaluation: a checkpoint holds everything its step did
         return self._stop_reason(stop_reason)
 
     def _log_step(self, losses: dict, bar=None) -> None:
@@ -368,7 +380,9 @@ class Trainer:
             bar.set_postfix(loss=f"{row['loss']:.3f}", trip_s=f"{speed:.0f}")
 
     def _save_last(self) -> None:
-        """``last/``: the resumable checkpoint (rank 0 writes it)."""
+        """``last/``: the resumable checkpoint (rank 0 writes it), with the run's clock and metrics.jsonl's rows."""
+        self.state.elapsed_s = time.monotonic() - self.started
+        self.state.metrics_rows = self.run_log.rows
         if self.dist.is_main:
             save_training_state(self.run_dir / "last", self.model, self.opt, self.scaler, self.cfg.to_dict(),
                                 self.state, self.dist.world_size)
@@ -403,7 +417,8 @@ class Trainer:
             log.info("eval after epoch %d (step %d): selection %.2f (best %.2f at step %s)", st.epoch + 1, st.step,
                      score, st.best_score, st.best_step)
             stop = patience_used(st, cfg.early_stop_patience)
-        self.eval_s += time.monotonic() - eval_started
+        st.eval_s += time.monotonic() - eval_started
+        self._last_eval_step = st.step
         return any_rank(stop, self.dist, self.device)  # only rank 0 evaluates: share its decision
 
     def _stop_reason(self, reason: str | None) -> str | None:
@@ -432,32 +447,31 @@ class Trainer:
 
     # ................................................................... end
     def _end(self, stop_reason: str) -> None:
-        """Evaluate a run that ends mid-epoch on a budget, save ``last/``, wait for every rank."""
-        if stop_reason in ("max_steps", "time budget") and not self.cfg.eval_every_steps:
-            self._evaluate_and_keep_best()  # the run ends mid-epoch: evaluate what it reached
-        self.state.elapsed_s = time.monotonic() - self.started  # a resume then knows whether the time budget is used
+        """Evaluate a run that ends on a budget mid-epoch (or at an epoch's end its evaluations skip), save
+        ``last/`` (with the run's clock: a resume knows whether the time budget is used), wait for every rank."""
+        if stop_reason in _ENDS_EPOCH and not self.cfg.eval_every_steps and self._last_eval_step != self.state.step:
+            self._evaluate_and_keep_best()  # evaluate what the run reached
         self._save_last()
         barrier(self.dist)
 
     def _summary(self, stop_reason: str) -> dict:
-        """The run's summary (written to summary.json by rank 0), with the curves drawn and the end logged."""
+        """The run's summary (written to summary.json by rank 0), with the curves drawn and the end logged: the
+        budget that ended the run (``ended_by``: its config key; ``reason``: in words), the whole run's throughput."""
         cfg, st = self.cfg, self.state
-        train_s = max(time.monotonic() - self.loop_started - self.eval_s, 1e-9)
-        triplets = self.triplets_seen
-        # this invocation's throughput: triplets through forward and backward per second of training (evaluation
-        # excluded), all processes together
-        summary = self._summary_of(stop_reason, st, seconds=time.monotonic() - self.started, triplets=triplets,
-                                   train_seconds=train_s, triplets_per_s=triplets / train_s)
+        ended_by = {stopped: key for key, stopped in STOPPED_BY.items()}.get(stop_reason)
+        reason = budget_reason(cfg, st, ended_by) if ended_by else f"interrupted at step {st.step}"
+        summary = self._summary_of(stop_reason, st, ended_by=ended_by, reason=reason)
         if self.dist.is_main:
             write_json(self.run_dir / "summary.json", summary, indent=2)
             self.run_log.draw_curves()
-            speed = f"{summary['triplets_per_s']:.1f} triplets/s ({triplets} triplets in {train_s:.1f} s of training)"
+            speed = (f"{summary['triplets_per_s']:.1f} triplets/s ({st.triplets} triplets in "
+                     f"{summary['train_seconds']:.1f} s of training, whole run)")
             if stop_reason == "interrupted":
                 log.warning("interrupted at step %d: checkpoint saved; %s; continue with `offset train --resume %s`",
                             st.step, speed, self.run_dir)
             else:
-                log.info("%s stopped (%s) at step %d: %s; best selection %s at step %s", cfg.name, stop_reason,
-                         st.step, speed, st.best_score, st.best_step)
+                log.info("%s ended by %s: %s; %s; best selection %s at step %s", cfg.name, ended_by, reason, speed,
+                         st.best_score, st.best_step)
         return summary
 
 
