@@ -14,6 +14,7 @@ import torch
 
 from offset_cir import ModelConfig, build_model
 from offset_cir.model import backbone as bb
+from offset_cir.model import towers
 from offset_cir.model.backbone import Backbone
 
 # float32 sums over a few hundred terms of O(1) values: differences of a few ulps times the width.
@@ -61,7 +62,7 @@ def _register(monkeypatch, family: str) -> str:
     model, timm_kwargs, size, dim, text = {**FAMILIES, **PREFIX_CASES}[family]
     _patch_timm(monkeypatch, timm_kwargs)
     key = f"test-{family}"
-    monkeypatch.setitem(bb.PACKAGE_BACKBONES, key, _shrunk_config(model, size, dim, text))
+    monkeypatch.setitem(towers.PACKAGE_BACKBONES, key, _shrunk_config(model, size, dim, text))
     return key
 
 
@@ -83,9 +84,9 @@ def _register_hf(monkeypatch, bert_dir, vision: str, pooler: str) -> str:
         vision_cfg = {"timm_model_name": "tf_efficientnet_lite0", "timm_pool": "avg", "timm_proj": "linear",
                       "image_size": 64}
     else:
-        vision_cfg = copy.deepcopy(bb.PACKAGE_BACKBONES["tiny"]["vision_cfg"])
+        vision_cfg = copy.deepcopy(towers.PACKAGE_BACKBONES["tiny"]["vision_cfg"])
     key = f"test-hf-{vision}-{pooler}"
-    monkeypatch.setitem(bb.PACKAGE_BACKBONES, key, {
+    monkeypatch.setitem(towers.PACKAGE_BACKBONES, key, {
         "embed_dim": 24, "vision_cfg": vision_cfg,
         "text_cfg": {"hf_model_name": str(bert_dir), "hf_proj_type": "linear", "hf_pooler_type": pooler,
                      "context_length": 12},
@@ -240,7 +241,7 @@ def test_training_step_reaches_every_parameter(monkeypatch, bert_dir, case):
 
 def _register_classic(monkeypatch, case: str) -> str:
     """OpenCLIP's own ViT variants: CoCa-style attention pooling, CLIPA-style pool-then-norm."""
-    cfg = copy.deepcopy(bb.PACKAGE_BACKBONES["tiny"])
+    cfg = copy.deepcopy(towers.PACKAGE_BACKBONES["tiny"])
     if case == "resnet":  # OpenCLIP's ModifiedResNet (RN50 ...), shrunk: attention pool over a 2x2 grid
         cfg["vision_cfg"] = {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 64}
     elif case == "coca":
@@ -250,7 +251,7 @@ def _register_classic(monkeypatch, case: str) -> str:
     else:
         cfg["vision_cfg"].update(pool_type="avg", final_ln_after_pool=True, no_ln_pre=True)
         cfg["text_cfg"].update(pool_type="last", no_causal_mask=True)
-    monkeypatch.setitem(bb.PACKAGE_BACKBONES, f"test-{case}", cfg)
+    monkeypatch.setitem(towers.PACKAGE_BACKBONES, f"test-{case}", cfg)
     return f"test-{case}"
 
 
@@ -285,7 +286,7 @@ def test_classic_vit_variants_contract(monkeypatch, case):
 def _custom_text_clip(pool_type: str, eos_id: int = 2):
     from open_clip.model import CustomTextCLIP
 
-    cfg = copy.deepcopy(bb.PACKAGE_BACKBONES["tiny"])
+    cfg = copy.deepcopy(towers.PACKAGE_BACKBONES["tiny"])
     cfg["text_cfg"].update(pool_type=pool_type, eos_id=eos_id, no_causal_mask=True)
     return CustomTextCLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"])
 
@@ -312,8 +313,8 @@ def test_siglip_normalisation_comes_from_the_towers_tags(monkeypatch):
     import open_clip
 
     key = _register(monkeypatch, "siglip2")
-    shrunk = bb.PACKAGE_BACKBONES[key]
-    monkeypatch.setattr(open_clip, "create_model", lambda name, **kw: bb.build_clip_from_config(shrunk))
+    shrunk = towers.PACKAGE_BACKBONES[key]
+    monkeypatch.setattr(open_clip, "create_model", lambda name, **kw: towers.build_clip_from_config(shrunk))
     model = build_model(ModelConfig(backbone="ViT-B-16-SigLIP2"))
     assert model.preprocess.mean == (0.5, 0.5, 0.5) and model.preprocess.std == (0.5, 0.5, 0.5)
     assert model.backbone.vision_kind == "timm-vit" and model.backbone.text_pool_type == "last"
@@ -323,7 +324,7 @@ def test_siglip_normalisation_comes_from_the_towers_tags(monkeypatch):
 def test_available_backbones_lists_only_buildable_families(monkeypatch):
     import open_clip
 
-    names = bb.available_backbones()
+    names = towers.available_backbones()
     for expected in ("tiny", "efficientnet-lite0-minilm", "ViT-B-16", "ViT-B-16-SigLIP2", "EVA02-B-16",
                      "convnext_base", "PE-Core-B-16", "MobileCLIP2-S0", "coca_ViT-B-32", "RN50"):
         assert expected in names
@@ -338,10 +339,10 @@ def test_available_backbones_lists_only_buildable_families(monkeypatch):
     real_list, real_cfg = open_clip.list_models, open_clip.get_model_config
     monkeypatch.setattr(open_clip, "list_models", lambda: real_list() + sorted(fake))
     monkeypatch.setattr(open_clip, "get_model_config", lambda n: fake.get(n) or real_cfg(n))
-    listed = bb.available_backbones()
+    listed = towers.available_backbones()
     assert "fake-attnpool-cnn" not in listed and "fake-unknown-timm" not in listed and "RN50" in listed
     with pytest.raises(Exception, match="not supported"):
-        bb.create_clip("fake-attnpool-cnn", None)
+        towers.create_clip("fake-attnpool-cnn", None)
 
 
 def test_info_prints_each_backbone_with_its_family(capsys):
@@ -349,7 +350,7 @@ def test_info_prints_each_backbone_with_its_family(capsys):
 
     from offset_cir.commands import info
 
-    assert info.run(argparse.Namespace(all_backbones=True)) == 0
+    assert info.run(argparse.Namespace(all_backbones=True, deviations=False)) == 0
     out = capsys.readouterr().out
     assert "EVA02-B-16" in out and "timm EVA" in out and "ModifiedResNet" in out
 

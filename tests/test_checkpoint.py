@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from offset_cir import ModelConfig, build_model, convert_release_checkpoint, load_checkpoint, save_checkpoint
 from offset_cir.errors import CheckpointError, OfflineError
-from offset_cir.model.backbone import PACKAGE_BACKBONES, Backbone
+from offset_cir.model.backbone import Backbone
+from offset_cir.model.towers import PACKAGE_BACKBONES
 
 
 def _batch(model, b=3):
@@ -404,10 +405,12 @@ def _tiny_clip_as(monkeypatch, name: str):
     import open_clip
 
     from offset_cir.model import backbone as bb
+    from offset_cir.model import towers
 
     monkeypatch.setattr(open_clip, "create_model",
-                        lambda *a, **k: bb.build_clip_from_config(PACKAGE_BACKBONES["tiny"]))
-    monkeypatch.setattr(bb, "backbone_family", lambda n: "test family")
+                        lambda *a, **k: towers.build_clip_from_config(PACKAGE_BACKBONES["tiny"]))
+    for module in (bb, towers):  # the wrapper and the builder each read the family
+        monkeypatch.setattr(module, "backbone_family", lambda n: "test family")
 
 
 def test_a_converted_release_keeps_the_pretrained_it_was_given(tmp_path):

@@ -236,7 +236,7 @@ def test_int8_graphs(tiny_ckpt, tmp_path):
 
 def _packaged_available() -> bool:
     try:
-        from offset_cir.model.backbone import available_backbones
+        from offset_cir.model.towers import available_backbones
 
         return "efficientnet-lite0-minilm" in available_backbones()
     except Exception:

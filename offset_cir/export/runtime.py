@@ -82,7 +82,7 @@ class OnnxEncoder:
     def __init__(self, folder: str | os.PathLike, *, int8: bool = False, threads: int | None = None,
                  optimization: str = "all", spinning: bool | None = None):
         from offset_cir.model.config import ModelConfig
-        from offset_cir.model.backbone import make_tokenizer
+        from offset_cir.model.towers import make_tokenizer
         from offset_cir.model.preprocess import Preprocess
 
         if optimization not in OPTIMIZATION_LEVELS:

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator
 from offset_cir.errors import UserInputError
 
 # Modules whose import registers the package's own backbones (package configurations, packaged backbones).
-BUILTIN_MODULES = ("offset_cir.model.backbone", "offset_cir.model.packaged")
+BUILTIN_MODULES = ("offset_cir.model.towers", "offset_cir.model.packaged")
 # timm pooling heads that need the full feature map (a fixed positional grid): W_proj of one token is undefined.
 UNSUPPORTED_TIMM_POOLS = ("abs_attn", "rot_attn")
 

@@ -9,6 +9,7 @@ import torch
 
 from offset_cir.errors import UserInputError
 from offset_cir.model import backbone as bb
+from offset_cir.model import towers
 from offset_cir.model import packaged
 from offset_cir.model.registry import (BackboneEntry, backbone_family, get_backbone_entry, is_registered,
                                        list_backbones, register_backbone, unregister_backbone)
@@ -30,9 +31,9 @@ def test_the_package_backbones_are_entries_of_one_registry():
     assert not tiny.offline_weights and tiny.config["vision_cfg"]["image_size"] == 64
     assert eff.offline_weights and eff.family.startswith("packaged pretrained") and eff.tokenizer is not None
     # the tables the package reads are views of the same entries
-    assert bb.PACKAGE_BACKBONES["tiny"] is tiny.config
+    assert towers.PACKAGE_BACKBONES["tiny"] is tiny.config
     assert packaged.PACKAGED_BACKBONES["efficientnet-lite0-minilm"] is eff.config
-    assert set(bb.PACKAGE_BACKBONES) == {"tiny", "small"} and set(packaged.PACKAGED_BACKBONES) == {eff.name}
+    assert set(towers.PACKAGE_BACKBONES) == {"tiny", "small"} and set(packaged.PACKAGED_BACKBONES) == {eff.name}
 
 
 def test_openclip_names_resolve_through_openclip_and_are_listed_on_request():
@@ -54,13 +55,13 @@ def test_a_registered_factory_builds_the_backbone_and_its_tokenizer(scratch_name
                        tokenizer=tokenizer)
     def create(name, pretrained):
         built.append((name, pretrained))
-        return bb.build_clip_from_config(bb.PACKAGE_BACKBONES["tiny"])
+        return towers.build_clip_from_config(towers.PACKAGE_BACKBONES["tiny"])
 
     assert is_registered(scratch_name) and scratch_name in list_backbones()
     backbone = bb.Backbone(scratch_name)
     assert built == [(scratch_name, None)] and backbone.family == "test family"
     assert backbone.dims.image_size == 64
-    assert bb.make_tokenizer(scratch_name, 8) == ("tokenizer of", scratch_name, 8)
+    assert towers.make_tokenizer(scratch_name, 8) == ("tokenizer of", scratch_name, 8)
     with pytest.raises(UserInputError, match="registered already"):
         register_backbone(scratch_name, family="f", summary="s")(create)
     register_backbone(scratch_name, family="other", summary="s", replace=True)(create)
@@ -68,14 +69,14 @@ def test_a_registered_factory_builds_the_backbone_and_its_tokenizer(scratch_name
 
 
 def test_a_package_configuration_added_through_its_table_builds_and_leaves(scratch_name):
-    cfg = {**bb.PACKAGE_BACKBONES["tiny"], "embed_dim": 24}
-    bb.PACKAGE_BACKBONES[scratch_name] = cfg
+    cfg = {**towers.PACKAGE_BACKBONES["tiny"], "embed_dim": 24}
+    towers.PACKAGE_BACKBONES[scratch_name] = cfg
     try:
         assert get_backbone_entry(scratch_name).family == "package config (random init)"
         torch.manual_seed(0)
         assert bb.Backbone(scratch_name).dims.embed_dim == 24
     finally:
-        del bb.PACKAGE_BACKBONES[scratch_name]
+        del towers.PACKAGE_BACKBONES[scratch_name]
     assert not is_registered(scratch_name)
     with pytest.raises(KeyError):
         packaged.PACKAGED_BACKBONES["tiny"]  # a view holds only its own factory's entries
