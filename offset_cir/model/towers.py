@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from torch import nn
 
@@ -20,9 +19,6 @@ from offset_cir.model.registry import (RegisteredConfigs, backbone_family, get_b
                                        list_backbones, register_backbone)
 from offset_cir.model.preprocess import OPENAI_MEAN, OPENAI_STD
 from offset_cir.model.weights import load_state_strict, load_weights_file
-
-if TYPE_CHECKING:
-    from offset_cir.model.backbone import Backbone
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +193,10 @@ def _set_context_length(model: nn.Module, name: str) -> None:
         model.context_length = int(text_cfg.get("context_length", 77))
 
 
-def make_tokenizer(name: str, context_length: int, backbone: Backbone | None = None):
-    """The tokenizer for ``name``; falls back to OpenCLIP's BPE tokenizer only where its ids fit the vocabulary."""
+def make_tokenizer(name: str, context_length: int, backbone=None):
+    """The tokenizer for ``name`` (``backbone``: its built :class:`~offset_cir.model.backbone.Backbone`, whose
+    text tower may carry its own tokenizer files); falls back to OpenCLIP's BPE tokenizer only where its ids fit
+    the vocabulary."""
     import open_clip
     from open_clip.tokenizer import HFTokenizer, SimpleTokenizer
 
