@@ -56,12 +56,13 @@ def create_app(index: Index, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pi
     app = FastAPI(title="offset-cir search", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     app.state.metrics = service.metrics
+    app.state.security_headers = security_headers(service.page)  # also on the server's own answers (make_server)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     routes.add_routes(app)
     app.add_middleware(BodyLimit, limit=limits.max_upload_bytes, timeout=limits.body_timeout)
     app.add_middleware(HostCheck, hosts=hosts)
     app.add_middleware(RequestOutcome, metrics=service.metrics, route_of=lambda scope: route_of(app, scope))
-    app.add_middleware(SecurityHeaders, headers=security_headers(service.page))
+    app.add_middleware(SecurityHeaders, headers=app.state.security_headers)
     return app
 
 

@@ -19,13 +19,17 @@ from offset_cir.search.inputs import short_repr
 from offset_cir.search.service.form import SearchQuery, decode_upload, parse_gallery_page, read_search_form
 from offset_cir.search.service.state import Service, service_of
 
+#: the methods of the routes that only read: HEAD is answered as GET without the body (monitors probe with HEAD)
+READ = ["GET", "HEAD"]
+
+
 def add_routes(app: FastAPI) -> None:
     """The routes, on ``app`` itself (so each is matched, and counted in the metrics, by its own template)."""
-    app.add_api_route("/", home, methods=["GET"], response_class=HTMLResponse)
-    app.add_api_route("/health", health, methods=["GET"])
-    app.add_api_route("/metrics", metrics_page, methods=["GET"])
-    app.add_api_route("/gallery", gallery, methods=["GET"])
-    app.add_api_route("/images/{image_id:path}", image, methods=["GET"])
+    app.add_api_route("/", home, methods=READ, response_class=HTMLResponse)
+    app.add_api_route("/health", health, methods=READ)
+    app.add_api_route("/metrics", metrics_page, methods=READ)
+    app.add_api_route("/gallery", gallery, methods=READ)
+    app.add_api_route("/images/{image_id:path}", image, methods=READ)
     app.add_api_route("/search", search, methods=["POST"])
 
 
