@@ -117,6 +117,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="draw N queries (evenly spread) with their top-5 results and the true target to a PNG")
     parser.add_argument("--sheet-out", metavar="FILE",
                         help="where --sheet draws (default: runs/eval/<dataset>-<protocol>-<split>-sheet.png)")
+    from offset_cir.commands.serve import add_precision_argument
+
+    add_precision_argument(parser, "fp32")  # results comparable with the paper's unless asked otherwise
     parser.add_argument("--query-transform", choices=["eval", "train"],
                         help="reference-image transform (SPEC 4, A2; default: train for FashionIQ as the release, "
                              "eval elsewhere)")
@@ -233,7 +236,9 @@ def _run(args) -> int:
             "results/ alone)")
     manifest = read_manifest(args.manifest or f"{bench.name}-manifest.json", bench, explicit=bool(args.manifest))
     device = choose_device(args.device, what="--device")
-    model = offset_cir.load_checkpoint(args.checkpoint).to(device)
+    from offset_cir.export.precision import use_precision
+
+    model, precision = use_precision(offset_cir.load_checkpoint(args.checkpoint).to(device), args.precision)
     if not model.uses_masks:
         bench.use_masks = False
     with tempfile.TemporaryDirectory(prefix="offset-eval-") as tmp:
@@ -242,6 +247,7 @@ def _run(args) -> int:
                           num_workers=args.num_workers, save_rankings=ranked, device=device,
                           query_transform=args.query_transform)
         result["checkpoint"] = str(args.checkpoint)
+        result["precision"] = precision.to_json()
         try:
             from offset_cir.model.checkpoint import checkpoint_hash
 

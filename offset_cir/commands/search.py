@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="draw a contact sheet (reference, text, results) to this PNG")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    from offset_cir.commands.serve import add_precision_argument
+
+    add_precision_argument(parser, "fp32")  # one query: a calibration would cost more than it saves
 
 
 def _mask_beside(image: str):
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise UserInputError(f"-k must be at least 1, got {args.k}")
-    index = Index.open(args.index, checkpoint=args.checkpoint, device=args.device,
+    index = Index.open(args.index, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
                        mask_generator=make_mask_generator(args.captioner, args.segmenter, args.device))
     mask = args.mask
     if args.image is not None and mask is None and index.uses_query_mask:

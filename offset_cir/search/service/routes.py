@@ -52,7 +52,16 @@ async def health(request: Request):
             # whether a query needs a mask; "needs_masks" is the same, for clients that read that name
             "uses_masks": uses_mask, "needs_masks": uses_mask,
             "mask_pipeline": index.mask_generator is not None, "read_only": True,
-            "runtime": getattr(index.model, "runtime", "torch"), "limits": svc.limits.to_json()}
+            "runtime": getattr(index.model, "runtime", "torch"), "precision": precision_json(index),
+            "limits": svc.limits.to_json()}
+
+
+def precision_json(index) -> dict:
+    """``/health``'s ``precision``: what the query encoder runs in, why, and the calibration's measures."""
+    if index.precision is not None:
+        return index.precision.to_json()
+    return {"precision": "fp32", "requested": "fp32", "reason": "the model as given", "fp32_seconds": None,
+            "bf16_seconds": None, "cosine": None}
 
 
 async def metrics_page(request: Request):

@@ -341,7 +341,7 @@ def test_over_the_cap_503_has_retry_after_and_the_security_headers(built):
     form = b"text=red&ref_id=img001"
     search = (b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
               b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(form), form))
-    with serve_in_thread(create_app(index, max_concurrency=4), max_connections=2) as base:
+    with serve_in_thread(create_app(index, max_concurrency=4, max_batch=1), max_connections=2) as base:
         port = int(base.rsplit(":", 1)[1])
         holders = [threading.Thread(target=_raw, args=(port, search)) for _ in range(2)]
         for n, t in enumerate(holders, 1):  # one after the other: each search encoding before the next connects
@@ -353,7 +353,7 @@ def test_over_the_cap_503_has_retry_after_and_the_security_headers(built):
     headers = _assert_ours(full, 503, "too many open connections")
     assert headers["retry-after"] == "1"
 
-    with serve_in_thread(create_app(index, max_concurrency=4), max_connections=1) as base:
+    with serve_in_thread(create_app(index, max_concurrency=4, max_batch=1), max_connections=1) as base:
         port = int(base.rsplit(":", 1)[1])
         s = socket.create_connection(("127.0.0.1", port), timeout=5)
         s.sendall(search)
