@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     from offset_cir.commands.serve import add_precision_argument
 
-    add_precision_argument(parser, "auto")
+    add_precision_argument(parser, "fp32")  # stored features do not depend on a timing unless asked
 
 
 def run(args: argparse.Namespace) -> int:
