@@ -184,8 +184,15 @@ def _calibrated(model, batch: int = CALIBRATION_BATCH, repeats: int = CALIBRATIO
         return run
 
     high_pass, low_pass = pass_of(model), pass_of(low)
-    high, fp32_s = high_pass(), encode_seconds(high_pass, repeats)  # the first pass is also the warm-up
-    bf16, bf16_s = low_pass(), encode_seconds(low_pass, repeats)
+    was_training = bool(getattr(model, "training", False))
+    model.eval()  # inference as it will run (dropout off), whatever mode the model came in
+    low.eval()
+    try:
+        high, fp32_s = high_pass(), encode_seconds(high_pass, repeats)  # the first pass is also the warm-up
+        bf16, bf16_s = low_pass(), encode_seconds(low_pass, repeats)
+    finally:
+        model.train(was_training)
+        low.train(was_training)
     cosine = float(F.cosine_similarity(high, bf16, dim=-1).min())
     measured = dict(fp32_seconds=fp32_s, bf16_seconds=bf16_s, cosine=cosine)
     if not np.isfinite(cosine) or cosine < min_cosine:
