@@ -51,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserInputError(f"-k must be at least 1, got {args.k}")
     index = Index.open(args.index, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
                        mask_generator=make_mask_generator(args.captioner, args.segmenter, args.device))
+    if args.precision != "fp32":
+        print(f"query: {index.precision.describe()}", file=sys.stderr)
     mask = args.mask
     if args.image is not None and mask is None and index.uses_query_mask:
         found = _mask_beside(args.image)

@@ -135,7 +135,9 @@ def test_precision_flags_of_index_and_search(indexed, tmp_path, capsys):
     assert _search(base, "--ref-id", "img003") == 0
     want = json.loads(capsys.readouterr().out)
     assert _search(base, "--ref-id", "img003", "--precision", "bf16") == 0
-    got = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    got = json.loads(printed.out)
+    assert "query: precision bf16 (bf16: asked for)" in printed.err
     assert [r["id"] for r in got][:2] == [r["id"] for r in want][:2]
     assert max(abs(a["score"] - b["score"]) for a, b in zip(got, want) if a["id"] == b["id"]) < 0.01
 

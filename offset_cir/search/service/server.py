@@ -5,8 +5,8 @@ What uvicorn and h11 answer without asking the application (a request they canno
 answered here in the application's form: JSON ``{"detail": ...}`` with the security headers. Request heads that take
 longer than ``header_timeout`` get 408 and are cut off; a client that reads nothing of its response for
 ``write_timeout`` is disconnected. Connections that have not sent a complete request head may fill at most
-``1 - REQUEST_SHARE`` of ``max_connections``: beyond that the one that has waited longest is closed, so a flood of
-slow or idle connections leaves room for requests that arrive whole (searches have their own cap,
+``1 - REQUEST_SHARE`` of ``max_connections``: beyond that one of them is closed (``ConnectionBook`` says which), so a
+flood of slow or idle connections leaves room for requests that arrive whole (searches have their own cap,
 ``offset_cir.search.service.guards.SearchSlots``).
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ from offset_cir.search.service.guards import json_reply
 HEADER_TIMEOUT = 10.0
 #: seconds a client may read nothing of a response (its socket buffer full) before it is disconnected
 WRITE_TIMEOUT = 30.0
-#: open connections beyond which the longest-waiting one without a request is closed (exhaustion guard)
+#: open connections beyond which one waiting for its request head is closed (an exhaustion guard)
 MAX_CONNECTIONS = 512
 #: share of max_connections kept for connections whose request head has arrived
 REQUEST_SHARE = 0.25

@@ -452,7 +452,7 @@ def test_concurrent_searches_are_encoded_together(gallery):
     (the batch-size histogram), and every answer is the one an unbatched index gives."""
     base, _ = gallery
     idx, gate, entered = _index_with_held_queries(base)
-    app = create_app(idx, max_concurrency=8, max_batch=8, batch_wait=0.05)
+    app = create_app(idx, max_concurrency=8, max_batch=8, batch_wait=1.0)  # waits only for searches on their way
     refs = ["img001", "img002", "img003", "img005", "img006", "img007"]
     answers = {}
     with TestClient(app, base_url=LOCAL) as c:
