@@ -5,6 +5,10 @@ one file system), flushes them to disk (not with ``durable=False``, for derived 
 swaps them in; an exception leaves the old file as it was and removes
 the temporary one. Library code that writes something a user keeps (a checkpoint, an index, a result) goes
 through these helpers.
+
+Every file they put in place has the mode a plain ``open`` gives under the process umask (``0o666 & ~umask``),
+whatever the writer inside chose: some writers make their own private temporary (safetensors' ``save_file``
+writes 0600).
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ from typing import IO, Any
 from offset_cir.errors import UserInputError
 
 __all__ = ["atomic_path", "atomic_open", "write_bytes", "write_text", "write_json", "write_jsonl", "read_jsonl",
-           "save_npy", "replace_dir", "is_temporary"]
+           "save_npy", "replace_dir", "is_temporary", "plain_file_mode"]
 
 
 def _temporary_name(path: Path) -> Path:
@@ -33,6 +37,28 @@ def is_temporary(path: str | os.PathLike) -> bool:
     name = Path(path).name
     stem, sep, pid = name.rpartition(".tmp")
     return bool(sep) and name.startswith(".") and len(stem) > 1 and pid.isdigit()
+
+
+def plain_file_mode() -> int:
+    """The permission bits ``open(path, "w")`` gives a new file now: ``0o666`` less the process umask."""
+    try:  # Linux: read the umask without changing it (os.umask is set-and-return, racy between threads)
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _give_plain_modes(path: Path) -> None:
+    """Set every regular file at or below ``path`` to :func:`plain_file_mode` (links are left alone)."""
+    mode = plain_file_mode()
+    for p in [path] if path.is_file() else path.rglob("*"):
+        if p.is_file() and not p.is_symlink() and (p.stat().st_mode & 0o7777) != mode:
+            os.chmod(p, mode)
 
 
 def _fsync(path: Path) -> None:
@@ -56,6 +82,7 @@ def atomic_path(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Pa
     tmp = _temporary_name(path)
     try:
         yield tmp
+        _give_plain_modes(tmp)
         if durable:
             _fsync(tmp)
         os.replace(tmp, path)
@@ -133,7 +160,8 @@ def replace_dir(target: str | os.PathLike, write: Callable[[Path], None]) -> Non
 
     A reader sees the old folder or the new one, never a half-written one; an error in ``write`` leaves ``target``
     as it was. (Between the two renames there is an instant when ``target`` is absent; the old folder is then at
-    ``<target>.old`` and is deleted only after the new one is in place.)
+    ``<target>.old`` and is deleted only after the new one is in place.) Every file in it gets the mode a plain
+    ``open`` gives (:func:`plain_file_mode`), whichever writer made it.
     """
     target = Path(target)
     tmp = target.with_name(target.name + ".tmp")
@@ -142,6 +170,7 @@ def replace_dir(target: str | os.PathLike, write: Callable[[Path], None]) -> Non
     tmp.mkdir(parents=True)
     try:
         write(tmp)
+        _give_plain_modes(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

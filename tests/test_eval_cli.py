@@ -269,3 +269,14 @@ def test_eval_device_follows_the_one_device_rule(world, here, capsys):
     assert rc == 2
     assert "--device 'cuda': CUDA is not available" in capsys.readouterr().err
     assert not (ckpt / "results").exists()
+
+
+def test_eval_precision_is_fp32_unless_asked_and_recorded(world, here, capsys):
+    ckpt = here / "run" / "best"
+    assert _eval(world, "--checkpoint", str(ckpt), "--out", "fp32.json", "--no-record") == 0
+    assert _eval(world, "--checkpoint", str(ckpt), "--out", "bf16.json", "--no-record", "--precision", "bf16") == 0
+    fp32, bf16 = (json.loads((here / f"{p}.json").read_text()) for p in ("fp32", "bf16"))
+    assert fp32["precision"]["precision"] == "fp32" and fp32["precision"]["requested"] == "fp32"
+    assert bf16["precision"] == {"precision": "bf16", "requested": "bf16", "reason": "asked for",
+                                 "fp32_seconds": None, "bf16_seconds": None, "cosine": None}
+    assert set(bf16["metrics"]) == set(fp32["metrics"])

@@ -90,3 +90,55 @@ def test_read_jsonl_reads_objects_and_names_the_bad_line(tmp_path):
     scalar.write_text('{"a": 1}\n[1, 2]\n', encoding="utf-8")
     with pytest.raises(UserInputError, match=r"scalar\.jsonl: line 2 is list, expected a JSON object"):
         io.read_jsonl(scalar)
+
+
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    try:
+        yield 0o640  # what open() gives a new file under it
+    finally:
+        os.umask(old)
+
+
+def test_plain_file_mode_is_what_open_gives(tmp_path, umask_027):
+    with open(tmp_path / "plain", "w"):
+        pass
+    assert io.plain_file_mode() == os.stat(tmp_path / "plain").st_mode & 0o7777 == umask_027
+
+
+def test_files_written_through_io_get_the_mode_open_gives_whoever_wrote_them(tmp_path, umask_027):
+    """safetensors' save_file makes a private (0600) temporary of its own and renames it into place: the helpers
+    give what they put in place the mode a plain open would (0640 under umask 027, not 0600)."""
+    from safetensors.torch import save_file
+
+    tensors = {"w": torch.zeros(3)}
+    with io.atomic_path(tmp_path / "a.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+
+    def write(folder):
+        save_file(tensors, str(folder / "state.safetensors"))
+        (folder / "sub").mkdir()
+        save_file(tensors, str(folder / "sub" / "deep.safetensors"))
+        io.write_json(folder / "meta.json", {"a": 1})
+
+    io.replace_dir(tmp_path / "last", write)
+    io.write_bytes(tmp_path / "b.bin", b"x")
+    written = [tmp_path / "a.safetensors", tmp_path / "last" / "state.safetensors",
+               tmp_path / "last" / "sub" / "deep.safetensors", tmp_path / "last" / "meta.json", tmp_path / "b.bin"]
+    assert {str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o7777) for p in written} == {
+        str(p.relative_to(tmp_path)): oct(umask_027) for p in written}
+
+
+def test_a_training_checkpoint_folder_has_one_file_mode(tmp_path, umask_027):
+    """``last/`` of a run (weights, config, trainer state JSON and tensors) as the trainer writes it."""
+    import offset_cir
+    from offset_cir.train.state import TrainState, save_training_state
+
+    torch.manual_seed(0)
+    model = offset_cir.build_model(offset_cir.ModelConfig(backbone="tiny"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    save_training_state(tmp_path / "last", model, opt, None, {"seed": 0}, TrainState(step=1), world_size=1)
+    modes = {p.name: oct(p.stat().st_mode & 0o7777) for p in (tmp_path / "last").iterdir()}
+    assert "trainer_state.safetensors" in modes and len(modes) >= 4
+    assert modes == {name: oct(umask_027) for name in modes}

@@ -115,6 +115,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="draw N queries (evenly spread) with their top-5 results and the true target to a PNG")
     parser.add_argument("--sheet-out", metavar="FILE",
                         help="where --sheet draws (default: runs/eval/<dataset>-<protocol>-<split>-sheet.png)")
+    from offset_cir.commands.serve import add_precision_argument
+
+    add_precision_argument(parser, "fp32")  # results comparable with the paper's unless asked otherwise
     parser.add_argument("--query-transform", choices=["eval", "train"],
                         help="reference-image transform (SPEC 4, A2; default: train for FashionIQ as the release, "
                              "eval elsewhere)")
@@ -285,6 +288,11 @@ def _run(args) -> int:
     manifest = read_manifest(args.manifest or default_manifest_path(bench), bench, explicit=bool(args.manifest))
     device = choose_device(args.device, what="--device")
     model, key, stamp = _open_model(args, device)
+    from offset_cir.export.precision import use_precision
+
+    model, precision = use_precision(model, args.precision)
+    if key is not None and precision.precision != "fp32":  # features in another precision are others
+        key = f"{key}:{precision.precision}"
     if not model.uses_masks:
         bench.use_masks = False
     cache = None
@@ -298,6 +306,7 @@ def _run(args) -> int:
                           num_workers=args.num_workers, save_rankings=ranked, device=device,
                           query_transform=args.query_transform, gallery_cache=cache)
         result.update(stamp)
+        result["precision"] = precision.to_json()
         if manifest is not None:
             result["dataset_manifest"] = manifest
         if rankings is None:

@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--onnx", default=None, metavar="DIR",
                         help="--runtime onnx: folder made by `offset export` (default: export the checkpoint now)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from offset_cir.commands.serve import add_precision_argument
+
+    add_precision_argument(parser, "fp32")  # stored features do not depend on a timing unless asked
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,12 +42,14 @@ def run(args: argparse.Namespace) -> int:
     from offset_cir.search.build import build_index
     from offset_cir.search.inputs import make_mask_generator
 
-    gen = make_mask_generator(args.captioner, args.segmenter, args.device)
-    model = None
-    if args.runtime != "torch":  # onnxruntime encoder (offset_cir.export.runtime); checked against the checkpoint
-        from offset_cir.export.runtime import load_encoder
+    from offset_cir.export.precision import use_precision
+    from offset_cir.export.runtime import load_encoder
 
-        model = load_encoder(args.checkpoint, args.runtime, onnx_dir=args.onnx)
+    gen = make_mask_generator(args.captioner, args.segmenter, args.device)
+    # torch or onnxruntime (checked against the checkpoint), then its precision
+    model, precision = use_precision(load_encoder(args.checkpoint, args.runtime, onnx_dir=args.onnx,
+                                                  device=args.device), args.precision)
+    print(f"gallery images: {precision.describe()}", flush=True)
     rep = build_index(
         args.out, args.images, checkpoint=args.checkpoint, model=model, masks_dir=args.masks, mask_generator=gen,
         batch_size=args.batch_size, num_workers=args.workers, shard_size=args.shard_size, dtype=args.dtype,

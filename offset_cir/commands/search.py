@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="draw a contact sheet (reference, text, results) to this PNG")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    from offset_cir.commands.serve import add_precision_argument
+
+    add_precision_argument(parser, "fp32")  # one query: a calibration would cost more than it saves
 
 
 def _mask_beside(image: str):
@@ -51,8 +54,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.k < 1:
         raise UserInputError(f"-k must be at least 1, got {args.k}")
-    index = Index.open(args.index, checkpoint=args.checkpoint, device=args.device,
+    index = Index.open(args.index, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
                        mask_generator=make_mask_generator(args.captioner, args.segmenter, args.device))
+    if args.precision != "fp32":
+        print(f"query: {index.precision.describe()}", file=sys.stderr)
     if args.ref_id is not None and args.ref_id not in index:
         raise UserInputError(f"no image with id {short_repr(args.ref_id)} in index {args.index}")
     reference = index.item(args.ref_id)["path"] if args.ref_id is not None else args.image

@@ -19,8 +19,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--segmenter", default=None, help="mask pipeline: local CLIPSeg model folder")
     parser.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MiB")
     parser.add_argument("--max-pixels", type=int, default=40_000_000, help="largest uploaded image in pixels")
-    parser.add_argument("--max-concurrency", type=int, default=2,
-                        help="searches running at once; others wait for a slot (default 2)")
+    parser.add_argument("--max-concurrency", type=int, default=8,
+                        help="searches running at once (decoding, encoding, ranking); others wait for a slot "
+                             "(default 8)")
+    parser.add_argument("--max-batch", type=int, default=8,
+                        help="queries of concurrent searches encoded together in one model call at most; 1 encodes "
+                             "each alone (default 8)")
+    parser.add_argument("--batch-wait-ms", type=float, default=5.0,
+                        help="milliseconds the encoder waits for searches on their way to join a batch (default 5)")
+    add_precision_argument(parser, "auto")
     parser.add_argument("--queue-timeout", type=float, default=30.0,
                         help="seconds a search may wait for a slot before it gets 503 (default 30)")
     parser.add_argument("--max-connections", type=int, default=512,
@@ -46,6 +53,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "export the checkpoint at start-up)")
 
 
+def add_precision_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--precision`` (serve, search, index, eval)."""
+    parser.add_argument("--precision", choices=["fp32", "bf16", "auto"], default=default,
+                        help="the encoder's precision: fp32, bf16, or auto = bf16 where a short calibration at start-up "
+                             "measures it faster on this machine for this model and its features agree with fp32's "
+                             f"(cosine >= 0.999), fp32 otherwise (default {default})")
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -64,9 +79,11 @@ def run(args: argparse.Namespace) -> int:
     for name, value in (("--queue-timeout", args.queue_timeout), ("--header-timeout", args.header_timeout),
                         ("--body-timeout", args.body_timeout), ("--max-connections", args.max_connections),
                         ("--max-concurrency", args.max_concurrency), ("--write-timeout", args.write_timeout),
-                        ("--max-upload-mb", args.max_upload_mb)):
+                        ("--max-upload-mb", args.max_upload_mb), ("--max-batch", args.max_batch)):
         if not value > 0:
             raise UserInputError(f"{name} must be positive, got {value}")
+    if not args.batch_wait_ms >= 0:
+        raise UserInputError(f"--batch-wait-ms must be 0 or more, got {args.batch_wait_ms}")
     allowed_host_names(args.host, args.allowed_host)  # a bad --allowed-host is refused before the model loads
     if not _is_loopback(args.host):
         wildcard = args.host in ("0.0.0.0", "::", "")
@@ -74,11 +91,13 @@ def run(args: argparse.Namespace) -> int:
                     "Requests must name %s in their Host header: add --allowed-host for the name or address "
                     "clients use", args.host, "localhost" if wildcard else args.host + ", localhost")
     index = Index.open(args.index, checkpoint=args.checkpoint, device=args.device, exact=args.exact,
-                       runtime=args.runtime, onnx_dir=args.onnx,
+                       runtime=args.runtime, onnx_dir=args.onnx, precision=args.precision,
                        mask_generator=make_mask_generator(args.captioner, args.segmenter, args.device))
     app = create_app(index, max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels,
                      max_concurrency=args.max_concurrency, max_k=args.max_k, queue_timeout=args.queue_timeout,
-                     body_timeout=args.body_timeout, host=args.host, allowed_hosts=args.allowed_host)
+                     body_timeout=args.body_timeout, max_batch=args.max_batch, batch_wait=args.batch_wait_ms / 1e3,
+                     host=args.host, allowed_hosts=args.allowed_host)
+    print(f"queries: {index.precision.describe()}; batches of up to {args.max_batch}", flush=True)
     print(f"serving {args.index} ({len(index)} images) on http://{args.host}:{args.port}/", flush=True)
     make_server(app, host=args.host, port=args.port, header_timeout=args.header_timeout,
                 write_timeout=args.write_timeout, max_connections=args.max_connections).run()

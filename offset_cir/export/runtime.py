@@ -233,8 +233,10 @@ class OnnxEncoder:
 
 
 def load_encoder(checkpoint=None, runtime: str = "torch", *, onnx_dir=None, expected_hash: str | None = None,
-                 int8: bool = False, threads: int | None = None):
-    """The model to encode with: ``OFFSET`` from ``checkpoint`` (runtime "torch") or an :class:`OnnxEncoder`.
+                 int8: bool = False, threads: int | None = None, device=None):
+    """The model to encode with: ``OFFSET`` from ``checkpoint`` (runtime "torch", on ``device``: the rule of
+    ``offset_cir.device.choose_device``) or an :class:`OnnxEncoder` (the CPU). Its precision is chosen next, by
+    ``offset_cir.export.precision.use_precision``.
 
     For "onnx", ``onnx_dir`` is an export folder; without one ``checkpoint`` is exported into a temporary folder
     first. ``expected_hash`` (an index's checkpoint hash) must equal the export's (and the checkpoint's, when one
@@ -249,7 +251,9 @@ def load_encoder(checkpoint=None, runtime: str = "torch", *, onnx_dir=None, expe
             raise CheckpointError("the torch runtime needs a checkpoint (--checkpoint)")
         if int8:
             raise UserInputError("int8 is an onnxruntime option (use --runtime onnx)")
-        return offset_cir.load_checkpoint(checkpoint)
+        from offset_cir.device import choose_device
+
+        return offset_cir.load_checkpoint(checkpoint).to(choose_device(device, what="--device"))
     if onnx_dir is None:
         from offset_cir.export.onnx import export_checkpoint
 

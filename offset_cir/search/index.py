@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
@@ -26,6 +26,15 @@ log = logging.getLogger(__name__)
 
 class MaskRequiredError(UserInputError):
     """The model was trained with masks, the query has none and no mask pipeline is configured."""
+
+
+class PreparedQuery(NamedTuple):
+    """A query's model inputs: the preprocessed reference image [3, H, W], its mask (None when the model uses
+    none) and the modification text."""
+
+    image: Any
+    mask: Any
+    text: str
 
 
 class Hit(NamedTuple):
@@ -50,7 +59,7 @@ class Index:
     optional ``mask_generator`` that makes a query's mask when none is given."""
 
     def __init__(self, path: Path | None, manifest: dict, items: list[dict], features: np.ndarray, engine, model,
-                 mask_generator=None, device=None):
+                 mask_generator=None, device=None, precision=None):
         self._path = Path(path) if path is not None else None
         self._manifest = manifest
         self._items = tuple(items)
@@ -60,15 +69,18 @@ class Index:
         self._model = model
         self._mask_generator = mask_generator
         self._device = device
+        self._precision = precision
+        self._batcher = None
         self._row_of = MappingProxyType({it["id"]: r for r, it in enumerate(self._items)})
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, model=None, checkpoint=None, mask_generator=None, device=None,
-             exact: bool = False, verify_checkpoint: bool = True, runtime: str = "torch", onnx_dir=None) -> "Index":
+             exact: bool = False, verify_checkpoint: bool = True, runtime: str = "torch", onnx_dir=None,
+             precision: str = "fp32") -> "Index":
         """Open the index at ``path``. The model is ``model``, else ``checkpoint``, else the checkpoint recorded in
         the manifest; its identity must be the manifest's. ``exact`` forces exact search. ``runtime`` "onnx"
         encodes queries with onnxruntime (``offset_cir.export.runtime``): the export folder ``onnx_dir``, else the
-        checkpoint exported on the fly."""
+        checkpoint exported on the fly. ``precision`` "fp32", "bf16" or "auto" (``offset_cir.export.precision``)."""
         path = Path(path).resolve()
         man = fmt.read_index_manifest(path)
         if man is None:
@@ -82,7 +94,10 @@ class Index:
             engine = ann.FaissSearch.load(path / s["file"], s["kind"], s["param"])
         model, device = _ready_model(path, man, model=model, checkpoint=checkpoint, runtime=runtime,
                                      onnx_dir=onnx_dir, verify=verify_checkpoint, device=device)
-        return cls(path, man, items, feats, engine, model, mask_generator, device)
+        from offset_cir.export.precision import use_precision
+
+        model, choice = use_precision(model, precision)
+        return cls(path, man, items, feats, engine, model, mask_generator, device, choice)
 
     # -- what it holds
     @property
@@ -119,6 +134,34 @@ class Index:
         return self._device
 
     @property
+    def precision(self):
+        """The :class:`~offset_cir.export.precision.PrecisionChoice` queries are encoded under (None: not chosen
+        here, the model as given)."""
+        return self._precision
+
+    @property
+    def batcher(self):
+        """The :class:`~offset_cir.search.batching.MicroBatcher` of query encodings, None when each query is
+        encoded alone."""
+        return self._batcher
+
+    def batch_queries(self, max_batch: int = 8, max_wait: float = 0.005, on_batch=None) -> None:
+        """Encode queries that arrive from several threads within ``max_wait`` seconds of each other in one model
+        call (at most ``max_batch``), on one thread; ``max_batch`` 1 encodes each alone. ``on_batch(size)`` is told
+        each batch's size."""
+        from offset_cir.search.batching import MicroBatcher
+
+        self.close()
+        if max_batch > 1:
+            self._batcher = MicroBatcher(self.encode_prepared, max_batch, max_wait, on_batch, name="query-batcher")
+
+    def close(self) -> None:
+        """Stop batching queries (queued ones are encoded first)."""
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.close()
+
+    @property
     def row_of(self) -> Mapping[str, int]:
         """Gallery id -> feature row (read-only)."""
         return self._row_of
@@ -153,9 +196,16 @@ class Index:
         """Composed query feature q [D] (SPEC section 3, TGFR) for a reference image, its mask and a text.
 
         When the model needs masks and ``mask`` is None, the mask pipeline (if configured) makes one; otherwise
-        :class:`MaskRequiredError` says so. A mask must have its image's size (UserInputError otherwise)."""
-        import torch
+        :class:`MaskRequiredError` says so. A mask must have its image's size (UserInputError otherwise). With
+        :meth:`batch_queries` on, the model call is shared with queries of other threads."""
+        batcher = self._batcher
+        if batcher is None:
+            return self.encode_prepared([self.prepare_query(image, text, mask)])[0]
+        with batcher.slot() as slot:
+            return slot.run(self.prepare_query(image, text, mask))
 
+    def prepare_query(self, image, text: str, mask=None) -> PreparedQuery:
+        """A query's model inputs (see :meth:`encode_query`), checked and preprocessed, on the CPU."""
         if not isinstance(text, str) or not text.strip():
             raise UserInputError("the modification text is empty; say what should change (e.g. 'make it red')")
         model = self._model
@@ -171,11 +221,18 @@ class Index:
                 mask = self._mask_generator([pil])[0]
             mpil = load_pil(mask, "reference mask", mode="L")
             check_mask_size(pil, mpil, image, mask)
-            mask_t = model.preprocess.mask(mpil, train=False)[None].to(self._device)
-        img_t = model.preprocess.image(pil, train=False)[None].to(self._device)
+            mask_t = model.preprocess.mask(mpil, train=False)
+        return PreparedQuery(model.preprocess.image(pil, train=False), mask_t, text)
+
+    def encode_prepared(self, queries: list[PreparedQuery]) -> np.ndarray:
+        """Composed query features [B, D] of prepared queries, in one model call."""
+        import torch
+
+        images = torch.stack([q.image for q in queries]).to(self._device)
+        masks = None if queries[0].mask is None else torch.stack([q.mask for q in queries]).to(self._device)
         with torch.inference_mode():
-            q = model.encode_query(img_t, mask_t, [text])
-        return q[0].float().cpu().numpy()
+            q = self._model.encode_query(images, masks, [p.text for p in queries])
+        return q.float().cpu().numpy()
 
     def query_for_id(self, ref_id: str, text: str) -> np.ndarray:
         """The composed query q [D] with gallery image ``ref_id`` as reference (and its stored mask)."""

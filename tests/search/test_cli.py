@@ -182,3 +182,30 @@ def test_index_and_search_name_the_run_folders_checkpoints(indexed, tmp_path, ca
     assert str(run / "last") in err and "hashes to" not in err
     assert _search(base, "--ref-id", "img001", "--checkpoint", str(tmp_path / "nowhere")) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_precision_flags_of_index_and_search(indexed, tmp_path, capsys):
+    """`offset index --precision bf16` encodes the gallery in bf16 and records it; `offset search --precision bf16`
+    ranks like fp32 (cosines within bf16's rounding of each other); auto says what it chose."""
+    base, ckpt = indexed
+    capsys.readouterr()
+    assert cli_main(["index", "--checkpoint", str(ckpt), "--images", str(base / "g"), "--out", str(tmp_path / "b"),
+                     "--workers", "0", "--device", "cpu", "--no-progress", "--precision", "bf16"]) == 0
+    assert "gallery images: precision bf16 (bf16: asked for)" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["runtime"] == {"runtime": "torch", "precision": "bf16"}
+    assert json.loads((base / "idx" / "manifest.json").read_text())["runtime"] == {"runtime": "torch"}  # fp32
+
+    assert _search(base, "--ref-id", "img003") == 0
+    want = json.loads(capsys.readouterr().out)
+    assert _search(base, "--ref-id", "img003", "--precision", "bf16") == 0
+    printed = capsys.readouterr()
+    got = json.loads(printed.out)
+    assert "query: precision bf16 (bf16: asked for)" in printed.err
+    assert [r["id"] for r in got][:2] == [r["id"] for r in want][:2]
+    assert max(abs(a["score"] - b["score"]) for a, b in zip(got, want) if a["id"] == b["id"]) < 0.01
+
+    assert cli_main(["index", "--checkpoint", str(ckpt), "--images", str(base / "g"), "--out", str(tmp_path / "a"),
+                     "--workers", "0", "--device", "cpu", "--no-progress", "--precision", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "gallery images: precision " in out and "(auto: " in out and "cosine of bf16 with fp32" in out

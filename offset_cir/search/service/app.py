@@ -25,7 +25,10 @@ from offset_cir.search.service.guards import (
     security_headers,
 )
 from offset_cir.search.service.state import (
+    BATCH_WAIT,
     BODY_TIMEOUT,
+    MAX_BATCH,
+    MAX_CONCURRENCY,
     MAX_K,
     MAX_PIXELS,
     MAX_TEXT_CHARS,
@@ -37,17 +40,20 @@ from offset_cir.search.service.state import (
 
 
 def create_app(index: Index, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_PIXELS,
-               max_concurrency: int = 2, max_k: int = MAX_K, queue_timeout: float = QUEUE_TIMEOUT,
+               max_concurrency: int = MAX_CONCURRENCY, max_k: int = MAX_K, queue_timeout: float = QUEUE_TIMEOUT,
                max_text_chars: int = MAX_TEXT_CHARS, body_timeout: float | None = BODY_TIMEOUT,
+               max_batch: int = MAX_BATCH, batch_wait: float = BATCH_WAIT,
                host: str | None = None, allowed_hosts: Iterable[str] = (), registry=None) -> FastAPI:
-    """The FastAPI application over an opened ``index`` (never written to).
+    """The FastAPI application over an opened ``index`` (never written to; its queries are batched from now on,
+    ``Index.batch_queries(max_batch, batch_wait)``).
 
     ``host`` is the address the server is bound to; requests must name it, a loopback name or one of
     ``allowed_hosts`` (``"*"``: any) in their ``Host`` header. ``registry``: the prometheus_client
     CollectorRegistry for ``/metrics`` (default: a new one per app, ``app.state.metrics.registry``)."""
     limits = ServiceLimits(max_upload_bytes=max_upload_bytes, max_pixels=max_pixels,
                            max_concurrency=max_concurrency, max_k=max_k, max_text_chars=max_text_chars,
-                           queue_timeout=queue_timeout, body_timeout=body_timeout)
+                           queue_timeout=queue_timeout, body_timeout=body_timeout, max_batch=max_batch,
+                           batch_wait=batch_wait)
     hosts = allowed_host_names(host, allowed_hosts)
     service = Service.create(index, limits, registry)
     if index.mask_generator is not None:  # build the mask models now, once, not racing in two worker threads
@@ -56,12 +62,13 @@ def create_app(index: Index, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pi
     app = FastAPI(title="offset-cir search", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     app.state.metrics = service.metrics
+    app.state.security_headers = security_headers(service.page)  # also on the server's own answers (make_server)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     routes.add_routes(app)
     app.add_middleware(BodyLimit, limit=limits.max_upload_bytes, timeout=limits.body_timeout)
     app.add_middleware(HostCheck, hosts=hosts)
     app.add_middleware(RequestOutcome, metrics=service.metrics, route_of=lambda scope: route_of(app, scope))
-    app.add_middleware(SecurityHeaders, headers=security_headers(service.page))
+    app.add_middleware(SecurityHeaders, headers=app.state.security_headers)
     return app
 
 

@@ -21,6 +21,8 @@ class Metrics:
         self.in_progress = Gauge("offset_search_in_progress", "searches running", registry=r)
         self.busy = Counter("offset_search_busy", "searches refused with 503 (no slot within the queue timeout)",
                             registry=r)
+        self.batch_size = Histogram("offset_query_batch_size", "queries encoded together in one model call",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         Gauge("offset_index_images", "images in the served index", registry=r).set(len(index))
         Info("offset_model", "the served model and index", registry=r).info({
             "checkpoint_hash": str(index.manifest["checkpoint"]["hash"]), "dim": str(index.manifest["dim"]),

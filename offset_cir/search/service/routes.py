@@ -34,16 +34,19 @@ from offset_cir.search.service.form import (
 )
 from offset_cir.search.service.state import Service, service_of
 
+#: the methods of the routes that only read: HEAD is answered as GET without the body (monitors probe with HEAD)
+READ = ["GET", "HEAD"]
+
 
 def add_routes(app: FastAPI) -> None:
     """The routes, on ``app`` itself (so each is matched, and counted in the metrics, by its own template)."""
-    app.add_api_route("/", home, methods=["GET"], response_class=HTMLResponse)
-    app.add_api_route("/favicon.ico", favicon, methods=["GET"], include_in_schema=False)
-    app.add_api_route("/health", health, methods=["GET"])
-    app.add_api_route("/metrics", metrics_page, methods=["GET"])
-    app.add_api_route("/gallery", gallery, methods=["GET"])
-    app.add_api_route("/images/{image_id:path}", image, methods=["GET"])
-    app.add_api_route("/masks/{image_id:path}", stored_mask, methods=["GET"])
+    app.add_api_route("/", home, methods=READ, response_class=HTMLResponse)
+    app.add_api_route("/favicon.ico", favicon, methods=READ, include_in_schema=False)
+    app.add_api_route("/health", health, methods=READ)
+    app.add_api_route("/metrics", metrics_page, methods=READ)
+    app.add_api_route("/gallery", gallery, methods=READ)
+    app.add_api_route("/images/{image_id:path}", image, methods=READ)
+    app.add_api_route("/masks/{image_id:path}", stored_mask, methods=READ)
     svc = app.state.service
     app.add_api_route("/search", search, methods=["POST"],
                       openapi_extra=search_form_openapi(svc.limits, mask_modes(svc.index)))
@@ -82,7 +85,16 @@ async def health(request: Request):
             # whether a query needs a mask; "needs_masks" is the same, for clients that read that name
             "uses_masks": uses_mask, "needs_masks": uses_mask,
             "mask_pipeline": index.mask_generator is not None, "mask_modes": list(mask_modes(index)), "read_only": True,
-            "runtime": getattr(index.model, "runtime", "torch"), "limits": svc.limits.to_json()}
+            "runtime": getattr(index.model, "runtime", "torch"), "precision": precision_json(index),
+            "limits": svc.limits.to_json()}
+
+
+def precision_json(index) -> dict:
+    """``/health``'s ``precision``: what the query encoder runs in, why, and the calibration's measures."""
+    if index.precision is not None:
+        return index.precision.to_json()
+    return {"precision": "fp32", "requested": "fp32", "reason": "the model as given", "fp32_seconds": None,
+            "bf16_seconds": None, "cosine": None}
 
 
 async def metrics_page(request: Request):

@@ -14,7 +14,10 @@ MAX_UPLOAD_BYTES = 10 << 20
 MAX_PIXELS = 40_000_000
 MAX_K = 100
 MAX_TEXT_CHARS = 500
-MAX_CONCURRENCY = 2
+MAX_CONCURRENCY = 8
+#: queries encoded together at most, and seconds the encoder waits for queries on their way
+MAX_BATCH = 8
+BATCH_WAIT = 0.005
 QUEUE_TIMEOUT = 30.0
 #: seconds for a request body to arrive in full (10 MiB in 30 s is 350 KB/s)
 BODY_TIMEOUT = 30.0
@@ -28,8 +31,12 @@ class ServiceLimits:
     max_upload_bytes: int = MAX_UPLOAD_BYTES
     #: largest uploaded image in pixels (413 beyond, read from the header before decoding)
     max_pixels: int = MAX_PIXELS
-    #: searches running at once; the others wait for a slot
+    #: searches running at once (decoding, encoding, ranking); the others wait for a slot
     max_concurrency: int = MAX_CONCURRENCY
+    #: queries encoded together in one model call at most (1: each alone)
+    max_batch: int = MAX_BATCH
+    #: seconds the encoder waits for queries on their way before it encodes the ones it has
+    batch_wait: float = BATCH_WAIT
     #: most results one search may ask for
     max_k: int = MAX_K
     #: longest modification text in characters
@@ -44,7 +51,8 @@ class ServiceLimits:
         return {"max_upload_bytes": self.max_upload_bytes, "max_pixels": self.max_pixels, "max_k": self.max_k,
                 "max_text_chars": self.max_text_chars,
                 "max_concurrency": max(1, int(self.max_concurrency)), "queue_timeout_s": self.queue_timeout,
-                "body_timeout_s": self.body_timeout}
+                "body_timeout_s": self.body_timeout, "max_batch": max(1, int(self.max_batch)),
+                "batch_wait_ms": self.batch_wait * 1000.0}
 
 
 def page_html() -> str:
@@ -74,6 +82,8 @@ class Service:
     @classmethod
     def create(cls, index: Index, limits: ServiceLimits, registry=None) -> "Service":
         metrics = Metrics(index, registry)
+        # concurrent searches share the model: one call for the queries that reach it together
+        index.batch_queries(limits.max_batch, limits.batch_wait, on_batch=metrics.batch_size.observe)
         return cls(index, limits, metrics, SearchSlots(limits.max_concurrency, limits.queue_timeout, metrics),
                    page_html(), known_folders(index))
 

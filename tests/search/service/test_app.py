@@ -451,3 +451,54 @@ def test_server_folders_with_spaces_do_not_leak_into_answers():
     assert "Smith" not in out and "Pictures" not in out and "/home" not in out, out
     assert "<gallery>/sub/a-segmask.png is 200x50" in out and "64x64" in out
     assert public_message(f"{root}/x.png") != f"{root}/x.png"  # the pattern alone still hides the start
+
+
+def test_concurrent_searches_are_encoded_together(gallery):
+    """Six searches at once: the first holds the model; the five that arrive meanwhile are encoded in one call
+    (the batch-size histogram), and every answer is the one an unbatched index gives."""
+    base, _ = gallery
+    idx, gate, entered = _index_with_held_queries(base)
+    app = create_app(idx, max_concurrency=8, max_batch=8, batch_wait=1.0)  # waits only for searches on their way
+    refs = ["img001", "img002", "img003", "img005", "img006", "img007"]
+    answers = {}
+    with TestClient(app, base_url=LOCAL) as c:
+        def ask(ref):
+            answers[ref] = c.post("/search", data={"text": f"make it red {ref}", "k": "5", "ref_id": ref})
+
+        threads = [threading.Thread(target=ask, args=(refs[0],))]
+        threads[0].start()
+        try:
+            assert entered.wait(10)  # the first query is in the model
+            threads += [threading.Thread(target=ask, args=(r,)) for r in refs[1:]]
+            for t in threads[1:]:
+                t.start()
+            for _ in range(200):  # bounded: the five wait for the model
+                if metric_value(c.get("/metrics").text, "offset_search_in_progress") == 6:
+                    break
+                time.sleep(0.02)
+            time.sleep(0.1)
+        finally:
+            gate.set()
+            for t in threads:
+                t.join(30)
+        metrics = c.get("/metrics").text
+    assert metric_value(metrics, "offset_query_batch_size_sum") == 6
+    assert metric_value(metrics, "offset_query_batch_size_count") == 2  # the first alone, then the five together
+    plain = Index.open(base / "idx", model=PixelModel())
+    for ref in refs:
+        assert answers[ref].status_code == 200, answers[ref].text
+        want = plain.search_id(ref, f"make it red {ref}", k=5)
+        got = answers[ref].json()["results"]
+        assert [x["id"] for x in got] == [h.id for h in want]
+        np.testing.assert_allclose([x["score"] for x in got], [h.score for h in want], rtol=0, atol=1e-5)
+
+
+def test_health_says_which_precision_runs(gallery):
+    base, _ = gallery
+    for asked in ("fp32", "bf16"):
+        idx = Index.open(base / "idx", model=PixelModel(), precision=asked)
+        with TestClient(create_app(idx), base_url=LOCAL) as c:
+            h = c.get("/health").json()
+            r = c.post("/search", data={"text": "red", "k": "3", "ref_id": "img001"})
+        assert h["precision"]["precision"] == h["precision"]["requested"] == asked
+        assert h["limits"]["max_batch"] == 8 and r.status_code == 200

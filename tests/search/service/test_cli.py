@@ -53,9 +53,13 @@ def test_offset_serve_process(tmp_path):
                 time.sleep(0.2)
         assert health is not None, proc.communicate(timeout=10)[0][-3000:]
         assert health["images"] == 8 and health["search"] == "exact"
+        # --precision auto (the default) calibrated at start-up and says what it chose
+        precision = health["precision"]
+        assert precision["requested"] == "auto" and precision["precision"] in ("fp32", "bf16")
+        assert precision["cosine"] >= 0.999 and precision["fp32_seconds"] > 0 and precision["bf16_seconds"] > 0
         r = client.post(base + "/search", data={"text": "make it red", "k": "3", "ref_id": "img001"}, timeout=30)
         assert r.status_code == 200, r.text
-        want = Index.open(tmp_path / "idx").search_id("img001", "make it red", k=3)
+        want = Index.open(tmp_path / "idx", precision=precision["precision"]).search_id("img001", "make it red", k=3)
         assert [x["id"] for x in r.json()["results"]] == [h.id for h in want]
         assert client.get(base + "/images/..%2Fck%2Fconfig.json", timeout=5).status_code == 404
         rebound = client.get(base + "/health", headers={"host": f"rebind.example:{port}"}, timeout=5)
@@ -69,4 +73,5 @@ def test_offset_serve_process(tmp_path):
             proc.kill()
             out = proc.communicate(timeout=10)[0]
     assert f"on http://127.0.0.1:{port}/" in out
+    assert f"queries: precision {precision['precision']} (auto: " in out
     assert f"loading checkpoint {ckpt}" in out and f"loaded checkpoint {ckpt} in " in out  # not 13 s of silence

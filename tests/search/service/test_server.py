@@ -243,3 +243,262 @@ def test_client_that_stops_reading_is_disconnected(tmp_path):
         ok = httpx.get(base + "/health", trust_env=False, timeout=10)
     assert closed and got < size, (closed, got, size)
     assert ok.status_code == 200
+
+
+# ----------------------------------------------------------------------------------------------- the server's answers
+
+SECURITY_HEADERS = ("content-security-policy", "x-frame-options", "x-content-type-options", "referrer-policy")
+
+
+def _raw(port: int, data: bytes, wait: float = 10.0, source: str | None = None) -> bytes:
+    """Send ``data`` on a new connection and read until the server closes it (bounded by ``wait`` seconds)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=5,
+                                 source_address=(source, 0) if source else None)
+    got, deadline = b"", time.monotonic() + wait
+    try:
+        s.sendall(data)
+        s.settimeout(1.0)
+        while time.monotonic() < deadline:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                continue
+            if not chunk:
+                break
+            got += chunk
+    except (ConnectionResetError, BrokenPipeError):
+        pass
+    finally:
+        s.close()
+    return got
+
+
+def _parse(raw: bytes) -> tuple[int, dict, bytes]:
+    """(status, headers with lower-case names, body) of one raw HTTP/1.1 response."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, body
+
+
+def _assert_ours(raw: bytes, status: int, phrase: str):
+    """A JSON answer of ``status`` whose detail holds ``phrase``, with the four security headers."""
+    import json
+
+    got, headers, body = _parse(raw)
+    assert got == status, raw[:300]
+    assert all(h in headers for h in SECURITY_HEADERS), headers
+    assert "default-src 'none'" in headers["content-security-policy"] and headers["x-frame-options"] == "DENY"
+    assert headers["x-content-type-options"] == "nosniff" and headers["referrer-policy"] == "no-referrer"
+    assert headers["content-type"] == "application/json"
+    assert phrase in json.loads(body)["detail"], body
+    return headers
+
+
+@pytest.mark.parametrize("request_bytes, status, phrase", [
+    (b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: abc\r\n\r\n", 400, "Content-Length"),
+    (b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -5\r\n\r\n", 400, "Content-Length"),
+    (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: 127.0.0.1\r\n\r\n", 400, "multiple Host"),
+    (b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Name: x\r\n\r\n", 400, "malformed HTTP request"),
+    (b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip\r\n\r\n", 501, "Transfer-Encoding"),
+], ids=["content-length-abc", "content-length-negative", "two-host-headers", "bad-header-name", "gzip-coding"])
+def test_requests_h11_cannot_parse_get_our_json_answer(built, request_bytes, status, phrase):
+    """uvicorn answers these itself (h11 refuses them before the application sees them): plain text and no
+    security headers, unless the server's protocol answers them."""
+    index = Index.open(built / "idx", model=PixelModel())
+    with serve_in_thread(create_app(index)) as base:
+        got = _raw(int(base.rsplit(":", 1)[1]), request_bytes)
+    _assert_ours(got, status, phrase)
+
+
+def test_head_and_body_timeouts_carry_the_security_headers(built):
+    index = Index.open(built / "idx", model=PixelModel())
+    with serve_in_thread(create_app(index, body_timeout=1.0), header_timeout=1.0) as base:
+        port = int(base.rsplit(":", 1)[1])
+        head = _raw(port, b"GET /health HTTP/1.1\r\nHost: 127.0")  # and nothing more
+        body = _raw(port, b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                          b"boundary=XX\r\nContent-Length: 500\r\n\r\n--XX\r\n")
+    _assert_ours(head, 408, "request head did not arrive within 1 s")
+    _assert_ours(body, 408, "request body did not arrive within 1 s")
+
+
+def _wait_until(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def test_over_the_cap_503_has_retry_after_and_the_security_headers(built):
+    """Beyond --max-connections: a new connection while every open one has a request in progress, and a request
+    while more requests are in progress than the cap (those of clients that left still run)."""
+    model = SlowQueries(2.0)
+    index = Index.open(built / "idx", model=model)
+    form = b"text=red&ref_id=img001"
+    search = (b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+              b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(form), form))
+    with serve_in_thread(create_app(index, max_concurrency=4, max_batch=1), max_connections=2) as base:
+        port = int(base.rsplit(":", 1)[1])
+        holders = [threading.Thread(target=_raw, args=(port, search)) for _ in range(2)]
+        for n, t in enumerate(holders, 1):  # one after the other: each search encoding before the next connects
+            t.start()
+            _wait_until(lambda: model.running == n)
+        full = _raw(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        for t in holders:
+            t.join(20)
+    headers = _assert_ours(full, 503, "too many open connections")
+    assert headers["retry-after"] == "1"
+
+    with serve_in_thread(create_app(index, max_concurrency=4, max_batch=1), max_connections=1) as base:
+        port = int(base.rsplit(":", 1)[1])
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(search)
+        _wait_until(lambda: model.running == 1)
+        s.close()  # the client leaves; its search runs on
+        time.sleep(0.3)
+        busy = _raw(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+    headers = _assert_ours(busy, 503, "requests in progress")
+    assert headers["retry-after"] == "1"
+
+
+def test_head_health_is_answered_as_get_without_a_body(built):
+    index = Index.open(built / "idx", model=PixelModel())
+    with serve_in_thread(create_app(index)) as base:
+        port = int(base.rsplit(":", 1)[1])
+        get = _raw(port, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        head = _raw(port, b"HEAD /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        page = _raw(port, b"HEAD / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+    (gs, gh, gbody), (hs, hh, hbody) = _parse(get), _parse(head)
+    assert gs == hs == 200 and hbody == b"" and gbody
+    assert hh["content-type"] == gh["content-type"] == "application/json"
+    assert int(hh["content-length"]) == len(gbody)
+    assert all(h in hh for h in SECURITY_HEADERS)
+    assert _parse(page)[0] == 200 and _parse(page)[2] == b""
+
+
+class _SlowConnectionFlood:
+    """Holds ``n`` connections from ``source`` that send part of a request head and trickle a byte now and then,
+    opening a new one for every connection the server closes, until stopped."""
+
+    def __init__(self, port: int, n: int, source: str):
+        self.port, self.n, self.source = port, n, source
+        self.opened = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _open(self):
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=2, source_address=(self.source, 0))
+        s.setblocking(False)
+        s.send(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        self.opened += 1
+        return s
+
+    def _alive(self, s) -> bool:
+        try:
+            s.send(b"X")
+            if s.recv(4096) == b"":
+                return False
+        except BlockingIOError:
+            pass
+        except OSError:
+            return False
+        return True
+
+    def _run(self):
+        socks = []
+        while not self.stop.is_set():
+            while len(socks) < self.n and not self.stop.is_set():
+                try:
+                    socks.append(self._open())
+                except OSError:
+                    time.sleep(0.01)
+            time.sleep(0.05)
+            keep = [s for s in socks if self._alive(s)]
+            for s in set(socks) - set(keep):
+                s.close()
+            socks = keep
+        for s in socks:
+            s.close()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(10)
+
+
+def test_a_page_loads_during_a_slow_connection_flood(built):
+    """40 slow connections against --max-connections 20, reconnecting as fast as the server closes them: the
+    page, the gallery, /health and 8 thumbnails are all answered. (The flood comes from another loopback address,
+    as a remote attacker's would; a flood from the page's own address is shed oldest-first, stalled heads first.)"""
+    try:
+        probe = socket.socket()
+        probe.bind(("127.0.0.2", 0))
+        probe.close()
+    except OSError:
+        pytest.skip("no second loopback address (127.0.0.2) on this machine")
+    index = Index.open(built / "idx", model=PixelModel())
+
+    async def page(base):
+        limits = httpx.Limits(max_connections=6)
+        async with httpx.AsyncClient(base_url=base, trust_env=False, limits=limits, timeout=20) as c:
+            calls = [c.get("/"), c.get("/gallery"), c.get("/health")]
+            calls += [c.get(f"/images/{i}") for i in index.ids[:8]]
+            return await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 60)
+
+    with serve_in_thread(create_app(index), header_timeout=3.0, max_connections=20) as base:
+        port = int(base.rsplit(":", 1)[1])
+        with _SlowConnectionFlood(port, 40, "127.0.0.2") as flood:
+            time.sleep(1.0)  # the flood fills the connection budget
+            answers = asyncio.run(page(base))
+            opened = flood.opened
+    assert [getattr(r, "status_code", repr(r)) for r in answers] == [200] * len(answers)
+    assert opened > 40  # the flood kept reconnecting: its connections were shed to make room
+
+
+def test_connection_book_sheds_the_flooding_address_first_then_stalled_heads_then_the_oldest():
+    from offset_cir.search.service.server import ConnectionBook
+
+    class Conn:
+        def __init__(self, name, address, partial=False, answered=0):
+            self.name, self.address, self.partial_head, self.answered = name, address, partial, answered
+
+        def __repr__(self):
+            return self.name
+
+    book = ConnectionBook(8)  # a quarter kept for requests: at most 6 waiting for a head
+    assert (book.max_connections, book.max_waiting) == (8, 6)
+    a1, a2, a3 = Conn("a1", "10.0.0.1"), Conn("a2", "10.0.0.1", partial=True), Conn("a3", "10.0.0.1")
+    b1, b2 = Conn("b1", "10.0.0.2", answered=3), Conn("b2", "10.0.0.2")
+    c1 = Conn("c1", "10.0.0.3", partial=True)
+    busy = Conn("busy", "10.0.0.4")
+    for c in (a1, b1, a2, b2, a3, c1):
+        book.wait(c)
+    everything = [a1, b1, a2, b2, a3, c1, busy]
+    assert book.to_shed(everything) == []  # 6 waiting, 7 open: within the budget
+    late = Conn("late", "10.0.0.2")
+    book.wait(late)
+    # 7 waiting: one goes, from 10.0.0.1 (3 waiting), the stalled head first
+    assert book.to_shed(everything + [late]) == [a2]
+    d1 = Conn("d1", "10.0.0.5")
+    book.wait(d1)
+    # 9 open minus the one shed (still closing) = 8 = the cap; 7 waiting again: 10.0.0.1 and 10.0.0.2 hold 2 and
+    # 3: the never-answered oldest of 10.0.0.2 (b2) goes before the one that has had 3 answers (b1)
+    assert book.to_shed(everything + [late, d1]) == [b2]
+    book.forget(a2)
+    book.forget(b2)
+    book.busy(late)  # its head arrived
+    e1, e2, e3 = Conn("e1", "10.0.0.6"), Conn("e2", "10.0.0.6"), Conn("e3", "10.0.0.6")
+    for c in (e1, e2, e3):
+        book.wait(c)
+    # waiting a1 b1 a3 c1 d1 e1 e2 e3 (8 > 6); open: those and busy, late (10 > 8): two go. 10.0.0.6 holds the
+    # most (3): its oldest, e1; then 10.0.0.1 and 10.0.0.6 hold 2 each, none stalled or answered: the oldest, a1
+    assert book.to_shed([a1, b1, a3, c1, busy, late, d1, e1, e2, e3]) == [e1, a1]
+    book.busy(c1)
+    assert book.to_shed([a1, b1, a3, c1, busy, late, d1, e1, e2, e3]) == []  # a1, e1 closing: 8 open, 5 waiting
