@@ -74,3 +74,15 @@ def test_a_checkpoint_evaluates_and_submits_with_one_encoded_gallery(circo_copy,
     data = json.loads(path.read_text())
     assert len(data) == 800 and all(len(set(v)) == 50 for v in data.values())
     assert main(["validate-submission", str(path), "--dataset", "circo", "--root", str(root)]) == 0
+
+
+def test_features_of_another_precision_are_not_read_back_as_fp32(circo_copy, checkpoints, tmp_path):
+    root, codes = circo_copy
+    run = ["eval", "--dataset", "circo", "--protocol", "circo-val", "--no-record", "--root", str(root),
+           "--device", "cpu", "--num-workers", "0", "--batch-size", "128", "--gallery-cache", str(tmp_path / "gc"),
+           "--checkpoint", str(checkpoints[0])]
+    assert main([*run, "--precision", "bf16", "--out", str(tmp_path / "bf16.json")]) == 0
+    assert main([*run, "--precision", "fp32", "--out", str(tmp_path / "fp32.json")]) == 0
+    bf16, fp32 = (json.loads((tmp_path / f"{p}.json").read_text()) for p in ("bf16", "fp32"))
+    assert bf16["precision"]["precision"] == "bf16" and fp32["precision"]["precision"] == "fp32"
+    assert fp32["gallery_features"]["images_encoded"] == len(codes)  # its own gallery, not the bf16 one
