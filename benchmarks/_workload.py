@@ -34,7 +34,7 @@ def make_workload(backbone: str, batch: int, precision: str, device: str = "cpu"
     if precision not in ("fp32", *dtypes):
         raise ValueError(f"precision {precision!r}: expected fp32, bf16 or fp16")
     ctx = (lambda: torch.autocast(device, dtype=dtypes[precision])) if precision in dtypes else contextlib.nullcontext
-    # fp16 as the release trains on GPUs: autocast with a grad scaler (SPEC section 5)
+    # fp16 as the release trains on GPUs: autocast with a grad scaler (docs/model.md#training)
     scaler = torch.amp.GradScaler(device) if precision == "fp16" else None
 
     def step() -> None:

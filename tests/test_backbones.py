@@ -1,4 +1,4 @@
-"""The backbone contract (SPEC section 2) over every OpenCLIP tower family (issue 10, section 1).
+"""The backbone contract (docs/model.md#backbone) over every OpenCLIP tower family (issue 10, section 1).
 
 Random init, offline. Each family is built from a copy of its OpenCLIP config, shrunk (fewer, narrower layers,
 small images) so a test takes seconds; the timm trunk is shrunk by passing size arguments through
@@ -378,7 +378,7 @@ def test_bf16_autocast_step_on_timm_towers(monkeypatch, family):
 
 @pytest.mark.parametrize("family", ["mobileclip2", "hf-cnn"])
 def test_training_mode_encodes_each_sample_on_its_own(monkeypatch, bert_dir, family):
-    # SPEC section 2: image and mask go through the encoder in one call, on the premise that no layer mixes
+    # docs/model.md#backbone: image and mask go through the encoder in one call, on the premise that no layer mixes
     # samples. Batch norms in training mode would (batch statistics): the Backbone keeps their stored statistics.
     name = _register(monkeypatch, family) if family in FAMILIES else _register_hf(monkeypatch, bert_dir, "cnn", "mean_pooler")
     model = build_model(ModelConfig(backbone=name)).train()

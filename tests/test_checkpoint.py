@@ -1,4 +1,4 @@
-"""Checkpoints, pretrained weights from local files, and the release converter (SPEC section 9)."""
+"""Checkpoints, pretrained weights from local files, and the release converter (docs/model.md#release-checkpoints)."""
 from __future__ import annotations
 
 import math
@@ -103,7 +103,7 @@ def test_pretrained_tag_offline_fails_fast(monkeypatch):
 
 # ------------------------------------------------------------ release converter
 def _release_state(backbone="tiny", p=4):
-    """A state dict with the release's key names and shapes (SPEC section 9), random values."""
+    """A state dict with the release's key names and shapes (docs/model.md#release-checkpoints), random values."""
     cfg = PACKAGE_BACKBONES[backbone]
     clip = CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"])
     cv, d, ct = cfg["vision_cfg"]["width"], cfg["embed_dim"], cfg["text_cfg"]["width"]
@@ -149,7 +149,7 @@ def _heads(w4, x_map, heads):
 
 
 def _reference_forward(st, clip, images, masks, tokens, tgt_images, tgt_masks, heads=4):
-    """OFFSET's query and target features computed directly from the release tensors (SPEC section 3)."""
+    """OFFSET's query and target features computed directly from the release tensors (docs/model.md#modules)."""
     g = lambda k: st[k]  # noqa: E731
     cv = g("backbone.fc.weight").shape[1]
 

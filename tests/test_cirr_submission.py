@@ -1,5 +1,5 @@
 """CIRR test-server files: the official examples pass, one-defect copies fail with the right message,
-and ``offset submit cirr`` writes files that pass (SPEC section 7)."""
+and ``offset submit cirr`` writes files that pass (docs/model.md#evaluation)."""
 from __future__ import annotations
 
 import json

@@ -50,7 +50,7 @@ def _batch(model, b, device):
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 @pytest.mark.parametrize("backbone", ["tiny", "ViT-B-16"])
 def test_mixed_precision_training_steps(backbone, precision):
-    # The release trains in fp16 autocast with a grad scaler (SPEC section 5); bf16 needs none. Three AdamW steps
+    # The release trains in fp16 autocast with a grad scaler (docs/model.md#training); bf16 needs none. Three AdamW steps
     # from random initialisation: every loss finite, every weight finite, the weights moved.
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone=backbone)).cuda().train()

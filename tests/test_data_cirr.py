@@ -1,4 +1,4 @@
-"""CIRR loader (rc2 layout) and the synthetic benchmark read through it (SPEC section 6)."""
+"""CIRR loader (rc2 layout) and the synthetic benchmark read through it (docs/model.md#data)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Caption normalisation (SPEC section 6), collate, image/mask loading errors, get_dataset."""
+"""Caption normalisation (docs/model.md#data), collate, image/mask loading errors, get_dataset."""
 from __future__ import annotations
 
 import json

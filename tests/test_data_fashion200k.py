@@ -1,4 +1,4 @@
-"""Fashion200K loader: label files, one-word-difference pairs, TIRG test queries (SPEC section 6)."""
+"""Fashion200K loader: label files, one-word-difference pairs, TIRG test queries (docs/model.md#data)."""
 from __future__ import annotations
 
 import pytest

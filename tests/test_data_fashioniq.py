@@ -1,4 +1,4 @@
-"""FashionIQ loader: known counts, galleries, lazy triplets with placeholder images, errors (SPEC section 6)."""
+"""FashionIQ loader: known counts, galleries, lazy triplets with placeholder images, errors (docs/model.md#data)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Shoes loader: known counts, image lookup in womens_<type>/<0|1>, masks beside images (SPEC section 6)."""
+"""Shoes loader: known counts, image lookup in womens_<type>/<0|1>, masks beside images (docs/model.md#data)."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""``offset_cir.evaluate`` through the real path with oracle encoders (SPEC section 7)."""
+"""``offset_cir.evaluate`` through the real path with oracle encoders (docs/model.md#evaluation)."""
 from __future__ import annotations
 
 import json
@@ -195,7 +195,7 @@ def test_fashioniq_real_val_full_galleries(shared_data, tmp_path):
 
 
 def test_query_transform_a2(tmp_path):
-    """SPEC 4, A2: FashionIQ queries use the training transform by default (release); galleries never do."""
+    """docs/model.md#a2: FashionIQ queries use the training transform by default (release); galleries never do."""
     from offset_cir.testing.placeholders import CodePreprocess
 
     class Recording(CodePreprocess):
@@ -303,7 +303,7 @@ def _fashioniq_many_queries(root, n_images=30, n_queries=12):
 
 
 def test_fashioniq_train_transform_queries_do_not_depend_on_workers(tmp_path):
-    # SPEC 4, A2: FashionIQ queries go through the random training crop. Each query's crop is seeded by its own
+    # docs/model.md#a2: FashionIQ queries go through the random training crop. Each query's crop is seeded by its own
     # (unit, index), so the same model scores the same for 0, 1 and 2 DataLoader workers and any batch size.
     import torch
 

@@ -1,4 +1,4 @@
-"""Metrics on hand-worked rankings (SPEC section 7): reference excluded, ties, subsets, k > gallery."""
+"""Metrics on hand-worked rankings (docs/model.md#evaluation): reference excluded, ties, subsets, k > gallery."""
 from __future__ import annotations
 
 import random

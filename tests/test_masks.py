@@ -1,4 +1,4 @@
-"""Dominant portion segmentation end to end with tiny random BLIP + CLIPSeg loaded from folders (SPEC 3.1, 6).
+"""Dominant portion segmentation end to end with tiny random BLIP + CLIPSeg loaded from folders (docs/model.md#masks and #data).
 
 The models are built from small configs and saved with ``save_pretrained``; everything loads back through
 the same by-folder path a user's downloaded model takes (``--captioner DIR`` / ``--segmenter DIR``).
@@ -308,7 +308,7 @@ def _touch_image(path: Path, size=(24, 16)):
 
 
 def test_release_layouts_mask_names(tmp_path, shared_data):
-    """Images placed with real names from the annotation files; masks per SPEC section 6."""
+    """Images placed with real names from the annotation files; masks per docs/model.md#data."""
     # FashionIQ: resized_image/<cat>/<asin>.jpg -> resized_image/<cat>_segmask/<asin>-seg.png
     fiq = tmp_path / "fiq"
     asins = json.loads((shared_data / "fashioniq/image_splits/split.dress.val.json").read_text())[:2]

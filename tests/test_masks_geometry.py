@@ -1,4 +1,4 @@
-"""Mask geometry (SPEC section 3.1): letterbox keeps masks aligned, squash reproduces the release's distortion.
+"""Mask geometry (docs/model.md#masks): letterbox keeps masks aligned, squash reproduces the release's distortion.
 
 A stub segmenter stands in for CLIPSeg: at whatever resolution it receives, it returns the bright square's true
 location, grown by ``margin`` of *its own* pixels on every side (a segmenter's boundary error is isotropic in the

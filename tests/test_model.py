@@ -1,4 +1,4 @@
-"""OFFSET model: shapes, gradients, ablations, variants and the backbone contract (SPEC sections 2-4)."""
+"""OFFSET model: shapes, gradients, ablations, variants and the backbone contract (docs/model.md)."""
 from __future__ import annotations
 
 import copy
@@ -228,7 +228,7 @@ def test_tfm_degenerate_depends_on_mask_only_through_fusion():
     t = torch.randn(3, d, dtype=torch.float64)
     g_m = torch.randn(3, d, dtype=torch.float64, requires_grad=True)
     s = tfm(t, g_m)
-    # Reference formula of SPEC section 3: the value part of each head only, a residual linear map.
+    # Reference formula of docs/model.md#tfm: the value part of each head only, a residual linear map.
     def v_part(conv):
         w = conv.weight[:, :, 0].view(4, 3, d // 4, d)[:, 2].reshape(d, d)
         return w

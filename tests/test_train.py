@@ -748,8 +748,8 @@ def test_every_preset_and_experiment_resolves_as_before_the_release_base():
     assert {"default", "server", "cpu"} <= set(names["machines"])
 
 
-def test_release_yaml_is_the_recipe_of_spec_section_5():
-    # SPEC section 5, read by hand: "AdamW (betas 0.9/0.999, eps 1e-8, weight decay 0.01), lr 1e-5 for backbone
+def test_release_yaml_is_the_release_recipe():
+    # docs/model.md#training, read by hand: "AdamW (betas 0.9/0.999, eps 1e-8, weight decay 0.01), lr 1e-5 for backbone
     # parameters and 1e-4 for new modules (including s), x0.1 at the start of epochs 5 and 10, batch 16, fp16
     # autocast with a grad scaler, up to 100 epochs, evaluation every epoch, early stop after 5 epochs without
     # improvement ... Seed 42"; section 8: the results are ViT-H-14's. The release's train.py counts the 5 epochs
@@ -821,7 +821,7 @@ def test_selection_rule_is_a_field_of_the_protocol(synth_root):
     from offset_cir.data import get_dataset
     from offset_cir.eval.protocols import PROTOCOLS
 
-    # SPEC section 5: FashionIQ the categories' R@10, Shoes R@10 + R@50, CIRR all seven validation metrics
+    # docs/model.md#training: FashionIQ the categories' R@10, Shoes R@10 + R@50, CIRR all seven validation metrics
     assert all(PROTOCOLS[n].selection_ks == (10,) for n in ("fashioniq", "fashioniq-union", "fashioniq-full"))
     assert PROTOCOLS["shoes"].selection_ks == (10, 50) and PROTOCOLS["cirr-val"].selection_ks is None
     torch.manual_seed(0)

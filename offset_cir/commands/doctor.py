@@ -1,5 +1,5 @@
 """``offset doctor DATASET --root DIR``: counts, missing files, unreadable images and masks, mask sizes as training
-checks them, manifest (SPEC section 6)."""
+checks them, manifest (docs/model.md#data)."""
 from __future__ import annotations
 
 import argparse

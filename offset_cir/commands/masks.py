@@ -1,4 +1,4 @@
-"""``offset masks``: dominant-portion masks for a benchmark release or an image folder (SPEC sections 3.1, 6)."""
+"""``offset masks``: dominant-portion masks for a benchmark release or an image folder (docs/model.md#masks and #data)."""
 from __future__ import annotations
 
 import argparse

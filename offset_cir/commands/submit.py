@@ -1,4 +1,4 @@
-"""``offset submit cirr|circo``: write a benchmark's test-server files (SPEC section 7) and check them offline."""
+"""``offset submit cirr|circo``: write a benchmark's test-server files (docs/model.md#evaluation) and check them offline."""
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,4 @@
-"""``offset validate-submission FILE``: check a CIRR or CIRCO test-server file offline (SPEC section 7)."""
+"""``offset validate-submission FILE``: check a CIRR or CIRCO test-server file offline (docs/model.md#evaluation)."""
 from __future__ import annotations
 
 import argparse

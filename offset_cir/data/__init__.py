@@ -1,4 +1,4 @@
-"""Benchmarks (SPEC section 6): ``get_dataset(name, root, **settings)``, the table of benchmarks, and ``collate``.
+"""Benchmarks (docs/model.md#data): ``get_dataset(name, root, **settings)``, the table of benchmarks, and ``collate``.
 
 Names (``list_datasets()``): ``fashioniq``, ``shoes``, ``cirr``, ``fashion200k``, ``circo`` and ``synthetic``
 (the benchmark written by ``offset synth``, in CIRR's layout). The table and ``register_dataset`` live in

@@ -1,4 +1,4 @@
-"""CIRR (Liu et al., ICCV 2021), release layout rc2 (SPEC section 6).
+"""CIRR (Liu et al., ICCV 2021), release layout rc2 (docs/model.md#data).
 
 Files (every location is a setting)::
 
@@ -18,7 +18,7 @@ for CIRR); a split's queries have targets when its records do. Captions are used
 - ``queries(split)``: every record, with its pair id and image-set members (test1: no target);
 - ``eval_sets(split)``: one unit ``all``, gallery ``all`` = every image of the split file.
 
-Evaluation (SPEC section 7): R@K over gallery ``all``; R_subset ranks the query's set members minus the
+Evaluation (docs/model.md#evaluation): R@K over gallery ``all``; R_subset ranks the query's set members minus the
 reference. The synthetic benchmark (:mod:`offset_cir.data.synthetic.benchmark`) uses this layout and adds its own
 notes to the evaluation units (:meth:`CIRR.unit_notes`).
 """

@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark loaders (SPEC section 6).
+"""Shared pieces of the benchmark loaders (docs/model.md#data).
 
 - caption normalisation with the correction dictionaries (FashionIQ, Shoes),
 - reading annotation files with errors that name the file, record and field,
@@ -40,7 +40,7 @@ _PUNCT_TO_SPACE = str.maketrans({c: " " for c in string.punctuation})
 
 # --------------------------------------------------------------------------------------------- captions
 def normalize_caption(text: str, corrections: dict[str, str] | None = None) -> str:
-    """SPEC section 6: lowercase; every ASCII punctuation character becomes a space; split on whitespace;
+    """docs/model.md#data: lowercase; every ASCII punctuation character becomes a space; split on whitespace;
     map each token through the correction dictionary; join with single spaces.
 
     An empty (or punctuation-only) caption becomes the empty string ``""``. A correction may expand to
@@ -55,7 +55,7 @@ def normalize_caption(text: str, corrections: dict[str, str] | None = None) -> s
 
 
 def join_captions(captions: Sequence[str]) -> str:
-    """FashionIQ text: normalised captions joined with " and " in file order (SPEC section 6).
+    """FashionIQ text: normalised captions joined with " and " in file order (docs/model.md#data).
 
     Defined behaviour for empty captions (16 in the release): an empty caption is left out of the join, so
     ``["", "is red"]`` gives ``"is red"``; two empty captions give ``""`` (the model then sees an empty text).
@@ -140,7 +140,7 @@ def open_image(path: Path, mode: str = "RGB", what: str = "image"):
 # --------------------------------------------------------------------------------------------- records
 @dataclass(frozen=True)
 class Query:
-    """One composed query (SPEC section 6): reference id, text, and what evaluation needs.
+    """One composed query (docs/model.md#data): reference id, text, and what evaluation needs.
 
     ``target`` is None where the split has no targets (CIRR test1, FashionIQ test). ``members`` are the
     CIRR image-set members (for R_subset). ``pairid`` is the CIRR pair id (CIRCO: the query id). ``target_key``
@@ -442,7 +442,7 @@ class Benchmark:
 
     def unit_query_dataset(self, unit: EvalSet, preprocess, use_masks: bool = True,
                            train: bool = False) -> QueryDataset:
-        """The queries of one evaluation unit (evaluation transform unless ``train``, SPEC 4 A2)."""
+        """The queries of one evaluation unit (evaluation transform unless ``train``, docs/model.md#a2)."""
         return self._open(QueryDataset, unit.queries, preprocess, use_masks, unit.describe(), train=train)
 
     def image_dataset(self, ids: Sequence[str], preprocess, use_masks: bool = True, source: str = "") -> ImageDataset:

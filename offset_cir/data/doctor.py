@@ -1,4 +1,4 @@
-"""``offset doctor``: check a benchmark copy (SPEC section 6).
+"""``offset doctor``: check a benchmark copy (docs/model.md#data).
 
 Per split: triplet count, images and masks the split's protocol needs, which are missing (first 20 names and
 the total), which images and masks do not open, which masks training would refuse for their size (the rule of

@@ -1,4 +1,4 @@
-"""Fashion200K (Han et al., ICCV 2017) with the TIRG protocol (Vo et al., CVPR 2019), SPEC sections 6 and 7.
+"""Fashion200K (Han et al., ICCV 2017) with the TIRG protocol (Vo et al., CVPR 2019), docs/model.md#data and #evaluation.
 
 Files, relative to ``root`` (every location is a setting)::
 

@@ -1,4 +1,4 @@
-"""FashionIQ (Wu et al., CVPR 2021), release layout (SPEC section 6).
+"""FashionIQ (Wu et al., CVPR 2021), release layout (docs/model.md#data).
 
 Files, relative to ``root`` (every location is a setting)::
 
@@ -15,7 +15,7 @@ Text: each caption normalised (:func:`normalize_caption` with the category's dic
 
 Image ids are ``"<cat>/<asin>"`` (an asin is only unique within a category).
 
-Evaluation (SPEC section 7): per category, queries are the val triplets; gallery ``union`` = the reference and
+Evaluation (docs/model.md#evaluation): per category, queries are the val triplets; gallery ``union`` = the reference and
 target images of that category's val triplets (first-appearance order), gallery ``full`` = every image of
 ``split.<cat>.val.json``.
 """

@@ -1,4 +1,4 @@
-"""Shoes (Guo et al., NeurIPS 2018; images from Berg et al., Attribute Discovery), release layout (SPEC section 6).
+"""Shoes (Guo et al., NeurIPS 2018; images from Berg et al., Attribute Discovery), release layout (docs/model.md#data).
 
 Files, relative to ``root`` (every location is a setting)::
 
@@ -11,7 +11,7 @@ Files, relative to ``root`` (every location is a setting)::
 
 A triplet belongs to ``train`` or ``eval`` by its reference image's list (8,990 / 1,761). The split names
 ``test`` and ``val`` are accepted for ``eval``. Text: the relative caption normalised with the shoes dictionary.
-Evaluation: the eval triplets against the gallery ``all`` of the 4,658 eval images (SPEC section 7).
+Evaluation: the eval triplets against the gallery ``all`` of the 4,658 eval images (docs/model.md#evaluation).
 
 Image ids are the file names. An image is looked for in ``womens_<type>/0`` and ``womens_<type>/1``, then
 anywhere under ``image_root`` (one directory walk, done only when needed).

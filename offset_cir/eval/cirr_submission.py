@@ -1,4 +1,4 @@
-"""CIRR test-server files (SPEC section 7; ``Test-split_server.md`` of the CIRR release).
+"""CIRR test-server files (docs/model.md#evaluation; ``Test-split_server.md`` of the CIRR release).
 
 Two JSON objects, one per metric::
 

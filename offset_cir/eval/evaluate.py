@@ -1,4 +1,4 @@
-"""``offset_cir.evaluate``: a model (or a training-free baseline) scored by a protocol (SPEC section 7).
+"""``offset_cir.evaluate``: a model (or a training-free baseline) scored by a protocol (docs/model.md#evaluation).
 
 The gallery of an evaluation unit is encoded once (``model.encode_target``; with a :class:`GalleryCache`, once per
 model across evaluations), the queries in batches (``model.encode_query``); each query batch is ranked with one
@@ -305,7 +305,7 @@ def _unseen_metrics(proto: Protocol, r: _Ranked, es: EvalSet, um: dict[str, floa
 
 
 def _headline(proto: Protocol, metrics: dict[str, float], units: list[EvalSet]) -> tuple[float, str]:
-    """Add the protocol's averages to ``metrics``; return the selection score and its rule (SPEC section 5)."""
+    """Add the protocol's averages to ``metrics``; return the selection score and its rule (docs/model.md#training)."""
     selection_ks = proto.selection_ks or proto.ks
     if proto.metric == "map":
         return (sum(metrics[f"mAP@{k}"] for k in selection_ks),
@@ -378,12 +378,12 @@ def evaluate(model, bench, protocol: str | None = None, split: str | None = None
              num_workers: int = 0, save_rankings: str | Path | None = None, device=None,
              progress: bool = True, query_transform: str | None = None,
              gallery_cache: GalleryCache | None = None) -> dict:
-    """Evaluate ``model`` on ``bench`` with ``protocol`` (SPEC section 7); returns a JSON-able stamped dict.
+    """Evaluate ``model`` on ``bench`` with ``protocol`` (docs/model.md#evaluation); returns a JSON-able stamped dict.
 
     ``model``: an OFFSET model, or anything with its ``encode_query`` / ``encode_target`` / ``preprocess``
     (an ONNX encoder, a :class:`~offset_cir.eval.baseline.BaselineEncoder`: its ``baseline`` is stamped).
     ``save_rankings``: a JSON Lines file receiving, per query and gallery, the top-50 gallery ids.
-    ``query_transform``: ``"eval"`` or ``"train"`` for the reference images (SPEC 4, A2); default the
+    ``query_transform``: ``"eval"`` or ``"train"`` for the reference images (docs/model.md#a2); default the
     protocol's (``train`` for FashionIQ as in the release, ``eval`` elsewhere); galleries always use ``eval``.
     ``gallery_cache``: gallery features of this model stored and reused across evaluations.
     """

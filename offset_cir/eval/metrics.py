@@ -1,4 +1,4 @@
-"""Retrieval metrics as pure functions (SPEC section 7).
+"""Retrieval metrics as pure functions (docs/model.md#evaluation).
 
 Rank rule used everywhere: candidates are ordered by descending score; equal scores keep gallery order (the
 candidate with the lower index comes first), i.e. a stable sort. Excluded candidates (the reference) are
@@ -60,7 +60,7 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor, exclude: torch.Ten
 
 
 def recall_at_k(ranks: torch.Tensor | Sequence[int], k: int) -> float:
-    """Percentage of queries whose rank is below k (SPEC section 7)."""
+    """Percentage of queries whose rank is below k (docs/model.md#evaluation)."""
     ranks = torch.as_tensor(ranks, dtype=torch.long)
     if ranks.numel() == 0:
         raise ValueError("recall of zero queries is undefined")
@@ -99,7 +99,7 @@ def topk_indices(scores: torch.Tensor, k: int, excluded: torch.Tensor | None = N
 
 def chance_recall_at_k(gallery_size: int, k: int, reference_excluded: bool = True) -> float:
     """R@k (in %) of a uniformly random ranking: the target is one of the ``n`` candidates, ``n`` = the gallery
-    minus the excluded reference (SPEC section 7), so P(rank <= k) = min(k, n) / n."""
+    minus the excluded reference (docs/model.md#evaluation), so P(rank <= k) = min(k, n) / n."""
     n = int(gallery_size) - (1 if reference_excluded else 0)
     if n < 1:
         raise ValueError(f"a gallery of {gallery_size} images leaves no candidate")

@@ -1,4 +1,4 @@
-"""The table of evaluation protocols (SPEC section 7): ``register_protocol``, ``list_protocols``, ``get_protocol``.
+"""The table of evaluation protocols (docs/model.md#evaluation): ``register_protocol``, ``list_protocols``, ``get_protocol``.
 
 A protocol is one entry of this table, a :class:`Protocol`: which benchmark and split it scores, which galleries
 are ranked, which metrics are reported and how a checkpoint is selected by them. Its name is stamped into every
@@ -35,12 +35,12 @@ class Protocol:
     ks: tuple[int, ...]
     subset_ks: tuple[int, ...] = ()
     per_unit: bool = False  # FashionIQ: metrics per category, then averaged
-    query_transform: str = "eval"  # SPEC 4, A2: the release uses the training transform for FashionIQ queries
+    query_transform: str = "eval"  # docs/model.md#a2: the release uses the training transform for FashionIQ queries
     description: str = ""
-    # The checkpoint-selection rule (SPEC section 5): the R@K summed into ``selection_score`` (over the categories
+    # The checkpoint-selection rule (docs/model.md#training): the R@K summed into ``selection_score`` (over the categories
     # when per_unit, plus every R_subset@K when subset_ks); None: every K of ks. With metric "map": the mAP@K.
     selection_ks: tuple[int, ...] | None = None
-    # Whether a query's reference is removed from its own ranking (SPEC section 7); CIRCO's own evaluation keeps it.
+    # Whether a query's reference is removed from its own ranking (docs/model.md#evaluation); CIRCO's own evaluation keeps it.
     exclude_reference: bool = True
     # "recall": R@K of the first positive; "map": CIRCO's mAP@K over every ground truth, R@K of the target, and
     # mAP@<aspect_k> per semantic aspect.

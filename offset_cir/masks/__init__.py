@@ -1,4 +1,4 @@
-"""Dominant portion segmentation: a captioner + CLIPSeg turn images into OFFSET masks (SPEC sections 1, 3.1, 6).
+"""Dominant portion segmentation: a captioner + CLIPSeg turn images into OFFSET masks (docs/model.md#masks and #data).
 
 Public API (imported lazily: ``import offset_cir.masks`` loads neither torch nor transformers and does no I/O)::
 

@@ -1,4 +1,4 @@
-"""``MaskGenerator``: captioner + CLIPSeg -> one soft dominant-portion mask per image (SPEC sections 1 and 3.1)."""
+"""``MaskGenerator``: captioner + CLIPSeg -> one soft dominant-portion mask per image (docs/model.md#masks)."""
 from __future__ import annotations
 
 import logging

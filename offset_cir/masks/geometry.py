@@ -1,4 +1,4 @@
-"""Mask geometry: how an image of any shape meets CLIPSeg's fixed square input (SPEC section 3.1).
+"""Mask geometry: how an image of any shape meets CLIPSeg's fixed square input (docs/model.md#masks).
 
 * ``squash`` (the release): resize the image to the segmenter's input size ignoring its aspect ratio, segment,
   resize the probability map back to the image size.  The segmenter sees a stretched object, and its output

@@ -1,4 +1,4 @@
-"""Where images are and where their masks live (SPEC section 6: release naming; every location is a setting).
+"""Where images are and where their masks live (docs/model.md#data: release naming; every location is a setting).
 
 The one place that says where an image's mask is: :func:`mask_beside` (a loader's single naming rule),
 :func:`find_mask` (the names ``offset index`` / ``offset search`` look for, :data:`MASK_SUFFIXES`),
@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 from offset_cir.errors import DatasetError, UserInputError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-#: mask file names tried for image ``<stem>.<ext>`` (CIRR/Fashion200K, Shoes, FashionIQ naming; SPEC section 6)
+#: mask file names tried for image ``<stem>.<ext>`` (CIRR/Fashion200K, Shoes, FashionIQ naming; docs/model.md#data)
 MASK_SUFFIXES = ("-segmask.png", "-segmask.jpg", "-seg.png")
 _MASK_STEM_ENDINGS = ("-segmask", "-seg")
 PATTERN_FIELDS = ("root", "out", "rel_parent", "parent", "stem", "name", "ext")
@@ -181,7 +181,7 @@ def find_mask(image: str | os.PathLike, root: str | os.PathLike | None = None,
     return None
 
 
-# Where each release keeps its images, relative to --root (SPEC section 6).
+# Where each release keeps its images, relative to --root (docs/model.md#data).
 _RELEASE_FOLDERS = {
     "fashioniq": ("resized_image/*", "resized_image/<category>/<asin>.jpg"),
     "shoes": ("womens_*", "womens_<type>/<0or1>/img_womens_<type>_<n>.jpg"),

@@ -1,4 +1,4 @@
-"""Captioner and segmenter back-ends for dominant portion segmentation (SPEC section 1, step 1; section 3.1).
+"""Captioner and segmenter back-ends for dominant portion segmentation (docs/model.md#masks).
 
 Two small interfaces; anything with the same methods can be handed to :class:`~offset_cir.masks.MaskGenerator`:
 

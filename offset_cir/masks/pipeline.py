@@ -1,4 +1,4 @@
-"""Write masks for many images: resumable, atomic, failures reported and skipped (SPEC sections 1 and 6).
+"""Write masks for many images: resumable, atomic, failures reported and skipped (docs/model.md#masks and #data).
 
 A mask that already exists, opens and has its image's size is kept (unless ``overwrite``).  Each mask is written
 to a temporary name in its folder and renamed into place, so an interrupted run never leaves a partial file.

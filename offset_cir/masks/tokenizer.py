@@ -1,4 +1,4 @@
-"""Offline CLIP tokenizer for CLIPSeg (SPEC section 3.1 prompts CLIPSeg with a caption).
+"""Offline CLIP tokenizer for CLIPSeg (CLIPSeg is prompted with a caption: docs/model.md#masks).
 
 OpenCLIP ships the CLIP byte-pair vocabulary as ``bpe_simple_vocab_16e6.txt.gz``.  The functions here turn
 it into the ``vocab.json`` + ``merges.txt`` pair that ``transformers.CLIPTokenizer.from_pretrained(folder)``

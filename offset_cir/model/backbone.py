@@ -1,4 +1,4 @@
-"""The CLIP backbone contract of SPEC section 2, over every OpenCLIP tower family.
+"""The CLIP backbone contract (docs/model.md#backbone), over every OpenCLIP tower family.
 
 ``Backbone.encode_image`` returns the image's patch tokens (B x hw x C_v) and the pooled, projected global feature
 g (B x D) exactly as the tower computes it; ``Backbone.encode_text`` the text's token features (B x L x C_t) and
@@ -58,7 +58,7 @@ class BackboneDims:
 
 
 class Backbone(nn.Module):
-    """An OpenCLIP model with the token-level outputs OFFSET needs (SPEC section 2), over every tower family."""
+    """An OpenCLIP model with the token-level outputs OFFSET needs (docs/model.md#backbone), over every tower family."""
 
     def __init__(self, name: str, pretrained: str | None = None, load_weights: bool = True):
         """``load_weights=False``: the architecture of ``pretrained`` without its weights (see :func:`create_clip`)."""
@@ -92,7 +92,7 @@ class Backbone(nn.Module):
         self.text_pool_type = getattr(text, "pool_type", None) or getattr(self.clip, "text_pool_type", "argmax")
         self.eos_token_id = getattr(text, "eos_id", None) if self.text_kind == "tower" else getattr(self.clip, "text_eos_id", None)
         # OpenCLIP's own forwards, asked once for tokens as well as pooled features: they handle the batch-first
-        # or sequence-first layout of each release internally (SPEC section 2 warns against assuming one). The
+        # or sequence-first layout of each release internally (docs/model.md#backbone warns against assuming one). The
         # Backbone owns this CLIP; a per-call toggle would not be thread-safe (the search service encodes in threads),
         # so ``self.clip.visual(x)`` (and ``encode_image``) return (pooled, tokens) from here on for OpenCLIP ViTs.
         if self.vision_kind == "vit":
@@ -102,7 +102,7 @@ class Backbone(nn.Module):
 
     def train(self, mode: bool = True) -> "Backbone":
         """Train mode everywhere except batch norms, which keep their stored statistics (their affine parameters
-        still train): batch statistics would mix the samples of a batch, and SPEC section 2 encodes an item's image
+        still train): batch statistics would mix the samples of a batch, and docs/model.md#backbone encodes an item's image
         and mask (and the targets) in one call on the premise that no layer does (timm CNNs: FastViT, EfficientNet)."""
         super().train(mode)
         for module in self.clip.modules():

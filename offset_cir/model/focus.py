@@ -1,4 +1,4 @@
-"""OFFSET's new modules (SPEC section 3): Visual and Textual Focus Mapping, Multi-Grained Focus Projection,
+"""OFFSET's new modules (docs/model.md#modules): Visual and Textual Focus Mapping, Multi-Grained Focus Projection,
 Textually Guided Focus Revision.
 
 Token sets are [B, N, C]. The 1x1 convolutions are stored as ``Conv1d(kernel_size=1)`` parameters (a 1x1 Conv2d
@@ -24,7 +24,7 @@ def split_heads_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.
     """[B, N, 3C] -> q, k, v each [B, heads, N, C/heads].
 
     The release lays the qkv output channels out per head: head h owns channels [h*3d, (h+1)*3d) as
-    [q | k | v] blocks of head width d (SPEC section 9).
+    [q | k | v] blocks of head width d (docs/model.md#release-checkpoints).
     """
     b, n, c3 = qkv.shape
     d = c3 // (3 * heads)
@@ -33,7 +33,7 @@ def split_heads_qkv(qkv: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.
 
 
 def value_weight(qkv: nn.Conv1d, heads: int) -> torch.Tensor:
-    """The value rows of a release-layout qkv map (per head [q | k | v], SPEC section 9) as a [C, C_in] matrix,
+    """The value rows of a release-layout qkv map (per head [q | k | v], docs/model.md#release-checkpoints) as a [C, C_in] matrix,
     heads in order: ``x @ value_weight(...).T`` equals the concatenated per-head values of ``split_heads_qkv``."""
     c3, c_in = qkv.weight.shape[:2]
     d = c3 // (3 * heads)
@@ -49,7 +49,7 @@ def attend(q, k, v, scale: float, key_valid: torch.Tensor | None = None) -> torc
 
 
 class VisualFocusMapping(nn.Module):
-    """VFM (SPEC section 3): two-way cross-attention between image and mask patch maps, then a 1x1 fusion.
+    """VFM (docs/model.md#vfm): two-way cross-attention between image and mask patch maps, then a 1x1 fusion.
 
     Image stream: queries from the mask, keys and values from the image; mask stream the other way round.
     The scale is 1/sqrt(C_v) over all channels and the residual adds the GroupNorm-ed input, as in the release.
@@ -81,7 +81,7 @@ class VisualFocusMapping(nn.Module):
 
 
 class TextualFocusMapping(nn.Module):
-    """TFM (SPEC section 3 and D10): fuse the text global feature t with the mask global feature g_m.
+    """TFM (docs/model.md#tfm and #d10): fuse the text global feature t with the mask global feature g_m.
 
     ``attention="degenerate"`` (release): each stream is a cross-attention over sequences of length one, so the
     softmax is 1 and u_t = Out_t(V_t t) + t, u_m = Out_m(V_m g_m) + g_m. ``"tokens"``: t attends to the mask's
@@ -121,7 +121,7 @@ class TextualFocusMapping(nn.Module):
 
 
 class FocusProjection(nn.Module):
-    """MG-FP (SPEC section 3): attention pooling of a token set into P focus channels.
+    """MG-FP (docs/model.md#mgfp): attention pooling of a token set into P focus channels.
 
     W = softmax_N(Conv(D/2 -> P)(tanh(Conv(D -> D/2)(X^T)))), output W @ X: [B, N, D] -> [B, P, D].
     """
@@ -150,7 +150,7 @@ def mean_pool(tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.
 
 
 class FocusRevision(nn.Module):
-    """TGFR (SPEC section 3 and D4): sigmoid gates from [F_r ; F_m] mix the visual and textual token sets.
+    """TGFR (docs/model.md#tgfr and #d4): sigmoid gates from [F_r ; F_m] mix the visual and textual token sets.
 
     G = sigmoid(Conv(D -> 2D)(LeakyReLU(Conv(2D -> D)([F_r ; F_m])))) is [B, K, 2D] for K tokens.
     ``split="release"`` reshapes G to [B, 2K, D] and splits along tokens (the visual gate of token i is half

@@ -1,4 +1,4 @@
-"""OFFSET's losses (SPEC section 3): batch-based classification and focus regularisation.
+"""OFFSET's losses (docs/model.md#losses): batch-based classification and focus regularisation.
 
 Both accept a gathered set of targets (``keys`` from every rank) so that in-batch negatives can span the
 global batch; ``labels`` give the column of each query's own target.

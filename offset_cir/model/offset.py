@@ -1,4 +1,4 @@
-"""The OFFSET model (SPEC sections 1-4): reference branch, text branch, revision, target branch, losses."""
+"""The OFFSET model (docs/model.md): reference branch, text branch, revision, target branch, losses."""
 from __future__ import annotations
 
 import functools
@@ -131,7 +131,7 @@ class OFFSET(nn.Module):
         return self.tokenizer(list(texts)).to(self.device)
 
     def _encode_images(self, batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Encode several image batches; in one backbone call when ``batch_encoder_calls`` (SPEC section 2)."""
+        """Encode several image batches; in one backbone call when ``batch_encoder_calls`` (docs/model.md#backbone)."""
         if self.config.batch_encoder_calls and len(batches) > 1:
             tokens, pooled = self.backbone.encode_image(torch.cat(batches))
             sizes = [b.shape[0] for b in batches]
@@ -157,7 +157,7 @@ class OFFSET(nn.Module):
 
     # ------------------------------------------------------------ visual sets
     def _visual_sets(self, image_enc, mask_enc, use_vfm: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global set (3 tokens with VFM, else [g]) and local set [B, hw, D] of one image (SPEC VFM)."""
+        """Global set (3 tokens with VFM, else [g]) and local set [B, hw, D] of one image (docs/model.md#vfm)."""
         tokens, g = image_enc
         if not use_vfm:
             return g[:, None], self.image_fc(tokens)
@@ -214,7 +214,7 @@ class OFFSET(nn.Module):
         return self.tokenize(texts)
 
     def query_tokens(self, images, masks, texts, image_enc=None, mask_enc=None) -> torch.Tensor:
-        """F_c [B, K, D]: the composed token set before the mean (SPEC TGFR)."""
+        """F_c [B, K, D]: the composed token set before the mean (docs/model.md#tgfr)."""
         cfg = self.config
         if image_enc is None:
             need = self.uses_query_mask
@@ -227,7 +227,7 @@ class OFFSET(nn.Module):
         return self._compose(visual, text)
 
     def target_tokens(self, images, masks, image_enc=None, mask_enc=None) -> torch.Tensor:
-        """F_t [B, K, D]: target through VFM and the shared visual MG-FP, no text (SPEC Target)."""
+        """F_t [B, K, D]: target through VFM and the shared visual MG-FP, no text (docs/model.md#target)."""
         cfg = self.config
         if image_enc is None:
             need = self.uses_target_mask
@@ -262,7 +262,7 @@ class OFFSET(nn.Module):
         return q, k, f_t
 
     def compute_loss(self, ref_images, ref_masks, texts, tgt_images, tgt_masks, gather: Gather | None = None) -> dict:
-        """{"total", "bbc", "fr"} for a batch of triplets (SPEC Losses). ``gather`` spans negatives over ranks."""
+        """{"total", "bbc", "fr"} for a batch of triplets (docs/model.md#losses). ``gather`` spans negatives over ranks."""
         q, k, f_t = self(ref_images, ref_masks, texts, tgt_images, tgt_masks)
         return self.loss_from_features(q, k, f_t, gather)
 
@@ -285,7 +285,7 @@ class OFFSET(nn.Module):
 
     # -------------------------------------------------------- optimiser groups
     def parameter_groups(self, backbone_lr: float = 1e-5, new_lr: float = 1e-4, weight_decay: float = 0.01) -> list[dict]:
-        """Backbone parameters (W_proj included) vs the new modules and the logit scale (SPEC section 5).
+        """Backbone parameters (W_proj included) vs the new modules and the logit scale (docs/model.md#training).
 
         Parameters a backbone itself names as new (``clip.new_parameter_names``: the random projections into D of
         a packaged backbone, see offset_cir.model.packaged) train with the new modules."""

@@ -1,4 +1,4 @@
-"""Image and mask preprocessing (SPEC section 5 and section 4, A1).
+"""Image and mask preprocessing (docs/model.md#preprocessing and #a1).
 
 Training: RandomResizedCrop(image_size, scale 0.9-1.0, bicubic), as OpenCLIP's training transform; evaluation:
 resize the shortest side, centre crop, normalise. A mask is rendered as a 3-channel image and goes through the

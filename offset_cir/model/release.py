@@ -1,4 +1,4 @@
-"""Load state dicts saved by the authors' OFFSET release (SPEC section 9) into this package's model.
+"""Load state dicts saved by the authors' OFFSET release (docs/model.md#release-checkpoints) into this package's model.
 
 The file must be a plain state dict (``.safetensors``, or a torch file that loads with ``weights_only=True``);
 pickled modules are refused. Backbone keys (``backbone.clip.*``) keep OpenCLIP's names; the new modules are
@@ -39,7 +39,7 @@ RENAMES: dict[str, str] = {
     "affine.MLP.": "revision.mlp.",
     "backbone.clip.": "backbone.clip.",
 }
-# Present in the release's files but not part of the model (SPEC sections 4 and 9).
+# Present in the release's files but not part of the model (docs/model.md#release-checkpoints).
 IGNORED_PREFIXES = (
     "local_weight",
     "backbone.attention_spatial.",
@@ -58,7 +58,7 @@ def rename_release_key(key: str) -> str | None:
     for old in sorted(RENAMES, key=len, reverse=True):
         if key == old or key.startswith(old):
             return RENAMES[old] + key[len(old):]
-    raise CheckpointError(f"release checkpoint key {key!r} is not part of OFFSET (SPEC section 9)")
+    raise CheckpointError(f"release checkpoint key {key!r} is not part of OFFSET (docs/model.md#release-checkpoints)")
 
 
 def map_release_state(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -75,7 +75,7 @@ def map_release_state(state: dict[str, torch.Tensor], expected: dict[str, torch.
     return out
 
 
-# The release's MG-FP output convs: P rows each (SPEC section 9; the release runs with one width P for both sets, D1).
+# The release's MG-FP output convs: P rows each (docs/model.md#release-checkpoints; the release runs with one width P for both sets, D1).
 FOCUS_CHANNEL_KEYS = ("backbone.chanel_score.2.weight", "backbone.chanel_score_text.2.weight")
 
 

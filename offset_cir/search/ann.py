@@ -1,4 +1,4 @@
-"""Nearest-neighbour search over L2-normalised gallery features (score = cosine, SPEC section 1 step 8).
+"""Nearest-neighbour search over L2-normalised gallery features (score = cosine, docs/model.md#scoring).
 
 Two engines with one interface, ``search(queries [B,D] float32, k) -> (scores [B,k], rows [B,k])``:
 

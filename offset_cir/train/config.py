@@ -2,7 +2,7 @@
 
 Three kinds of YAML file, each a mapping that may start from another with ``base: NAME`` (merged key by key):
 
-- ``configs/release.yaml``: the release's training recipe (SPEC section 5: ViT-H-14, AdamW, learning rates and
+- ``configs/release.yaml``: the release's training recipe (docs/model.md#training: ViT-H-14, AdamW, learning rates and
   their decay, batch, precision, epochs, evaluation, early stopping, seed). Not a preset of its own: it names no
   dataset.
 - a preset per dataset (``fashioniq``, ``shoes``, ``cirr``, ``fashion200k``: ``base: release``; ``synthetic``, the

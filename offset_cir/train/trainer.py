@@ -1,4 +1,4 @@
-"""The training loop (SPEC section 5): set-up, steps and after-step (log, save, evaluate, stop) of one run.
+"""The training loop (docs/model.md#training): set-up, steps and after-step (log, save, evaluate, stop) of one run.
 
 What it runs: AdamW with two parameter groups, step decay, accumulation, autocast, evaluation and early stopping,
 atomic resumable checkpoints, and DistributedDataParallel under torchrun.

@@ -1,10 +1,10 @@
-"""The synthetic cluttered-scene benchmark generator, in the CIRR layout (SPEC sections 6 and 7).
+"""The synthetic cluttered-scene benchmark generator, in the CIRR layout (docs/model.md#data and #evaluation).
 
 Each image holds one *dominant object* (shape, colour, size, pattern; random position and rotation) over a
 random textured background with 3 to 8 smaller *clutter* objects drawn from the same shapes and colours, so
-the paper's premise (a dominant portion plus noise, SPEC section 1) holds by construction. A triplet's target
+the paper's premise (a dominant portion plus noise, docs/model.md#overview) holds by construction. A triplet's target
 changes 1 to 3 of the dominant object's attributes; background and clutter are drawn anew. The dominant
-object's soft mask is written beside each image as ``<name>-segmask.png`` (SPEC section 6, CIRR row).
+object's soft mask is written beside each image as ``<name>-segmask.png`` (docs/model.md#data, CIRR row).
 Everything is a pure function of the seed (byte-identical files). The benchmark is *read* by its loader
 (``get_dataset("synthetic", root)``, :class:`offset_cir.data.synthetic.benchmark.Synthetic`), CIRR's with the
 unseen-pair notes.

@@ -1,7 +1,7 @@
 """Modification texts: a caption naming what changes from a reference's attributes to its target's.
 
 One phrase per changed attribute in a random wording, sometimes one phrase naming an attribute that stays,
-joined in a random order and style (SPEC section 6: CIRR-like free-form captions).
+joined in a random order and style (docs/model.md#data: CIRR-like free-form captions).
 """
 from __future__ import annotations
 

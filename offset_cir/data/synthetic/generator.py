@@ -162,7 +162,7 @@ def generate(out_dir, seed: int = 0, image_size: int = 64, n_train: int = DEFAUL
              unseen_fraction: float = DEFAULTS["unseen_fraction"],
              train_queries_per_set: int = DEFAULTS["train_queries_per_set"], overwrite: bool = False,
              workers: int | None = None, progress: bool = True) -> dict:
-    """Write the synthetic benchmark to ``out_dir`` in the CIRR layout (SPEC section 6) and return a summary
+    """Write the synthetic benchmark to ``out_dir`` in the CIRR layout (docs/model.md#data) and return a summary
     (``root``, ``seed``, ``image_size``, ``mask_noise``, per-split counts under ``splits``, ``heldout_pairs``,
     ``reused``, ``seconds``).
 

@@ -1,4 +1,4 @@
-"""Rendering: one cluttered scene's pixels and its dominant object's soft mask, and mask noise (SPEC section 6).
+"""Rendering: one cluttered scene's pixels and its dominant object's soft mask, and mask noise (docs/model.md#data).
 
 A scene is a random textured background, 3 to 8 small *clutter* objects and, on top, the *dominant object*
 whose shape, colour, size and pattern are given; everything else (position, rotation, clutter, background) is
