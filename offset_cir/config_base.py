@@ -7,7 +7,7 @@ and the model config saved in a checkpoint, an export or a run folder all go thr
   each field's :func:`setting` (one text per field, shown by ``help()`` and by ``offset info --deviations``);
 - :func:`setting` declares a field: its default, what it means and, where offset-cir can depart from the authors'
   release, the release's value and what another value changes;
-- :meth:`Config.to_dict` gives JSON values; :meth:`Config.from_dict` reads the names of earlier versions
+- :meth:`Config.to_dict` gives JSON values; :meth:`Config.from_dict` reads older field names
   (``LEGACY_NAMES``), then checks keys and types with pydantic and names the field, the type expected and the file
   in its error (:class:`ConfigError`);
 - :func:`parse_overrides` reads ``key=value`` items (``offset train``, ``offset demo``, ``--set``), values as YAML.
@@ -48,7 +48,7 @@ class PerDataset(dict):
 
 @dataclass(frozen=True)
 class Renamed:
-    """A field name of an earlier version: read as ``new``, its value passed through ``convert`` (a converted
+    """An older field name: read as ``new``, its value passed through ``convert`` (a converted
     value is logged with ``why``)."""
 
     new: str
@@ -126,7 +126,7 @@ def _config_fields(cls) -> dict[str, type]:
 class Config:
     """Base of the config dataclasses (decorate each with :func:`config_class`)."""
 
-    #: field names of earlier versions: old name -> new name, or :class:`Renamed` (new name and a value converter)
+    #: older field names: old name -> new name, or :class:`Renamed` (new name and a value converter)
     LEGACY_NAMES: ClassVar[dict[str, str | Renamed]] = {}
 
     def __post_init__(self) -> None:
@@ -142,7 +142,7 @@ class Config:
 
     @classmethod
     def upgrade(cls, data: Any, where: str = "") -> Any:
-        """A copy of ``data`` with the field names of earlier versions (``LEGACY_NAMES``, nested sections too)
+        """A copy of ``data`` with older field names (``LEGACY_NAMES``, nested sections too)
         replaced by the current ones. Both an old name and its new one in one mapping is refused."""
         if not isinstance(data, dict):
             return data
@@ -165,7 +165,7 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "", key: str = ""):
-        """A config from a mapping (its ``to_dict`` form, a YAML file, a saved config): names of earlier versions
+        """A config from a mapping (its ``to_dict`` form, a YAML file, a saved config): older field names
         read as the current ones, then keys and types checked. ``source`` (the file) and ``key`` (where the mapping
         sits in it, e.g. ``model``) are named in the :class:`ConfigError` of a bad key or value."""
         import pydantic

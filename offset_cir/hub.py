@@ -1,9 +1,9 @@
 """The Hugging Face hub as every loader here sees it: switched off by the environment, or answering, or not.
 
 One probe for all that may fetch from the hub (OpenCLIP weights by tag, ``hf-hub:`` checkpoints, the mask
-models), so "offline" means the same thing everywhere and a machine without network fails in seconds instead of
-after a minute of retries. Switches are read as huggingface_hub reads them (``1``, ``true``, ``yes``, ``on``, any
-case); the endpoint is ``HF_ENDPOINT`` when set (a mirror), else huggingface.co.
+models), so "offline" means the same thing everywhere and a machine without network fails after one short
+connection probe (``hub_reachable``) instead of retrying. Switches are read as huggingface_hub reads them (``1``,
+``true``, ``yes``, ``on``, any case); the endpoint is ``HF_ENDPOINT`` when set (a mirror), else huggingface.co.
 """
 from __future__ import annotations
 

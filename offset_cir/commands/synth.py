@@ -1,5 +1,5 @@
-"""``offset synth``: write the synthetic cluttered-scene benchmark in the CIRR layout (issue 4 section 2;
-see ``offset_cir.data.synthetic`` and docs/synthetic.md)."""
+"""``offset synth``: write the synthetic cluttered-scene benchmark in the CIRR layout (see
+``offset_cir.data.synthetic`` and docs/synthetic.md)."""
 from __future__ import annotations
 
 import argparse

@@ -289,7 +289,7 @@ class ItemSeededDataset(Dataset):
         unit, i = key if isinstance(key, tuple) else (None, key)
         with torch.random.fork_rng(devices=[]):
             # the CPU generator only (what fork_rng restores and the transforms draw from): the stream of
-            # torch.manual_seed, without the cost of seeding every other device (0.25 vs 0.007 ms an item,
+            # torch.manual_seed, without seeding every other device (which costs far more per item:
             # benchmarks/train_speed.py --cache-fill)
             torch.default_generator.manual_seed(self.item_seed(i, unit))
             return self.base[i]

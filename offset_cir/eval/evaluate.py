@@ -238,7 +238,7 @@ def _model_stamp(model) -> dict:
     else:
         config = None if cfg is None else repr(cfg)
     backbone = getattr(cfg, "backbone", None) if cfg is not None and not isinstance(cfg, dict) else (cfg or {}).get("backbone")
-    # "needs_masks": the result file's key since its first version (model.uses_masks), kept for readers of results
+    # "needs_masks": the result file's key for model.uses_masks, which readers of results rely on
     return {"class": type(model).__name__, "backbone": backbone, "needs_masks": bool(getattr(model, "uses_masks", True)),
             "config": config, "baseline": getattr(model, "baseline", None)}
 

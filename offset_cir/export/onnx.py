@@ -15,8 +15,8 @@ Features are L2-normalised, exactly what ``OFFSET.encode_query`` / ``encode_targ
 backbone.
 
 Exporter: the TorchScript (tracing) exporter by default, ``exporter="dynamo"`` for the ``torch.export`` one. Both
-agree with torch to ~1e-7 on these graphs; the TorchScript one exports in a few seconds instead of a minute for a
-ViT-B and its graphs run faster under onnxruntime (see docs/deploy.md for the measurements).
+agree with torch to ~1e-7 on these graphs; the TorchScript one exports faster and its graphs run faster under
+onnxruntime (docs/deploy.md gives the measurements; benchmarks/onnx_speed.py takes them).
 """
 from __future__ import annotations
 
@@ -296,7 +296,7 @@ def export_onnx(model, out: str | os.PathLike, *, checkpoint: str | os.PathLike 
             "format": FORMAT, "version": VERSION, "exporter": exporter, "opset": opset,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "graphs": graphs, "embed_dim": d,
-            # exports written before these names say needs_masks / query_needs_mask / target_needs_mask
+            # an older export.json may say needs_masks / query_needs_mask / target_needs_mask instead
             "uses_masks": bool(model.uses_masks), "uses_query_mask": "masks" in names["query"],
             "uses_target_mask": "masks" in names["target"],
             "preprocess": _preprocess_meta(model), "tokenizer": _tokenizer_meta(model),

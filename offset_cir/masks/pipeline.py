@@ -79,7 +79,8 @@ def save_mask_atomic(mask_image: Image.Image, path: Path) -> None:
     """Write to a temporary file in the same folder, then rename: never a partial mask under the real name."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
-    options = {"quality": 95} if fmt == "JPEG" else {"compress_level": 3}  # level 6 is 3x slower, 10% smaller
+    # PNG level 3: much faster than zlib's default 6, files slightly larger
+    options = {"quality": 95} if fmt == "JPEG" else {"compress_level": 3}
     with io.atomic_open(path, "wb") as fh:
         mask_image.save(fh, format=fmt, **options)
 

@@ -145,7 +145,7 @@ def read_checkpoint_config(path: str | os.PathLike) -> ModelConfig:
         # None means "read P from the weights", which only convert_release_checkpoint does
         raise CheckpointError(f"{config}: field \"focus_channels\" is null; a saved checkpoint records its P "
                               "(an integer, e.g. 8)")
-    try:  # names of earlier versions read as the current ones; every field's type checked
+    try:  # older field names (LEGACY_NAMES) read as the current ones; every field's type checked
         return ModelConfig.from_dict(meta["model"], source=str(config), key="model")
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None

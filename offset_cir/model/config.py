@@ -16,9 +16,9 @@ TFM_ATTENTION = ("degenerate", "tokens")  # D10
 GLOBAL_TOKEN = ("first", "mean")  # D11
 TEXT_PADDING = ("include", "mask")  # D14
 
-# Field names of ModelConfig before every ablation switch was named use_<component>: a saved config (a checkpoint's
-# config.json, a run folder's config.yaml, an index's model_config.json, an export's export.json) may hold the old
-# name. Reading maps old -> new; writing (to_dict) always uses the new names.
+# Older names of the ablation switches (without the use_ prefix), accepted wherever a saved config is read (a
+# checkpoint's config.json, a run folder's config.yaml, an index's model_config.json, an export's export.json).
+# Reading maps old -> new; writing (to_dict) always uses the current names.
 LEGACY_FIELD_NAMES: dict[str, str] = {
     "reference_vfm": "use_reference_vfm",
     "tfm": "use_tfm",

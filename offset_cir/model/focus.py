@@ -107,7 +107,8 @@ class TextualFocusMapping(nn.Module):
             # The release attends over one key per stream: the softmax is exactly 1 whatever the queries and keys,
             # so the output is the value itself. Queries and keys are not computed at all: their true gradient is
             # zero, and an attention kernel's backward would leave rounding noise there that AdamW turns into
-            # lr-sized drifts of the q/k rows (issue 9). The q/k rows stay in the weights (release layout).
+            # lr-sized drifts of the q/k rows (docs/model.md#implementation). The q/k rows stay in the weights
+            # (release layout).
             u_t = pointwise(self.out_text, F.linear(t, value_weight(self.qkv_text, self.heads))) + t
             u_m = pointwise(self.out_mask, F.linear(m, value_weight(self.qkv_mask, self.heads))) + m
         else:

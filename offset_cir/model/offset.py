@@ -44,8 +44,9 @@ def _exact_zero_key_bias_gradients(module: nn.Module) -> int:
 
     A key bias adds the same q . b_k to every score of a query, which the softmax ignores: its true gradient is
     zero, but the attention kernel's backward leaves float rounding there (~1e-9), and AdamW normalises that noise
-    into lr-sized steps, so those biases would drift at random and differ between runs (issue 9). Only
-    ``nn.MultiheadAttention`` (OpenCLIP's ViTs) is treated: its bias is laid out [q | k | v].
+    into lr-sized steps, so those biases would drift at random and differ between runs
+    (docs/model.md#implementation). Only ``nn.MultiheadAttention`` (OpenCLIP's ViTs) is treated: its bias is laid
+    out [q | k | v].
     """
     count = 0
     for sub in module.modules():

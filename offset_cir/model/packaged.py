@@ -210,8 +210,8 @@ register_backbone(
     family="packaged pretrained: timm CNN (tf_efficientnet_lite0) + HF text (all-MiniLM-L6-v2)",
     summary="EfficientNet-Lite0 (ImageNet) + all-MiniLM-L6-v2 with two new projections into D=256, 64 px",
     offline_weights=True, tokenizer=packaged_tokenizer,
-    # 64 px (a 2x2 token grid): sized for small compute and the synthetic benchmark's 64 px images; at 128 px
-    # the feature cache and OFFSET's VFM (width 1280) cost 4x as much
+    # 64 px (a 2x2 token grid): sized for small compute and the synthetic benchmark's 64 px images; 128 px has
+    # 4x the grid cells, and the feature cache and OFFSET's VFM (width 1280) cost about that much more
     config=PackagedSpec(timm_name="tf_efficientnet_lite0", image_size=64, embed_dim=256, context_length=32,
                         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), image_weights_count=296),
 )(create_packaged_clip)

@@ -80,8 +80,7 @@ register_backbone("tiny", family=PACKAGE_CONFIG_FAMILY, config={
     "embed_dim": 32,
     "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
     "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 48, "heads": 2, "layers": 2},
-}, summary="64 px, patch 8 (8x8 grid), C_v=64, C_t=48, D=32: a training step in well under a second on 2 CPU "
-           "cores")(create_from_config)
+}, summary="64 px, patch 8 (8x8 grid), C_v=64, C_t=48, D=32: small enough for fast CPU tests")(create_from_config)
 register_backbone("small", family=PACKAGE_CONFIG_FAMILY, config={
     "embed_dim": 48,
     "vision_cfg": {"image_size": 96, "layers": 2, "width": 96, "head_width": 32, "patch_size": 16},

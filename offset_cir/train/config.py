@@ -74,8 +74,7 @@ class OptimConfig(Config):
     """The optimiser (AdamW, two parameter groups) and its step decay."""
 
     LEGACY_NAMES = {"decay_epochs": Renamed("decay_epochs_1based", _one_based,
-                                            "decay_epochs was compared with the epoch counted from 0: the same "
-                                            "schedule")}
+                                            "decay_epochs counts epochs from 0: the same schedule")}
 
     backbone_lr: float = setting(1e-5, "learning rate of the backbone's parameters.")
     new_lr: float = setting(1e-4, "learning rate of the new modules (the logit scale included).")

@@ -34,7 +34,7 @@ STATE_JSON = "trainer_state.json"
 CURVES_NAME = "curves.png"
 BEST_RESULT = "best_result.json"
 # What a run writes into its folder: `overwrite=True` (`offset train --overwrite`) removes these, nothing else.
-# (".best_result.json.tmp" and "curves.tmp.png" are the temporaries of earlier versions.)
+# (".best_result.json.tmp" and "curves.tmp.png": other temporary names a run folder may hold; removed too.)
 RUN_OUTPUTS = ("config.yaml", "metrics.jsonl", "summary.json", BEST_RESULT, ".best_result.json.tmp",
                CURVES_NAME, "curves.tmp.png", "tensorboard", "best", "best.tmp", "best.old", "last", "last.tmp",
                "last.old")

@@ -231,8 +231,8 @@ class Trainer:
         for g in groups:
             g["initial_lr"] = g["lr"]
         self.model = model
-        # the fused kernel (one pass over all parameters): the same update as the per-tensor loop, 6.7x faster on one
-        # CPU thread for the demo's parameters (benchmarks/train_speed.py --optimizer); torch's default elsewhere
+        # the fused kernel (one pass over all parameters): the same update as the per-tensor loop, faster
+        # (benchmarks/train_speed.py --optimizer measures it); torch's default elsewhere
         fused = self.device.type in ("cpu", "cuda")
         self.opt = torch.optim.AdamW(groups, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, fused=fused or None)
         self.scaler = torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
