@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU checks of offset-cir (issue 13), in one run on a CUDA machine, ending in under 8 minutes:
+# GPU checks of offset-cir, in one run on a CUDA machine, ending in under 8 minutes:
 #   1. the machine: GPU, driver, python3's torch;
 #   2. install the wheels carried in .whl/ (the packages the machine's image lacks) into /tmp/site;
 #   3. pytest -m cuda tests/test_cuda.py (mixed-precision steps, resume on cuda, cuda vs CPU features, masks);

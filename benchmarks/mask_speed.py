@@ -1,4 +1,4 @@
-"""Mask generation speed: tiny random BLIP + CLIPSeg on CPU at batch 1, 8 and 32 (issue 5), plus FLOP counts.
+"""Mask generation speed: tiny random BLIP + CLIPSeg on CPU at batch 1, 8 and 32, plus FLOP counts.
 
     .venv/bin/python benchmarks/mask_speed.py            # masks/second table (tiny models, CPU)
     .venv/bin/python benchmarks/mask_speed.py --flops    # also FLOPs per image of the real BLIP-2 opt-2.7b and
