@@ -1,4 +1,4 @@
-"""The backbone contract (docs/model.md#backbone) over every OpenCLIP tower family (issue 10, section 1).
+"""The backbone contract (docs/model.md#backbone) over every OpenCLIP tower family.
 
 Random init, offline. Each family is built from a copy of its OpenCLIP config, shrunk (fewer, narrower layers,
 small images) so a test takes seconds; the timm trunk is shrunk by passing size arguments through
@@ -80,7 +80,7 @@ def bert_dir(tmp_path_factory):
 
 
 def _register_hf(monkeypatch, bert_dir, vision: str, pooler: str) -> str:
-    if vision == "cnn":  # issue 10's packaged combination: a timm CNN + an HF text tower
+    if vision == "cnn":  # the packaged backbone's combination: a timm CNN + an HF text tower
         vision_cfg = {"timm_model_name": "tf_efficientnet_lite0", "timm_pool": "avg", "timm_proj": "linear",
                       "image_size": 64}
     else:
@@ -282,7 +282,7 @@ def test_classic_vit_variants_contract(monkeypatch, case):
             assert tokens.shape[1] == backbone.dims.grid[0] * backbone.dims.grid[1]
 
 
-# ------------------------------------------------------------------ issue 9: pooling read from the text tower
+# ------------------------------------------------------------------ pooling read from the text tower
 def _custom_text_clip(pool_type: str, eos_id: int = 2):
     from open_clip.model import CustomTextCLIP
 

@@ -1,5 +1,5 @@
-"""Training for small compute (issue 10, section 3): freezing the backbone (all but its last blocks) and the disk
-cache of a frozen backbone's features."""
+"""Training for small compute: freezing the backbone (all but its last blocks) and the disk cache of a frozen
+backbone's features."""
 from __future__ import annotations
 
 import json

@@ -277,7 +277,7 @@ def test_convert_release_checkpoint_reads_p_from_the_weights(tmp_path):
         build_model(ModelConfig(backbone="tiny", focus_channels=None))
 
 
-# ------------------------------------------------------------ bad checkpoints and where they come from (issues 9, 12)
+# ------------------------------------------------------------ bad checkpoints and where they come from
 def _saved(tmp_path, name="ck"):
     return save_checkpoint(build_model(ModelConfig(backbone="tiny")), tmp_path / name)
 
@@ -390,7 +390,7 @@ def test_null_focus_channels_in_a_saved_config_is_a_checkpoint_error(tmp_path):
     assert str(folder / "config.json") in str(err.value)
 
 
-# ------------------------------------------------------------ load_weights=False (issue 11, item 6)
+# ------------------------------------------------------------ load_weights=False
 def test_load_weights_false_builds_the_architecture_and_keeps_pretrained(tmp_path):
     # a weights file that is not there: with load_weights=False nothing is read, and the config keeps its name
     absent = str(tmp_path / "absent.safetensors")
@@ -427,7 +427,7 @@ def test_a_converted_release_keeps_the_pretrained_it_was_given(tmp_path):
 
 def test_a_checkpoint_of_a_tagged_backbone_loads_with_that_tags_normalisation(tmp_path, monkeypatch):
     """ViT-L-14's tags normalise differently (OpenAI's vs LAION's mean/std): a checkpoint trained from one tag
-    must preprocess as that tag did, not as the untagged default (it did before load_weights=False)."""
+    must preprocess as that tag did, not as the untagged default."""
     import dataclasses
 
     import open_clip
@@ -467,7 +467,7 @@ def test_hub_probe_asks_the_configured_endpoint(tmp_path, monkeypatch):
     assert tried == [("127.0.0.1", 9)]
 
 
-# ------------------------------------------------------------ writes through offset_cir.io (issue 11)
+# ------------------------------------------------------------ writes through offset_cir.io
 def _count_fsyncs(monkeypatch) -> list:
     import os
 

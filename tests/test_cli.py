@@ -1,4 +1,4 @@
-"""The command table: each command module is the one place its name and help are written (issue 11, item 6)."""
+"""The command table: each command module is the one place its name and help are written."""
 from __future__ import annotations
 
 import argparse

@@ -40,7 +40,7 @@ def test_values_of_json_and_yaml_kinds_are_accepted_and_written_back_the_same():
 def test_old_names_are_read_as_the_new_ones_and_a_converted_value_is_logged(caplog):
     with caplog.at_level(logging.WARNING, logger="offset_cir.config_base"):
         cfg = TrainConfig.from_dict({"optim": {"decay_epochs": [5, 10]}, "model": {"tfm": False}}, source="old.yaml")
-    # decay_epochs was compared with the epoch counted from 0: the same schedule counted from 1
+    # decay_epochs counts epochs from 0: read as the same schedule counted from 1
     assert cfg.optim.decay_epochs_1based == [6, 11] and cfg.model.use_tfm is False
     assert "old.yaml: optim: decay_epochs=[5, 10] is read as decay_epochs_1based=[6, 11]" in caplog.text
     with pytest.raises(ConfigError, match="both 'decay_epochs' .* and 'decay_epochs_1based'"):

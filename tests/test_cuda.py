@@ -1,4 +1,4 @@
-"""CUDA checks (issue 13): mixed-precision training steps, resume on the GPU, GPU features against CPU features,
+"""CUDA checks: mixed-precision training steps, resume on the GPU, GPU features against CPU features,
 and the mask generator on the GPU. Run them on a machine with a GPU: ``pytest -m cuda tests/test_cuda.py``
 (``benchmarks/gpu_check.sh`` does, with the rest of the device checks). Everywhere else they skip with a reason,
 so ``make test`` (``-m "not slow"``) passes on a CPU-only machine.
@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 # cuBLAS is deterministic only with a fixed workspace; it reads this when it first starts, so set it before any
 # test touches the GPU (resume must repeat the uninterrupted run bit for bit).

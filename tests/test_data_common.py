@@ -77,7 +77,7 @@ def test_collate_keeps_texts_and_no_masks_as_none():
     batch = collate(items)
     assert batch["text"] == ["t0", "t1", "t2"]
     assert batch["ref_image"].shape == (3, 3, 2, 2) and batch["ref_image"][2, 0, 0, 0] == 2
-    assert batch["ref_mask"] is None and batch["tgt_mask"] is None  # "no mask" stays None (issue 11, item 7)
+    assert batch["ref_mask"] is None and batch["tgt_mask"] is None  # "no mask" stays None
     assert batch["index"].dtype == torch.long and batch["index"].tolist() == [0, 1, 2]
     items[1]["ref_mask"] = torch.ones(3, 2, 2)
     with pytest.raises(ValueError, match="'ref_mask' is None in 2 of 3 items"):

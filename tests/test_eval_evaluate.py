@@ -387,7 +387,7 @@ def test_fashioniq_repeated_category_is_one_unit(tmp_path):
 
 def test_evaluation_opens_datasets_through_the_mask_check(tmp_path):
     # A copy set up with use_masks=False must not feed masks to a model that uses them, even when mask files
-    # happen to lie there: evaluation opens its Datasets by the benchmark's one route, which checks (issue 11).
+    # happen to lie there: evaluation opens its Datasets by the benchmark's one route, which checks.
     _mini_fashioniq(tmp_path)
     bench = get_dataset("fashioniq", tmp_path, correction_dicts="none", use_masks=False)
     codes = write_benchmark_placeholders(bench, "val")  # images and masks on disk

@@ -1,12 +1,12 @@
-"""One name, one meaning (issue 11, item 5): read the package's source, not its behaviour.
+"""One name, one meaning: read the package's source, not its behaviour.
 
 - ``recall_at_k`` (the paper's R@k of :mod:`offset_cir.eval.metrics`), ``format_table`` (the demo's comparison
-  table), ``recalls`` (the recall keys of a result) are each defined once; ``_check_masks`` and ``_metrics_of``
-  (a second writing of ``recalls``) are gone;
+  table), ``recalls`` (the recall keys of a result) are each defined once, and no second definition
+  (``_check_masks``, ``_metrics_of``: a second writing of ``recalls``) exists;
 - "this uses masks" has one vocabulary: ``use_masks`` (a setting: ModelConfig, a benchmark copy, a Dataset),
-  ``uses_masks`` / ``uses_query_mask`` / ``uses_target_mask`` (what a model or encoder does). The words of the old
-  vocabulary are no identifier anywhere (JSON keys of files written before keep their spelling: strings are not
-  identifiers).
+  ``uses_masks`` / ``uses_query_mask`` / ``uses_target_mask`` (what a model or encoder does). Other spellings
+  (``OTHER_MASK_WORDS``) are no identifier anywhere (JSON keys that older files hold keep their spelling: strings
+  are not identifiers).
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "offset_cir"
-OLD_MASK_WORDS = {"needs_masks", "query_needs_mask", "target_needs_mask", "load_masks"}
+OTHER_MASK_WORDS = {"needs_masks", "query_needs_mask", "target_needs_mask", "load_masks"}
 
 
 def _trees(*folders: Path):
@@ -58,8 +58,8 @@ def _identifiers(tree: ast.AST):
             yield (node.asname or node.name).rsplit(".", 1)[-1], getattr(node, "lineno", 0)
 
 
-def test_the_old_mask_vocabulary_is_gone():
+def test_other_mask_words_are_no_identifier():
     used = [f"{path.relative_to(ROOT)}:{line} {name}"
             for path, tree in _trees(PACKAGE, ROOT / "tests", ROOT / "benchmarks")
-            for name, line in _identifiers(tree) if name in OLD_MASK_WORDS]
+            for name, line in _identifiers(tree) if name in OTHER_MASK_WORDS]
     assert used == []

@@ -272,7 +272,7 @@ def test_parameters_with_zero_true_gradient_get_exactly_zero(name):
     # Elements whose float64 gradient is at float64's round-off level (|g| <= 1e-12 of the tensor's largest; the noise
     # is ~1e-16 of it, real gradients this small are rarer than 1 in 1e7 here) have a true gradient of zero (TFM's
     # query/key rows, every attention's key bias, unused token embeddings): their float32 gradient must be exactly
-    # zero, or AdamW normalises the noise into lr-sized random steps that differ between machines and runs (issue 9).
+    # zero, or AdamW normalises the noise into lr-sized random steps that differ between machines and runs.
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone=name))
     inputs = _inputs(model, b=4)
@@ -373,8 +373,8 @@ def test_config_rejects_unknown_values():
 
 
 def test_config_reads_old_field_names_and_writes_new_ones(tmp_path):
-    """A checkpoint saved before the ablation switches were named use_<component> loads into the same model;
-    saving writes only the new names."""
+    """A checkpoint whose config uses the switches' older names (without use_) loads into the same model; saving
+    writes only the current names."""
     import json
 
     from offset_cir import load_checkpoint, save_checkpoint
@@ -385,7 +385,7 @@ def test_config_reads_old_field_names_and_writes_new_ones(tmp_path):
     folder = save_checkpoint(model, tmp_path / "ck")
     meta = json.loads((folder / "config.json").read_text())
     assert not set(LEGACY_FIELD_NAMES) & set(meta["model"]) and set(new_to_old) <= set(meta["model"])
-    meta["model"] = {new_to_old.get(k, k): v for k, v in meta["model"].items()}  # the file as it was written before
+    meta["model"] = {new_to_old.get(k, k): v for k, v in meta["model"].items()}  # the same config under the older names
     (folder / "config.json").write_text(json.dumps(meta, indent=2))
     old = load_checkpoint(folder).eval()
     assert old.config == model.config and old.tfm is None and old.revision is None
@@ -415,7 +415,7 @@ def test_masks_must_be_image_shaped():
 
 
 def test_run_config_yaml_with_old_field_names_loads(tmp_path):
-    """A run folder's config.yaml (or a YAML preset of one's own) written with the old switch names trains the
+    """A run folder's config.yaml (or a YAML preset of one's own) written with the older switch names trains the
     same model: the training config reads them through the same table; key=value overrides too."""
     from offset_cir.errors import UserInputError
     from offset_cir.train.config import TrainConfig, load_config

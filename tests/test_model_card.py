@@ -1,4 +1,4 @@
-"""The model card a checkpoint carries: regenerated from its recorded results, the user's own text kept (issue 12)."""
+"""The model card a checkpoint carries: regenerated from its recorded results, the user's own text kept."""
 from __future__ import annotations
 
 import json

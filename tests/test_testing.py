@@ -1,4 +1,4 @@
-"""The test doubles live in one package, ``offset_cir.testing`` (issue 11 item 4), and the one rule that seeds an
+"""The test doubles live in one package, ``offset_cir.testing``, and the one rule that seeds an
 item's augmentation serves training and evaluation alike (``ItemSeededDataset``)."""
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from offset_cir.data.common import ItemSeededDataset
 
 
 def test_the_test_doubles_are_in_offset_cir_testing_and_nowhere_else():
-    for old in ("offset_cir.eval.oracle", "offset_cir.data.placeholders", "offset_cir.masks.testing"):
-        assert importlib.util.find_spec(old) is None, f"{old} is still there"
+    for elsewhere in ("offset_cir.eval.oracle", "offset_cir.data.placeholders", "offset_cir.masks.testing"):
+        assert importlib.util.find_spec(elsewhere) is None, f"{elsewhere}: test doubles live in offset_cir.testing"
     from offset_cir.testing.masks import build_tiny_blip, build_tiny_blip2, build_tiny_clipseg  # noqa: F401
     from offset_cir.testing.oracle import HashModel, OracleModel
     from offset_cir.testing.placeholders import CodePreprocess, placeholder_image
@@ -69,7 +69,7 @@ def test_training_and_evaluation_seed_items_by_one_rule():
     torch.manual_seed(999)
     assert torch.equal(ds[(2, 7)], train_item)  # ... and does not matter
     assert not torch.equal(ds[(3, 7)], train_item) and not torch.equal(ds[(2, 8)], train_item)
-    # the seed training used before the two wrappers were one (a run resumed across the change draws the same)
+    # the item seed is this fixed mix of (seed, epoch, index): a resumed run depends on it
     assert torch.equal(train_item, _draws_after_seeding((5 * 1_000_003 + 2 * 10_007 + 7) % 2**63))
     # evaluation: item i of the unit named by salt, the same rule with the name's code as the unit
     named = ItemSeededDataset(_Draws(), seed=5, salt="dress")

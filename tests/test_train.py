@@ -372,7 +372,7 @@ def test_sigkill_then_resume_writes_each_step_once(synth_root, tmp_path):
     assert losses == pytest.approx([r["loss"] for r in _rows(tmp_path / "full") if "loss" in r], rel=1e-5)
 
 
-# ------------------------------------------------- no run lost (issue 9)
+# ------------------------------------------------- no run lost
 def _snapshot(folder):
     """Every file under ``folder`` with its bytes and modification time: equal snapshots = untouched folder."""
     folder = Path(folder)
@@ -456,8 +456,8 @@ def test_resume_of_a_finished_run_trains_nothing_unless_its_budget_is_raised(syn
 
 @pytest.fixture
 def sigint_ignored():
-    """SIGINT ignored as in a background job of a shell, where the lost signal was seen: only a handler of the
-    trainer's own can honour it."""
+    """SIGINT ignored, as a shell sets it for a background job (Python then installs no KeyboardInterrupt
+    handler): only a handler of the trainer's own can honour it."""
     import signal
 
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -666,76 +666,9 @@ def test_ddp_gradient_accumulation_all_reduces_once_per_step(synth_root, tmp_pat
     assert worst <= 2 * n_terms * torch.finfo(torch.float32).eps * scale, (worst, scale)
 
 
-# --------------------------------------------- configs: the release base and machine settings (issue 11)
-# The last commit whose presets chained cirr, shoes and fashion200k from fashioniq.yaml: the resolution that every
-# preset and experiment must keep.
-CONFIGS_BEFORE_RELEASE_BASE = "cf9e6efa5a4795cba43624e7a9825d24a7252682"
-
-
-def _old_configs() -> dict[str, str]:
-    """{name: YAML text} of the presets and experiments at CONFIGS_BEFORE_RELEASE_BASE (skips without git)."""
-    import shutil
-
-    if shutil.which("git") is None:
-        pytest.skip("git is not installed")
-
-    def git(*args):
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
-
-    listing = git("ls-tree", "-r", "--name-only", CONFIGS_BEFORE_RELEASE_BASE, "offset_cir/configs")
-    if listing.returncode != 0:
-        pytest.skip(f"commit {CONFIGS_BEFORE_RELEASE_BASE[:7]} is not in this clone ({listing.stderr.strip()})")
-    texts = {}
-    for path in listing.stdout.split():
-        if path.endswith(".yaml"):
-            texts[Path(path).stem] = git("show", f"{CONFIGS_BEFORE_RELEASE_BASE}:{path}").stdout
-    return texts
-
-
-def _old_resolution(texts: dict[str, str], name: str):
-    """The old rule, written again here: a file's keys over its base's, key by key; the demo section and
-    model.ablate taken out; the dataclass defaults under everything."""
-    import yaml
-
-    def over(base, top):
-        out = dict(base)
-        for k, v in top.items():
-            out[k] = over(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-        return out
-
-    def resolve(n):
-        data = yaml.safe_load(texts[n]) or {}
-        base = data.pop("base", None)
-        return over(resolve(base), data) if base else data
-
-    data = resolve(name)
-    data.pop("demo", None)
-    ablate = data.get("model", {}).pop("ablate", None)
-    cfg = TrainConfig.from_dict(data)
-    if ablate:
-        cfg.model = cfg.model.with_ablation(*([ablate] if isinstance(ablate, str) else ablate))
-    return cfg
-
-
-def test_every_preset_and_experiment_resolves_as_before_the_release_base():
-    texts = _old_configs()
-    assert {"fashioniq", "cirr", "shoes", "fashion200k", "synthetic", "cirr_wo_fm", "demo_tiny"} <= set(texts)
-    # a migration check: a preset whose values were changed on purpose since that commit is listed here
-    changed_on_purpose = {"demo"}  # the demo's measured recipe (frozen + cached, n_train 6000)
-    # and the settings the release presets changed on purpose to compute what the release computes (the schedule
-    # as the release decays it, its early stopping, its last partial batch, its loss under autocast, its masks)
-    release_keys = {("optim", "decay_epochs_1based"): [5, 10], ("early_stop_patience",): 4,
-                    ("keep_partial_batch",): True, ("loss_precision",): "autocast", ("data", "clipseg_maps"): "release"}
-    for name in sorted(set(texts) - changed_on_purpose):
-        new, old = load_config(name).to_dict(), _old_resolution(texts, name).to_dict()
-        if new["data"]["clipseg_maps"] == "release":  # rests on release.yaml
-            for keys, value in release_keys.items():
-                node = old
-                for k in keys[:-1]:
-                    node = node[k]
-                node[keys[-1]] = value
-        assert new == old, name
-    # the dataset presets now rest on the release's recipe, not on FashionIQ
+# --------------------------------------------- configs: the release base and machine settings
+def test_dataset_presets_build_on_the_release_recipe():
+    # the dataset presets rest on the release's recipe, not on FashionIQ
     import yaml
 
     from importlib import resources
