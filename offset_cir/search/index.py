@@ -334,8 +334,8 @@ def _baseline_to_open(path: Path, manifest: dict, *, checkpoint, baseline, pretr
 
 def _load_model(path: Path, manifest: dict, checkpoint, runtime: str, onnx_dir, verify: bool, baseline=None):
     """The model of the checkpoint ``checkpoint`` or the manifest's, or its ONNX export, or the ``baseline``
-    (a BaselineSpec) built; a checkpoint is checked against the manifest's identity here, the others by
-    :func:`_ready_model`. Returns (model, what was loaded, for the log)."""
+    (a BaselineSpec) built; each checked against the manifest's identity before it is loaded. Returns (model, what
+    was loaded, for the log)."""
     want = manifest["checkpoint"]["hash"]
     if baseline is not None:
         from offset_cir.export.runtime import load_encoder
