@@ -10,6 +10,7 @@ import os
 import re
 from pathlib import Path
 
+from offset_cir.commands._baseline_flags import check_model_flags
 from offset_cir.errors import CheckpointError, OffsetError, UserInputError
 
 NAME = "eval"
@@ -78,20 +79,15 @@ def cli_names():
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from offset_cir.eval.baseline import BASELINES
+    from offset_cir.commands._baseline_flags import add_baseline_arguments
     from offset_cir.eval.protocols import list_protocols
 
     add_dataset_arguments(parser)
     parser.add_argument("--checkpoint",
                         help="checkpoint folder saved by offset train (e.g. RUN/best), its model.safetensors, or "
                              "hf-hub:ORG/NAME from the Hugging Face hub; with --baseline, whose backbone to use")
-    base = parser.add_argument_group("training-free baseline (instead of a trained model)")
-    base.add_argument("--baseline", choices=BASELINES,
-                      help="rank by the backbone's own pretrained features: the reference image's, the text's, or "
-                           "their normalised sum (no new module, no training)")
-    base.add_argument("--backbone", metavar="NAME", help="with --baseline: the backbone (`offset info` lists them)")
-    base.add_argument("--pretrained", metavar="TAG_OR_FILE",
-                      help="with --backbone: an OpenCLIP tag, a local weights file, or 'packaged'")
+    add_baseline_arguments(parser, "rank by the backbone's own pretrained features: the reference image's, the "
+                                   "text's, or their normalised sum (no new module, no training)")
     parser.add_argument("--protocol", help=f"{', '.join(list_protocols())} (default: the dataset's)")
     parser.add_argument("--gallery-cache", metavar="DIR",
                         help="keep this model's gallery features in DIR and reuse them in later evaluations "
@@ -202,24 +198,10 @@ def run(args) -> int:
         return _run(args)
 
 
-def _check_model_flags(args) -> None:
-    if args.baseline is None:
-        if args.backbone or args.pretrained:
-            raise UserInputError("--backbone and --pretrained choose a baseline's backbone: give --baseline too")
-        if args.checkpoint is None:
-            raise UserInputError("give --checkpoint CKPT, or --baseline MODE with --backbone NAME (or --checkpoint "
-                                 "CKPT for its backbone)")
-    elif (args.backbone is None) == (args.checkpoint is None):
-        raise UserInputError(f"--baseline {args.baseline} needs its backbone: --backbone NAME [--pretrained ...] "
-                             "or --checkpoint CKPT (one of them)")
-    elif args.pretrained and not args.backbone:
-        raise UserInputError("--pretrained goes with --backbone")
-
-
 def _open_model(args, device) -> tuple[object, str | None, dict]:
     """(model or baseline encoder, the key naming its gallery features, what the result records of it)."""
     import offset_cir
-    from offset_cir.eval.baseline import BaselineEncoder
+    from offset_cir.commands._baseline_flags import baseline_spec
 
     record: dict = {}
     ckpt_hash = None
@@ -233,10 +215,7 @@ def _open_model(args, device) -> tuple[object, str | None, dict]:
             pass
     if args.baseline is None:
         return offset_cir.load_checkpoint(args.checkpoint).to(device), ckpt_hash, record
-    if args.backbone is not None:
-        model = BaselineEncoder.from_backbone(args.backbone, args.pretrained, args.baseline)
-    else:
-        model = BaselineEncoder.from_checkpoint(args.checkpoint, args.baseline, checkpoint_key=ckpt_hash)
+    model = baseline_spec(args).build(checkpoint_key=ckpt_hash)
     return model.to(device), model.target_identity, record
 
 
@@ -274,7 +253,7 @@ def _run(args) -> int:
     from offset_cir.eval.protocols import protocol_for
     from offset_cir.model.card import default_name, format_result, record_result, write_model_card
 
-    _check_model_flags(args)
+    check_model_flags(args)
     if args.sheet is not None and args.sheet < 1:
         raise UserInputError(f"--sheet expects a number of queries >= 1, got {args.sheet}")
     if args.sheet is not None:  # checked before the evaluation, not after it

@@ -1,14 +1,18 @@
-"""``offset index``: encode a folder of images into a search index (see ``offset_cir.search.build``)."""
+"""``offset index``: encode a folder of images into a search index (see ``offset_cir.search.build``), with a trained
+checkpoint or a training-free baseline (a backbone's own features)."""
 from __future__ import annotations
 
 import argparse
+
+from offset_cir.errors import UserInputError
 
 NAME = "index"
 HELP = "encode a folder of images into a search index"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="trained OFFSET checkpoint (file or folder)")
+    parser.add_argument("--checkpoint", help="trained OFFSET checkpoint (file or folder); with --baseline, whose "
+                                             "backbone to use")
     parser.add_argument("--images", required=True, help="folder of gallery images (searched recursively)")
     parser.add_argument("--out", required=True, help="index folder to create or update")
     parser.add_argument("--masks", default=None,
@@ -35,9 +39,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from offset_cir.commands.serve import add_precision_argument
 
     add_precision_argument(parser, "fp32")  # stored features do not depend on a timing unless asked
+    from offset_cir.commands._baseline_flags import add_baseline_arguments
+
+    add_baseline_arguments(parser, "index with the backbone's own global image features (no training, no masks); "
+                                   "MODE is the query side searches use by default: the reference image's "
+                                   "features, the text's, or their normalised sum")
 
 
 def run(args: argparse.Namespace) -> int:
+    from offset_cir.commands._baseline_flags import baseline_spec, check_model_flags
+
+    check_model_flags(args)  # before any model is loaded
+    spec = baseline_spec(args)
+    if spec is not None and (args.masks or args.captioner or args.segmenter):
+        raise UserInputError(f"--baseline {spec.mode} encodes whole images and uses no mask: drop --masks, "
+                             f"--captioner and --segmenter")
     from offset_cir.search import ann
     from offset_cir.search.build import build_index
     from offset_cir.search.inputs import make_mask_generator
@@ -46,9 +62,12 @@ def run(args: argparse.Namespace) -> int:
     from offset_cir.export.runtime import load_encoder
 
     gen = make_mask_generator(args.captioner, args.segmenter, args.device)
-    # torch or onnxruntime (checked against the checkpoint), then its precision
-    model, precision = use_precision(load_encoder(args.checkpoint, args.runtime, onnx_dir=args.onnx,
-                                                  device=args.device), args.precision)
+    # torch or onnxruntime (checked against the checkpoint), or the baseline, then its precision
+    model, precision = use_precision(load_encoder(None if spec else args.checkpoint, args.runtime,
+                                                  onnx_dir=args.onnx, device=args.device, baseline=spec),
+                                     args.precision)
+    if spec is not None:
+        print(f"{spec.label()}: gallery images by their global image features", flush=True)
     print(f"gallery images: {precision.describe()}", flush=True)
     rep = build_index(
         args.out, args.images, checkpoint=args.checkpoint, model=model, masks_dir=args.masks, mask_generator=gen,

@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from offset_cir.commands.serve import add_precision_argument
 
     add_precision_argument(parser, "fp32")  # one query: a calibration would cost more than it saves
+    from offset_cir.commands._baseline_flags import add_query_baseline_arguments
+
+    add_query_baseline_arguments(parser)
 
 
 def _mask_beside(image: str):
@@ -55,7 +58,10 @@ def run(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise UserInputError(f"-k must be at least 1, got {args.k}")
     index = Index.open(args.index, checkpoint=args.checkpoint, device=args.device, precision=args.precision,
+                       baseline=args.baseline, pretrained=args.pretrained,
                        mask_generator=make_mask_generator(args.captioner, args.segmenter, args.device))
+    if index.baseline is not None:
+        print(f"query: {index.model.label()}", file=sys.stderr)
     if args.precision != "fp32":
         print(f"query: {index.precision.describe()}", file=sys.stderr)
     if args.ref_id is not None and args.ref_id not in index:

@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--onnx", default=None, metavar="DIR",
                         help="--runtime onnx: folder made by `offset export` (no checkpoint needed then; default: "
                              "export the checkpoint at start-up)")
+    from offset_cir.commands._baseline_flags import add_query_baseline_arguments
+
+    add_query_baseline_arguments(parser)
 
 
 def add_precision_argument(parser: argparse.ArgumentParser, default: str) -> None:
@@ -92,11 +95,14 @@ def run(args: argparse.Namespace) -> int:
                     "clients use", args.host, "localhost" if wildcard else args.host + ", localhost")
     index = Index.open(args.index, checkpoint=args.checkpoint, device=args.device, exact=args.exact,
                        runtime=args.runtime, onnx_dir=args.onnx, precision=args.precision,
+                       baseline=args.baseline, pretrained=args.pretrained,
                        mask_generator=make_mask_generator(args.captioner, args.segmenter, args.device))
     app = create_app(index, max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels,
                      max_concurrency=args.max_concurrency, max_k=args.max_k, queue_timeout=args.queue_timeout,
                      body_timeout=args.body_timeout, max_batch=args.max_batch, batch_wait=args.batch_wait_ms / 1e3,
                      host=args.host, allowed_hosts=args.allowed_host)
+    if index.baseline is not None:
+        print(f"queries: {index.model.label()} (no mask)", flush=True)
     print(f"queries: {index.precision.describe()}; batches of up to {args.max_batch}", flush=True)
     print(f"serving {args.index} ({len(index)} images) on http://{args.host}:{args.port}/", flush=True)
     make_server(app, host=args.host, port=args.port, header_timeout=args.header_timeout,

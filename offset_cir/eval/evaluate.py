@@ -381,7 +381,7 @@ def evaluate(model, bench, protocol: str | None = None, split: str | None = None
     """Evaluate ``model`` on ``bench`` with ``protocol`` (docs/model.md#evaluation); returns a JSON-able stamped dict.
 
     ``model``: an OFFSET model, or anything with its ``encode_query`` / ``encode_target`` / ``preprocess``
-    (an ONNX encoder, a :class:`~offset_cir.eval.baseline.BaselineEncoder`: its ``baseline`` is stamped).
+    (an ONNX encoder, a :class:`~offset_cir.model.baseline.BaselineEncoder`: its ``baseline`` is stamped).
     ``save_rankings``: a JSON Lines file receiving, per query and gallery, the top-50 gallery ids.
     ``query_transform``: ``"eval"`` or ``"train"`` for the reference images (docs/model.md#a2); default the
     protocol's (``train`` for FashionIQ as in the release, ``eval`` elsewhere); galleries always use ``eval``.

@@ -11,7 +11,7 @@ weights and of the image (and mask) files alone, so they are stored per model an
 
 A model is named by ``model_key``, a string its caller vouches for: a checkpoint's content hash
 (``offset eval`` uses :func:`offset_cir.model.checkpoint.checkpoint_hash`), or a baseline's identity
-(:attr:`offset_cir.eval.baseline.BaselineEncoder.target_identity`). A chunk's file is named by the SHA-256 of
+(:attr:`offset_cir.model.baseline.BaselineEncoder.target_identity`). A chunk's file is named by the SHA-256 of
 the model key, ``setting`` (what else shapes the features: preprocessing, masks) and, for each of its images,
 its id and the name, size and modification time of its image and mask files: a changed file makes a new chunk.
 

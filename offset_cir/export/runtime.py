@@ -6,7 +6,9 @@ the part of the model's interface the index and the service use: ``encode_query(
 ``embed_dim``, ``config``, ``uses_masks`` / ``uses_query_mask`` / ``uses_target_mask``. Image preprocessing and
 the tokenizer are the model's own (torchvision + the backbone's tokenizer); only the networks run in onnxruntime.
 
-``load_encoder(checkpoint, runtime, onnx_dir=...)`` is the one place that picks the runtime. Features from either
+``load_encoder(checkpoint, runtime, onnx_dir=...)`` is the one place that picks the runtime; given a
+``baseline`` (:class:`offset_cir.model.baseline.BaselineSpec`) it builds that training-free encoder instead (torch
+only: a backbone's own features have no ONNX export). Features from either
 runtime agree to ~1e-7 (far below the index's float16 storage step), so an index built with one is searched with
 the other; what must match is the checkpoint, checked by its hash.
 """
@@ -232,11 +234,24 @@ class OnnxEncoder:
         return f"OnnxEncoder({str(self.folder)!r}, int8={self.int8}, threads={self.threads})"
 
 
+def _baseline_encoder(spec, runtime: str, checkpoint, onnx_dir, int8: bool, device):
+    """The :class:`~offset_cir.model.baseline.BaselineEncoder` of ``spec`` on ``device`` (torch only)."""
+    if runtime != "torch" or onnx_dir is not None or int8:
+        raise UserInputError("a training-free baseline runs on the torch runtime only (a backbone's own features "
+                             "have no ONNX export): --runtime onnx, --onnx and --int8 do not apply to it")
+    if checkpoint is not None:
+        raise UserInputError(f"a baseline names its backbone itself ({spec.describe()}); give no checkpoint besides")
+    from offset_cir.device import choose_device
+
+    return spec.build().to(choose_device(device, what="--device"))
+
+
 def load_encoder(checkpoint=None, runtime: str = "torch", *, onnx_dir=None, expected_hash: str | None = None,
-                 int8: bool = False, threads: int | None = None, device=None):
+                 int8: bool = False, threads: int | None = None, device=None, baseline=None):
     """The model to encode with: ``OFFSET`` from ``checkpoint`` (runtime "torch", on ``device``: the rule of
-    ``offset_cir.device.choose_device``) or an :class:`OnnxEncoder` (the CPU). Its precision is chosen next, by
-    ``offset_cir.export.precision.use_precision``.
+    ``offset_cir.device.choose_device``) or an :class:`OnnxEncoder` (the CPU); with ``baseline`` (a
+    :class:`~offset_cir.model.baseline.BaselineSpec`, no ``checkpoint`` then) its training-free encoder, torch only.
+    Its precision is chosen next, by ``offset_cir.export.precision.use_precision``.
 
     For "onnx", ``onnx_dir`` is an export folder; without one ``checkpoint`` is exported into a temporary folder
     first. ``expected_hash`` (an index's checkpoint hash) must equal the export's (and the checkpoint's, when one
@@ -244,6 +259,8 @@ def load_encoder(checkpoint=None, runtime: str = "torch", *, onnx_dir=None, expe
     """
     if runtime not in RUNTIMES:
         raise UserInputError(f"runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if baseline is not None:
+        return _baseline_encoder(baseline, runtime, checkpoint, onnx_dir, int8, device)
     if runtime == "torch":
         import offset_cir
 

@@ -206,6 +206,12 @@ def require_same_checkpoint(found: str | None, recorded: str | None, *, found_in
                           f"{_short_identity(recorded)}: {why}")
 
 
+_FULL_DIGEST = re.compile(r"([0-9a-f]{12})[0-9a-f]{52}")
+
+
 def _short_identity(identity: str) -> str:
-    kind, _, digest = str(identity).partition(":")
-    return f"{kind}:{digest[:12]}…" if digest else f"{identity[:19]}…"
+    """An identity for a message: each SHA-256 digest in it cut to 12 hex digits (``sha256:0123456789ab…``; a
+    baseline's ``baseline-target:NAME:sha256:0123456789ab…:seed0``); one without a digest whole up to 80
+    characters (a baseline of tagged weights: ``baseline-target:ViT-B-16:openai:seed0``)."""
+    text = _FULL_DIGEST.sub(lambda m: m.group(1) + "…", str(identity))
+    return text if len(text) <= 80 else f"{text[:79]}…"

@@ -163,8 +163,8 @@ class IndexBuilder:
             raise UserInputError(f"dtype must be float16 or float32, got {dtype!r}")
         if man is not None:
             require_same_checkpoint(
-                identity, man["checkpoint"]["hash"], recorded_in=f"index {out}",
-                found_in=f"checkpoint {checkpoint}" if checkpoint is not None else "this model",
+                identity, man["checkpoint"]["hash"], recorded_in=fmt.index_source(out, man),
+                found_in=fmt.model_source(model, checkpoint),
                 why=f"features of two models cannot be mixed (the index's checkpoint: "
                     f"{man['checkpoint'].get('path')}); build a new index (another --out)")
             if Path(man["images_root"]) != images:
@@ -267,7 +267,7 @@ class IndexBuilder:
         manifest; the files it replaces and the merged shards are removed."""
         shards = fmt.completed_shards(self.out, self.identity, self.dim)
         if self.manifest is not None and not shards and self._up_to_date(current):
-            man = self.manifest
+            man = self._record_baseline(self.manifest)
             return BuildReport(str(self.out), man["count"], 0, man["count"], 0, man.get("skipped", []),
                                man["search"])
         sources, records = self._records(shards)
@@ -293,6 +293,22 @@ class IndexBuilder:
         log.info("index %s: %d images (%d encoded now, %d kept, %d removed, %d unreadable), search: %s",
                  self.out, len(ids), encoded, reused, removed, len(skipped), search["kind"])
         return BuildReport(str(self.out), len(ids), encoded, reused, removed, manifest["skipped"], search, table)
+
+    def _baseline_record(self) -> dict | None:
+        """The manifest's ``baseline``: a training-free baseline's spec (the query mode it was built with included),
+        None for a trained model."""
+        spec = getattr(self.model, "spec", None)
+        return spec.to_json() if spec is not None else None
+
+    def _record_baseline(self, man: dict) -> dict:
+        """An up-to-date index's manifest, rewritten when this run names another baseline query mode (the features
+        are the same for every mode)."""
+        if man.get("baseline") == self._baseline_record():
+            return man
+        man = dict(man, baseline=self._baseline_record(), updated=fmt.now())
+        fmt.write_manifest(self.out, man)
+        log.info("index %s: searches use baseline %s by default", self.out, man["baseline"]["mode"])
+        return man
 
     def _warn_gone(self, gone: list[str]) -> None:
         log.warning("%d indexed images are no longer in %s (e.g. %s); --prune removes them", len(gone),
@@ -393,6 +409,9 @@ class IndexBuilder:
             "model_config": fmt.MODEL_CONFIG_NAME,
             "checkpoint": {"path": str(Path(self.checkpoint).resolve()) if self.checkpoint is not None else None,
                            "hash": self.identity},
+            # a training-free baseline's backbone and weights, and the query mode it was built with (null: a
+            # trained model)
+            "baseline": self._baseline_record(),
             "uses_masks": bool(model.uses_masks), "target_masks": uses_target_mask(model),
             "query_masks": uses_query_mask(model), "images_root": str(self.images),
             "masks_dir": str(self.masks_dir) if self.masks_dir else None, "search": search, "skipped": skipped,

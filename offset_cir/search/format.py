@@ -3,8 +3,9 @@
 An index folder holds (every file written atomically through :mod:`offset_cir.io`; ``manifest.json`` last, the
 commit point of each build or update)::
 
-    manifest.json           format, version, generation, count, dim, dtype, checkpoint path + identity, search engine
-    model_config.json       the model's config (its ``to_dict()``)
+    manifest.json           format, version, generation, count, dim, dtype, checkpoint path + identity, baseline,
+                            search engine
+    model_config.json       the model's config (its ``to_dict()``; a baseline's config dict)
     features-<gen>.npy      [N, D] target features k = L2norm(mean F_t) (SPEC section 3, "Target"), float16
     items-<gen>.jsonl       one record per feature row: id, path, size, mtime_ns, mask, mask_mtime_ns (sorted by id)
     faiss-<gen>.index       FAISS index for large galleries (HNSW or IVF, see ``offset_cir.search.ann``)
@@ -12,7 +13,10 @@ commit point of each build or update)::
     masks/                  masks made by the mask pipeline for gallery images that had none
 
 The checkpoint identity in the manifest is ``sha256:`` + :func:`offset_cir.model.checkpoint.checkpoint_hash`, or
-``state:`` + a hash of the state dict for an index built from an in-memory model (:func:`model_identity`).
+``state:`` + a hash of the state dict for an index built from an in-memory model, or a training-free baseline's
+``target_identity`` (``baseline-target:...``: its backbone and weights, not its query mode, so one index serves the
+three modes; the manifest's ``baseline`` then holds its :class:`~offset_cir.model.baseline.BaselineSpec`, null for
+a trained model) (:func:`model_identity`).
 Whether the model uses masks is the manifest's ``uses_masks``; manifests written before that name carry
 ``needs_masks``, which :func:`manifest_uses_masks` reads too.
 """
@@ -88,9 +92,11 @@ def write_manifest(folder: Path, manifest: dict) -> None:
 
 
 def write_model_config(folder: Path, model) -> None:
-    """``model_config.json``: the model's config as its ``to_dict()`` gives it ({} for a model without one)."""
+    """``model_config.json``: the model's config as its ``to_dict()`` gives it, or as it is when it is a dict (a
+    baseline's); {} for a model without one."""
     cfg = getattr(model, "config", None)
-    io.write_json(Path(folder) / MODEL_CONFIG_NAME, {} if cfg is None else cfg.to_dict(), **JSON_STYLE)
+    as_dict = {} if cfg is None else (dict(cfg) if isinstance(cfg, dict) else cfg.to_dict())
+    io.write_json(Path(folder) / MODEL_CONFIG_NAME, as_dict, **JSON_STYLE)
 
 
 # ----------------------------------------------------------------------------------------------- generations
@@ -294,9 +300,37 @@ def model_state_hash(model) -> str:
     return STATE_PREFIX + h.hexdigest()
 
 
+def model_source(model, checkpoint=None) -> str:
+    """What a model is, for a message: a baseline's backbone and weights, the checkpoint, or "this model"."""
+    if model is not None and getattr(model, "target_identity", None) is not None and hasattr(model, "label"):
+        return model.label()
+    return f"checkpoint {checkpoint}" if checkpoint is not None else "this model"
+
+
+def manifest_baseline(folder: Path, manifest: dict):
+    """The :class:`~offset_cir.model.baseline.BaselineSpec` the index at ``folder`` was built with (its manifest's
+    ``baseline``), None for an index of a trained model."""
+    recorded = manifest.get("baseline")
+    if recorded is None:
+        return None
+    from offset_cir.model.baseline import BaselineSpec
+
+    return BaselineSpec.from_json(recorded, source=str(Path(folder) / MANIFEST_NAME))
+
+
+def index_source(folder: Path, manifest: dict) -> str:
+    """``index FOLDER``, with the baseline it holds when it holds one (for a message)."""
+    spec = manifest_baseline(folder, manifest)
+    return f"index {folder}" + (f" (the baseline of {spec.describe()})" if spec is not None else "")
+
+
 def model_identity(model, checkpoint=None) -> str:
-    """What the manifest and shards record as the features' source: the checkpoint's ``sha256:`` hash when there
-    is a checkpoint, else :func:`model_state_hash`."""
+    """What the manifest and shards record as the features' source: a baseline's ``target_identity`` (even when
+    its backbone is a checkpoint's: its features are not the trained model's), the checkpoint's ``sha256:`` hash
+    when there is a checkpoint, else :func:`model_state_hash`."""
+    target = getattr(model, "target_identity", None) if model is not None else None
+    if target is not None:
+        return str(target)
     if checkpoint is not None:
         from offset_cir.model.checkpoint import checkpoint_hash
 

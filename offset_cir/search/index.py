@@ -2,10 +2,13 @@
 
 The folder is :mod:`offset_cir.search.format`'s. Opening loads the model the index was built with (or the one
 given) and checks its identity against the manifest's; searching encodes the composed query q (reference image
-+ mask + text) and ranks the gallery by cosine (SPEC section 1, step 8).
++ mask + text) and ranks the gallery by cosine (SPEC section 1, step 8). An index built with a training-free
+baseline (``offset index --baseline``) opens its backbone again and answers in any of the three query modes: the
+gallery features are the same for all three.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -74,13 +77,20 @@ class Index:
         self._row_of = MappingProxyType({it["id"]: r for r, it in enumerate(self._items)})
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, model=None, checkpoint=None, mask_generator=None, device=None,
-             exact: bool = False, verify_checkpoint: bool = True, runtime: str = "torch", onnx_dir=None,
+    def open(cls, path: str | os.PathLike, *, model=None, checkpoint=None, baseline: str | None = None,
+             pretrained: str | None = None, mask_generator=None, device=None, exact: bool = False,
+             verify_checkpoint: bool = True, runtime: str = "torch", onnx_dir=None,
              precision: str = "fp32") -> "Index":
         """Open the index at ``path``. The model is ``model``, else ``checkpoint``, else the checkpoint recorded in
         the manifest; its identity must be the manifest's. ``exact`` forces exact search. ``runtime`` "onnx"
         encodes queries with onnxruntime (``offset_cir.export.runtime``): the export folder ``onnx_dir``, else the
-        checkpoint exported on the fly. ``precision`` "fp32", "bf16" or "auto" (``offset_cir.export.precision``)."""
+        checkpoint exported on the fly. ``precision`` "fp32", "bf16" or "auto" (``offset_cir.export.precision``).
+
+        An index of a training-free baseline rebuilds the baseline its manifest records; ``baseline`` is the query
+        mode ("image", "text", "image+text"; default: the one it was built with), ``pretrained`` the backbone's
+        weights and ``checkpoint`` the checkpoint whose backbone it is, when the recorded files moved (checked
+        against the index like any model). ``baseline`` and ``pretrained`` are refused for an index of a trained
+        model."""
         path = Path(path).resolve()
         man = fmt.read_index_manifest(path)
         if man is None:
@@ -92,8 +102,11 @@ class Index:
             engine = ann.ExactSearch(feats)
         else:
             engine = ann.FaissSearch.load(path / s["file"], s["kind"], s["param"])
+        spec = _baseline_to_open(path, man, checkpoint=checkpoint, baseline=baseline, pretrained=pretrained)
+        if spec is not None:
+            checkpoint = None  # the spec names the backbone
         model, device = _ready_model(path, man, model=model, checkpoint=checkpoint, runtime=runtime,
-                                     onnx_dir=onnx_dir, verify=verify_checkpoint, device=device)
+                                     onnx_dir=onnx_dir, verify=verify_checkpoint, device=device, baseline=spec)
         from offset_cir.export.precision import use_precision
 
         model, choice = use_precision(model, precision)
@@ -186,6 +199,16 @@ class Index:
     def uses_query_mask(self) -> bool:
         """Whether a composed query needs the reference's mask with this index's model."""
         return uses_query_mask(self._model)
+
+    @property
+    def baseline(self) -> dict | None:
+        """The training-free baseline queries are encoded with (its spec: ``mode``, ``backbone``, ``pretrained``,
+        ``checkpoint``, ``seed``), None for a trained model."""
+        mode = getattr(self._model, "baseline", None)
+        if mode is None:
+            return None
+        spec = getattr(self._model, "spec", None)
+        return spec.to_json() if spec is not None else {"mode": mode}
 
     def item(self, image_id: str) -> dict:
         """The stored record of gallery image ``image_id`` (KeyError when unknown)."""
@@ -280,10 +303,49 @@ class Index:
 # ----------------------------------------------------------------------------------------------- the model
 
 
-def _load_model(path: Path, manifest: dict, checkpoint, runtime: str, onnx_dir, verify: bool):
-    """The model of the checkpoint ``checkpoint`` or the manifest's, or its ONNX export; checked against the
-    manifest's checkpoint identity. Returns (model, what was loaded, for the log)."""
+def _baseline_to_open(path: Path, manifest: dict, *, checkpoint, baseline, pretrained):
+    """The :class:`~offset_cir.model.baseline.BaselineSpec` to build for the index at ``path``: the manifest's, with
+    the query mode ``baseline``, the weights ``pretrained`` or the ``checkpoint`` given instead of its own; None for
+    an index of a trained model (which refuses ``baseline`` and ``pretrained``)."""
+    from offset_cir.model.baseline import check_mode
+
+    spec = fmt.manifest_baseline(path, manifest)
+    if spec is None:
+        if baseline is not None or pretrained is not None:
+            raise UserInputError(
+                f"index {path} holds the features of a trained model (checkpoint "
+                f"{manifest['checkpoint'].get('path')}), not a backbone's own: --baseline and --pretrained apply to "
+                f"an index built with `offset index --baseline`")
+        return None
+    if baseline is not None:
+        spec = spec.with_mode(check_mode(baseline, "--baseline"))
+    if pretrained is not None:
+        if spec.backbone is None:
+            raise UserInputError(f"index {path} holds the baseline of {spec.describe()}: --pretrained applies to a "
+                                 f"named backbone's baseline (give --checkpoint for this one's)")
+        spec = dataclasses.replace(spec, pretrained=str(pretrained))
+    if checkpoint is not None:
+        if spec.checkpoint is None:
+            raise UserInputError(f"index {path} holds the baseline of {spec.describe()}, not a checkpoint's: "
+                                 f"--checkpoint does not apply (--pretrained gives its weights)")
+        spec = dataclasses.replace(spec, checkpoint=str(checkpoint))
+    return spec
+
+
+def _load_model(path: Path, manifest: dict, checkpoint, runtime: str, onnx_dir, verify: bool, baseline=None):
+    """The model of the checkpoint ``checkpoint`` or the manifest's, or its ONNX export, or the ``baseline``
+    (a BaselineSpec) built; each checked against the manifest's identity before it is loaded. Returns (model, what
+    was loaded, for the log)."""
     want = manifest["checkpoint"]["hash"]
+    if baseline is not None:
+        from offset_cir.export.runtime import load_encoder
+        from offset_cir.model.checkpoint import require_same_checkpoint
+
+        if verify:  # before the backbone is built
+            require_same_checkpoint(baseline.target_identity(), want, found_in=baseline.label(),
+                                    recorded_in=fmt.index_source(path, manifest))
+        log.info("building %s ...", baseline.label())
+        return load_encoder(None, runtime, onnx_dir=onnx_dir, baseline=baseline), baseline.label()
     if runtime != "torch":  # onnxruntime: the export's checkpoint hash is checked against the manifest's
         from offset_cir.export.runtime import load_encoder
 
@@ -306,22 +368,32 @@ def _load_model(path: Path, manifest: dict, checkpoint, runtime: str, onnx_dir, 
     return offset_cir.load_checkpoint(ckpt), f"checkpoint {ckpt}"
 
 
-def _ready_model(path: Path, manifest: dict, *, model, checkpoint, runtime: str, onnx_dir, verify: bool, device):
+def _check_identity(path: Path, manifest: dict, model) -> None:
+    """Refuse ``model`` unless its identity (a baseline's target identity, else its state hash) is the index's."""
+    from offset_cir.model.checkpoint import require_same_checkpoint
+
+    require_same_checkpoint(fmt.model_identity(model), manifest["checkpoint"]["hash"],
+                            found_in=fmt.model_source(model), recorded_in=fmt.index_source(path, manifest))
+
+
+def _ready_model(path: Path, manifest: dict, *, model, checkpoint, runtime: str, onnx_dir, verify: bool, device,
+                 baseline=None):
     """The model to search the index at ``path`` with (``model``, else loaded), checked against the manifest, on
-    its device and in eval mode: (model, device)."""
+    its device and in eval mode: (model, device). A baseline's identity and an in-memory model's are checked here
+    (a checkpoint's before it is loaded)."""
     t0 = time.perf_counter()
     loaded = None
     if model is None:
-        model, loaded = _load_model(path, manifest, checkpoint, runtime, onnx_dir, verify)
+        model, loaded = _load_model(path, manifest, checkpoint, runtime, onnx_dir, verify, baseline)
+    # a baseline on either side is told apart by its identity first (another backbone has another width too)
+    baseline_side = getattr(model, "target_identity", None) is not None or manifest.get("baseline") is not None
+    if verify and baseline_side:
+        _check_identity(path, manifest, model)
     if int(model.embed_dim) != int(manifest["dim"]):
         raise CheckpointError(f"model embeds in {model.embed_dim} dimensions, index {path} holds "
                               f"{manifest['dim']}")
-    want = manifest["checkpoint"]["hash"]
-    if verify and want.startswith(fmt.STATE_PREFIX):
-        from offset_cir.model.checkpoint import require_same_checkpoint
-
-        require_same_checkpoint(fmt.model_state_hash(model), want, found_in="this model",
-                                recorded_in=f"index {path}")
+    if verify and not baseline_side and not is_tagged(manifest["checkpoint"]["hash"]):
+        _check_identity(path, manifest, model)  # an in-memory model's state hash
     from offset_cir.device import choose_device
 
     device = choose_device(device)

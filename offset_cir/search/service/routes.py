@@ -82,6 +82,7 @@ async def health(request: Request):
     return {"status": "ok", "images": len(index), "dim": index.manifest["dim"],
             "search": index.manifest.get("search", {}).get("kind", "exact"),
             "checkpoint_hash": index.manifest["checkpoint"]["hash"],
+            "baseline": index.baseline,  # the training-free baseline queries use (mode, backbone ...), or null
             # whether a query needs a mask; "needs_masks" is the same, for clients that read that name
             "uses_masks": uses_mask, "needs_masks": uses_mask,
             "mask_pipeline": index.mask_generator is not None, "mask_modes": list(mask_modes(index)), "read_only": True,

@@ -74,7 +74,7 @@ def test_each_row_is_computed_and_the_image_row_is_the_backbones(syn, tmp_path, 
 
 
 def test_image_plus_text_is_the_normalised_sum(syn):
-    from offset_cir.eval.baseline import BaselineEncoder
+    from offset_cir.model.baseline import BaselineEncoder
 
     image = BaselineEncoder.from_backbone(NAME, None, "image").eval()  # None: the packaged weights
     text = BaselineEncoder.from_backbone(NAME, None, "text").eval()
@@ -102,3 +102,84 @@ def test_flags_are_checked_before_anything_is_loaded(syn, tmp_path, capsys, monk
     assert "--checkpoint CKPT, or --baseline" in capsys.readouterr().err
     assert main(base + ["--baseline", "image", "--backbone", NAME, "--checkpoint", "x"]) == 2
     assert "one of them" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------- the spec an index records
+
+
+def _tiny_weights(path):
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    from offset_cir.model.towers import PACKAGE_BACKBONES
+
+    cfg = PACKAGE_BACKBONES["tiny"]
+    torch.manual_seed(0)
+    clip = CLIP(cfg["embed_dim"], cfg["vision_cfg"], cfg["text_cfg"])
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, str(path))
+    return path
+
+
+def test_a_spec_names_its_weights_so_they_are_found_again(tmp_path, monkeypatch):
+    import hashlib
+
+    from offset_cir.model.baseline import BaselineEncoder, BaselineSpec
+
+    assert BaselineSpec("image", backbone=NAME).pretrained == "packaged"  # a packaged backbone's own weights
+    assert BaselineSpec("image", backbone="tiny").pretrained is None  # random weights
+    _tiny_weights(tmp_path / "w.safetensors")
+    monkeypatch.chdir(tmp_path)
+    spec = BaselineSpec("text", backbone="tiny", pretrained="w.safetensors")  # relative: kept absolute
+    assert spec.pretrained == str(tmp_path / "w.safetensors")
+    digest = hashlib.sha256((tmp_path / "w.safetensors").read_bytes()).hexdigest()
+    assert spec.target_identity() == f"baseline-target:tiny:sha256:{digest}:seed0"
+    encoder = spec.build()
+    assert encoder.target_identity == spec.target_identity() and encoder.spec == spec
+    assert encoder.baseline == "text"
+    assert encoder.label() == f"baseline text of backbone tiny (weights {spec.pretrained})"
+    assert BaselineEncoder.from_backbone("tiny", "w.safetensors", "image").target_identity == spec.target_identity()
+    assert BaselineSpec.from_json(spec.to_json(), "m.json") == spec
+    assert spec.with_mode("image").target_identity() == spec.target_identity()  # the mode is not the gallery's
+
+
+@pytest.mark.parametrize("data, phrase", [
+    ({"mode": "image+text", "backbone": "tiny", "checkpoint": "c"}, "one of them"),
+    ({"mode": "image"}, "one of them"),
+    ({"mode": "images", "backbone": "tiny"}, "unknown baseline 'images'"),
+    ({"mode": "image", "backbone": 3}, "field 'baseline.backbone' must be a string"),
+    ({"mode": "image", "backbone": "tiny", "colour": "red"}, "field 'baseline' must be an object"),
+    (["image"], "field 'baseline' must be an object"),
+    ({"mode": "image", "checkpoint": "c", "pretrained": "openai"}, "go with its backbone name"),
+    ({"mode": "image", "backbone": "tiny", "seed": "0"}, "seed is a whole number"),
+])
+def test_a_bad_recorded_spec_is_refused_naming_the_file_and_field(data, phrase):
+    from offset_cir.errors import UserInputError
+    from offset_cir.model.baseline import BaselineSpec
+
+    with pytest.raises(UserInputError, match=phrase) as err:
+        BaselineSpec.from_json(data, "idx/manifest.json")
+    assert str(err.value).startswith("idx/manifest.json: field 'baseline")
+
+
+def test_a_missing_weights_file_is_named_not_taken_for_a_tag(tmp_path):
+    from offset_cir.errors import CheckpointError
+    from offset_cir.model.baseline import BaselineSpec
+
+    gone = tmp_path / "gone.safetensors"
+    with pytest.raises(CheckpointError, match=f"the weights file {gone} does not exist"):
+        BaselineSpec("image", backbone="tiny", pretrained=str(gone)).target_identity()
+    tagged = BaselineSpec("image", backbone="ViT-B-16", pretrained="openai")
+    assert tagged.target_identity() == "baseline-target:ViT-B-16:openai:seed0"  # a tag by its name
+
+
+def test_refusals_name_baseline_identities_readably():
+    from offset_cir.errors import CheckpointError
+    from offset_cir.model.checkpoint import require_same_checkpoint
+
+    a = "baseline-target:tiny:sha256:" + "0123456789ab" + "c" * 52 + ":seed0"
+    b = "baseline-target:ViT-B-16:openai:seed0"
+    with pytest.raises(CheckpointError) as err:
+        require_same_checkpoint(a, b, found_in="baseline image of backbone tiny", recorded_in="index x")
+    assert str(err.value).startswith("baseline image of backbone tiny hashes to "
+                                     "baseline-target:tiny:sha256:0123456789ab…:seed0, but index x was built with "
+                                     "baseline-target:ViT-B-16:openai:seed0: ")
