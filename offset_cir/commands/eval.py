@@ -1,5 +1,5 @@
 """``offset eval``: evaluate a checkpoint, or a backbone's training-free features, on a benchmark protocol
-(SPEC section 7)."""
+(docs/model.md#evaluation)."""
 from __future__ import annotations
 
 import argparse
@@ -22,7 +22,7 @@ def add_dataset_arguments(parser: argparse.ArgumentParser, dataset_flag: bool = 
     """--dataset/--root and the location settings shared by eval, submit and doctor."""
     if dataset_flag:
         parser.add_argument("--dataset", required=True, help="a dataset name (`offset info` lists them)")
-    parser.add_argument("--root", required=True, help="the benchmark's folder (release layout, SPEC section 6)")
+    parser.add_argument("--root", required=True, help="the benchmark's folder (release layout, docs/model.md#data)")
     parser.add_argument("--annotations", help="folder of the annotation files, if not under --root")
     parser.add_argument("--image-root", help="folder of the images, if not the release location")
     parser.add_argument("--mask-root", help="folder of the masks (same relative layout), if not beside the images")
@@ -115,7 +115,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     add_precision_argument(parser, "fp32")  # results comparable with the paper's unless asked otherwise
     parser.add_argument("--query-transform", choices=["eval", "train"],
-                        help="reference-image transform (SPEC 4, A2; default: train for FashionIQ as the release, "
+                        help="reference-image transform (docs/model.md#a2; default: train for FashionIQ as the release, "
                              "eval elsewhere)")
 
 

@@ -6,7 +6,7 @@ commit point of each build or update)::
     manifest.json           format, version, generation, count, dim, dtype, checkpoint path + identity, baseline,
                             search engine
     model_config.json       the model's config (its ``to_dict()``; a baseline's config dict)
-    features-<gen>.npy      [N, D] target features k = L2norm(mean F_t) (SPEC section 3, "Target"), float16
+    features-<gen>.npy      [N, D] target features k = L2norm(mean F_t) (docs/model.md#target), float16
     items-<gen>.jsonl       one record per feature row: id, path, size, mtime_ns, mask, mask_mtime_ns (sorted by id)
     faiss-<gen>.index       FAISS index for large galleries (HNSW or IVF, see ``offset_cir.search.ann``)
     shards/                 work in progress: shard-<hash>.npy + shard-<hash>.json (the .json marks completion)

@@ -2,7 +2,7 @@
 
 The folder is :mod:`offset_cir.search.format`'s. Opening loads the model the index was built with (or the one
 given) and checks its identity against the manifest's; searching encodes the composed query q (reference image
-+ mask + text) and ranks the gallery by cosine (SPEC section 1, step 8). An index built with a training-free
++ mask + text) and ranks the gallery by cosine (docs/model.md#scoring). An index built with a training-free
 baseline (``offset index --baseline``) opens its backbone again and answers in any of the three query modes: the
 gallery features are the same for all three.
 """
@@ -216,7 +216,7 @@ class Index:
 
     # -- query
     def encode_query(self, image, text: str, mask=None) -> np.ndarray:
-        """Composed query feature q [D] (SPEC section 3, TGFR) for a reference image, its mask and a text.
+        """Composed query feature q [D] (docs/model.md#tgfr) for a reference image, its mask and a text.
 
         When the model needs masks and ``mask`` is None, the mask pipeline (if configured) makes one; otherwise
         :class:`MaskRequiredError` says so. A mask must have its image's size (UserInputError otherwise). With
@@ -294,7 +294,7 @@ class Index:
     def search_id(self, ref_id: str, text: str, k: int = 10, exclude_reference: bool = True,
                   exact: bool = False) -> list[Hit]:
         """Like :meth:`search` with a gallery image as reference: its stored mask is used and, by default, the
-        reference itself is left out of the ranking (SPEC section 7)."""
+        reference itself is left out of the ranking (docs/model.md#evaluation)."""
         _check_k(k)
         q = self.query_for_id(ref_id, text)
         return self.rank(q, k, exclude_id=ref_id if exclude_reference else None, exact=exact)
