@@ -16,16 +16,26 @@ from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 from offset_cir.errors import UserInputError
 from offset_cir.search.inputs import load_pil, short_repr
 from offset_cir.search.query_mask import QueryMask, offered_mask_modes, query_mask
+from offset_cir.search.service.document import (
+    FormRefusal,
+    GalleryPage,
+    Health,
+    SearchAnswer,
+    form_answers,
+    image_answer,
+)
 from offset_cir.search.service.form import (
+    GALLERY_PAGE,
     FormError,
     SearchQuery,
     choose_mask_mode,
     decode_upload,
+    gallery_page_openapi,
     parse_gallery_page,
     read_reference_form,
     read_search_form,
@@ -39,20 +49,32 @@ READ = ["GET", "HEAD"]
 
 
 def add_routes(app: FastAPI) -> None:
-    """The routes, on ``app`` itself (so each is matched, and counted in the metrics, by its own template)."""
-    app.add_api_route("/", home, methods=READ, response_class=HTMLResponse)
-    app.add_api_route("/favicon.ico", favicon, methods=READ, include_in_schema=False)
-    app.add_api_route("/health", health, methods=READ)
-    app.add_api_route("/metrics", metrics_page, methods=READ)
-    app.add_api_route("/gallery", gallery, methods=READ)
-    app.add_api_route("/images/{image_id:path}", image, methods=READ)
-    app.add_api_route("/masks/{image_id:path}", stored_mask, methods=READ)
+    """The routes, on ``app`` itself (so each is matched, and counted in the metrics, by its own template), with
+    the answers the OpenAPI document gives them (``document``)."""
     svc = app.state.service
-    app.add_api_route("/search", search, methods=["POST"],
+    app.add_api_route("/", home, methods=READ, response_class=HTMLResponse, summary="The web page")
+    app.add_api_route("/favicon.ico", favicon, methods=READ, status_code=204, response_class=Response,
+                      summary="No icon")
+    app.add_api_route("/health", health, methods=READ, response_model=Health, summary="What this server serves")
+    app.add_api_route("/metrics", metrics_page, methods=READ, response_class=PlainTextResponse,
+                      summary="Prometheus metrics (text format)")
+    app.add_api_route("/gallery", gallery, methods=READ, response_model=GalleryPage, summary="The gallery, paged",
+                      openapi_extra=gallery_page_openapi(),
+                      responses={422: {"description": "offset or limit out of range or not a whole number",
+                                       "model": FormRefusal}})
+    app.add_api_route("/images/{image_id:path}", image, methods=READ, response_class=Response,
+                      summary="A gallery image, by id", responses=image_answer("the image file"))
+    app.add_api_route("/masks/{image_id:path}", stored_mask, methods=READ, response_class=Response,
+                      summary="A gallery image's stored mask, by id",
+                      responses=image_answer("the mask file (grayscale, the image's size)"))
+    app.add_api_route("/search", search, methods=["POST"], response_model=SearchAnswer,
+                      response_model_exclude_unset=True, summary="Search the gallery", responses=form_answers(),
                       openapi_extra=search_form_openapi(svc.limits, mask_modes(svc.index)))
     app.add_api_route("/suggest-mask", suggest_mask, methods=["POST"], openapi_extra=reference_form_openapi(),
-                      response_class=Response, responses={200: {"description": "the mask, grayscale, the reference's "
-                                                                "size", "content": {"image/png": {}}}})
+                      response_class=Response, summary="The mask pipeline's mask for a reference",
+                      responses={200: {"description": "the mask, grayscale, the reference's size",
+                                       "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                                 **form_answers()})
     app.add_exception_handler(FormError, form_error_answer)
 
 
@@ -103,9 +125,10 @@ async def metrics_page(request: Request):
     return Response(service_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-async def gallery(request: Request, offset: str = "0", limit: str = "24"):
+async def gallery(request: Request):
     index = service_of(request).index
-    start, count = parse_gallery_page(offset, limit)
+    start, count = parse_gallery_page(request.query_params.get("offset", "0"),
+                                      request.query_params.get("limit", str(GALLERY_PAGE)))
     return {"total": len(index), "offset": start,
             "images": [{"id": it["id"], "url": image_url(it["id"]), "has_mask": bool(it.get("mask")),
                         "mask_url": mask_url(it["id"]) if it.get("mask") else None}
