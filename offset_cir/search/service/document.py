@@ -24,8 +24,9 @@ DESCRIPTION = (
     "Composed image retrieval over a read-only gallery index: a reference image (uploaded, or a gallery id), a mask "
     "of its part that matters and a modification text find gallery images.\n\n"
     "Every answer carries the security headers documented on it. A method a path does not list is answered 405 "
-    "(`Allow` names the methods it has), an unknown path 404, both as `{\"detail\"}`. Messages never contain a server "
-    "path and quote at most 80 characters of any client string. Load, robustness and security rules: docs/search.md.")
+    "(`Allow` names the methods it has), an unknown path 404, both as `{\"detail\"}`; a path with a slash added is "
+    "redirected (307) to the path without. Messages never contain a server path and quote at most 80 characters of "
+    "any client string. Load, robustness and security rules: docs/search.md.")
 
 
 class _Answer(BaseModel):
@@ -42,9 +43,9 @@ class Refusal(_Answer):
 
     detail: str = Field(description="the reason, for a person (no server path; at most 80 characters of any "
                                     "client string)")
-    field: str = Field(None, description="in refusals of a form: the field the message is about (a form's own "
-                                         "refusals always name it, see FormRefusal); absent from the refusals of "
-                                         "the guards and the server")
+    field: str | None = Field(None, description="in refusals of a form: the field the message is about, null for "
+                                                "the body as a whole (see FormRefusal); absent from the refusals "
+                                                "of the guards and the server")
 
 
 class FormRefusal(_Answer):

@@ -135,6 +135,18 @@ async def gallery(request: Request):
                        for it in index.items[start:start + count]]}
 
 
+class WholeFile(FileResponse):
+    """A gallery file, always whole: a ``Range`` header is ignored (200 with the file; Starlette would otherwise
+    answer 206, a 416, or a plain-text 400 for a malformed range, none of them one of this service's answers)."""
+
+    def __init__(self, path):
+        super().__init__(path, headers={"Cache-Control": "max-age=3600", "Accept-Ranges": "none"})
+
+    async def __call__(self, scope, receive, send):
+        headers = [(k, v) for k, v in scope.get("headers", []) if k not in (b"range", b"if-range")]
+        await super().__call__({**scope, "headers": headers}, receive, send)
+
+
 async def image(request: Request, image_id: str):
     index = service_of(request).index
     if image_id not in index:  # the only way from a request to a file: a known id
@@ -142,7 +154,7 @@ async def image(request: Request, image_id: str):
     path = Path(index.item(image_id)["path"])
     if not path.is_file():
         raise HTTPException(404, f"gallery image {short_repr(image_id)} is no longer on disk")
-    return FileResponse(path, headers={"Cache-Control": "max-age=3600"})
+    return WholeFile(path)
 
 
 async def stored_mask(request: Request, image_id: str):
@@ -153,7 +165,7 @@ async def stored_mask(request: Request, image_id: str):
     mask = index.item(image_id).get("mask")
     if not mask or not Path(mask).is_file():
         raise HTTPException(404, f"gallery image {short_repr(image_id)} has no stored mask on disk")
-    return FileResponse(mask, headers={"Cache-Control": "max-age=3600"})
+    return WholeFile(mask)
 
 
 async def search(request: Request):
@@ -165,7 +177,7 @@ async def search(request: Request):
         try:
             hits, stages, used = await run_in_threadpool(run_search, svc, query, mode)
         except UserInputError as exc:  # a stored mask file gone, an unreadable gallery file
-            raise HTTPException(422, svc.public(str(exc))) from None
+            raise refused_reference(svc, query, exc) from None
     svc.metrics.observe_stages(stages)
     took = time.perf_counter() - t0
     svc.metrics.seconds.labels("total").observe(took)
@@ -185,14 +197,26 @@ def describe_reference(svc: Service, query: SearchQuery) -> tuple[dict, str]:
     index = svc.index
     if query.ref_id is None:
         return {"kind": "upload"}, choose_mask_mode(query, mask_modes(index), stored=False)
-    item = index.item(query.ref_id)
-    if not Path(item["path"]).is_file():
-        raise HTTPException(404, f"gallery image {short_repr(query.ref_id)} is no longer on disk; the index "
-                                 f"needs an update (`offset index`)")
+    item = require_on_disk(svc, query.ref_id)
     reference = {"kind": "gallery", "id": query.ref_id, "url": image_url(query.ref_id)}
     if item.get("mask"):
         reference["mask_url"] = mask_url(query.ref_id)
     return reference, choose_mask_mode(query, mask_modes(index), stored=bool(item.get("mask")))
+
+
+def require_on_disk(svc: Service, ref_id: str) -> dict:
+    """The index's item of gallery reference ``ref_id``; a 404 when its file is gone (the index needs an update)."""
+    item = svc.index.item(ref_id)
+    if not Path(item["path"]).is_file():
+        raise HTTPException(404, f"gallery image {short_repr(ref_id)} is no longer on disk; the index needs an "
+                                 f"update (`offset index`)")
+    return item
+
+
+def refused_reference(svc: Service, query: SearchQuery, exc: UserInputError) -> FormError:
+    """The 422 of a reference the library could not read (a gallery file or stored mask unreadable or gone), naming
+    ``ref_id`` for a gallery reference."""
+    return FormError("ref_id" if query.ref_id is not None else None, svc.public(str(exc)))
 
 
 _MODES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -255,8 +279,13 @@ async def suggest_mask(request: Request):
     if svc.index.mask_generator is None:
         raise FormError("mask_mode", f"this server has no mask pipeline to suggest a mask; "
                                      f"it offers mask_mode {', '.join(mask_modes(svc.index)) or 'none'}")
+    if query.ref_id is not None:
+        require_on_disk(svc, query.ref_id)
     async with svc.slots.slot():
-        png = await run_in_threadpool(_suggested_png, svc, query)
+        try:
+            png = await run_in_threadpool(_suggested_png, svc, query)
+        except UserInputError as exc:  # an unreadable gallery file
+            raise refused_reference(svc, query, exc) from None
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
 

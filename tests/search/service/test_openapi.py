@@ -167,22 +167,57 @@ def test_real_answers_fit_the_document(client, document, index):
         ("/search", "post", client.post("/search", data={"text": "make it red", "k": "0", "ref_id": ref_id})),
         ("/search", "post", client.post("/search", data={"text": "x", "ref_id": "nope"})),
         ("/search", "post", client.post("/search", content=b"{}", headers={"content-type": "application/json"})),
+        ("/search", "post", client.post("/search", content=b'--b\r\nContent-Disposition: form-data; name="text"\r\n',
+                                        headers={"content-type": "multipart/form-data; boundary=b"})),
         ("/health", "get", client.get("/health")),
         ("/gallery", "get", client.get("/gallery?offset=2&limit=3")),
         ("/gallery", "get", client.get("/gallery?limit=0")),
         ("/images/{image_id}", "get", client.get("/images/nope")),
     ]
     statuses = [r.status_code for _, _, r in answers]
-    assert statuses == [200, 200, 422, 404, 415, 200, 200, 422, 404]
+    assert statuses == [200, 200, 422, 404, 415, 400, 200, 200, 422, 404]
     for path, method, r in answers:
         schema = _schema_of(document, path, method, r.status_code)
         assert _conforms(document, schema, r.json()) == [], (path, r.status_code, r.text)
+    assert answers[5][2].json()["field"] is None  # a malformed body: about the body as a whole
     upload, gallery_search = answers[0][2].json(), answers[1][2].json()
     assert upload["query"]["reference"] == {"kind": "upload"}  # no key the answer does not have
     assert gallery_search["query"]["reference"]["kind"] == "gallery"
     assert set(upload["query"]["mask"]) == {"mode", "coverage", "box", "size"}
     wrong = dict(upload, results=[{**upload["results"][0], "rank": 0}])
     assert _conforms(document, _schema_of(document, "/search", "post", 200), wrong)
+
+
+@pytest.mark.parametrize("value", ["bytes=0-9", "bytes=0-1,4-5", "bytes=999999-", "pages=1"])
+def test_gallery_files_are_served_whole_whatever_the_range(client, index, value):
+    """A ``Range`` header gets the whole file (200, its image type), never 206, 416 or a plain-text 400, which the
+    document does not have."""
+    image_id = index.items[0]["id"]
+    whole = client.get(f"/images/{image_id}").content
+    for url in (f"/images/{image_id}", f"/masks/{image_id}"):
+        r = client.get(url, headers={"Range": value})
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png", (url, r.status_code, r.text[:80])
+        assert r.headers["accept-ranges"] == "none"
+    assert client.get(f"/images/{image_id}", headers={"Range": value}).content == whole
+
+
+def test_gallery_files_gone_or_broken_are_refused_as_documented(tmp_path, document):
+    """A gallery reference whose image is gone, unreadable, or whose stored mask is gone: 404 / 422 naming ref_id
+    (no 500), in the document's form."""
+    model = index_gallery(tmp_path, n=6)
+    idx = Index.open(tmp_path / "idx", model=model, mask_generator=BoxMaskGenerator(0.5))
+    (tmp_path / "g" / "img001.png").unlink()
+    (tmp_path / "g" / "img002.png").write_bytes(b"not a png")
+    (tmp_path / "g" / "img003-segmask.png").unlink()
+    with TestClient(create_app(idx), base_url=LOCAL, raise_server_exceptions=False) as c:
+        answers = [("/suggest-mask", c.post("/suggest-mask", data={"ref_id": "img001"})),
+                   ("/suggest-mask", c.post("/suggest-mask", data={"ref_id": "img002"})),
+                   ("/search", c.post("/search", data={"text": "red", "ref_id": "img002"})),
+                   ("/search", c.post("/search", data={"text": "red", "ref_id": "img003"}))]
+    assert [r.status_code for _, r in answers] == [404, 422, 422, 422], [r.text for _, r in answers]
+    for path, r in answers:
+        assert _conforms(document, _schema_of(document, path, "post", r.status_code), r.json()) == [], r.text
+    assert [r.json().get("field") for _, r in answers[1:]] == ["ref_id"] * 3
 
 
 def test_read_routes_answer_head_as_documented(client, document, index):
