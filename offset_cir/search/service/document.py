@@ -214,15 +214,17 @@ EVERY_ROUTE = {
 def form_answers() -> dict:
     """The refusals of a form route (``POST /search``, ``POST /suggest-mask``) beyond :data:`EVERY_ROUTE`."""
     return {
-        400: _refusal("a malformed multipart body (no boundary, cut short before its closing boundary; with "
-                      "`field` null), a refused `Host`, or a request that is not valid HTTP/1.1"),
+        400: _refusal("a malformed multipart body (no boundary, cut short before its closing boundary, a part's "
+                      "header over the parser's limit; `field` null or the part's name), more files or fields than "
+                      "the form has, a refused `Host`, or a request that is not valid HTTP/1.1"),
         404: _refusal("`ref_id` names no gallery image (with `field`), or its file is no longer on disk"),
-        415: _refusal("the body is not a form (`field` null), or an upload is not an image this service reads "
-                      "(PNG, JPEG, WebP, GIF, BMP, TIFF)", FormRefusal),
-        422: _refusal("a missing, repeated, unknown or malformed field, or a mask the request cannot have (the "
-                      "field named; the modes this server offers listed)", FormRefusal),
         413: _refusal("the request body is larger than `--max-upload-mb`, or an uploaded image has more pixels "
                       "than `--max-pixels` (with `field`; read from its header, before decoding)"),
+        415: _refusal("the body is not a form (`field` null), or an upload is not an image this service reads "
+                      "(PNG, JPEG, WebP, GIF, BMP, TIFF)", FormRefusal),
+        422: _refusal("a missing, repeated, unknown or malformed field, a mask the request cannot have (the field "
+                      "named; the modes this server offers listed), or a gallery reference the server cannot read",
+                      FormRefusal),
         503: _refusal("no search slot within `--queue-timeout`, or the server is at its limit of open connections "
                       "or of requests in progress", retry=True),
     }
