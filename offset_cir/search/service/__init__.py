@@ -2,9 +2,10 @@
 
 ``create_app(index, ...)`` (``app``) builds the application; ``make_server(app, ...)`` (``server``) the uvicorn
 server that runs it. The rooms: ``routes`` (the routes), ``form`` (the search form -> a validated ``SearchQuery``,
-upload decoding), ``guards`` (middleware: body limit, Host check, security headers, request accounting; the search
-slots; path scrubbing), ``metrics`` (Prometheus), ``state`` (what one app holds, its limits). The page is package
-data (``offset_cir/search/static/index.html``). Load, robustness and security rules: docs/search.md.
+upload decoding), ``document`` (the OpenAPI document, ``/openapi.json``: the answers as pydantic models),
+``guards`` (middleware: body limit, Host check, security headers, request accounting; the search slots; path
+scrubbing), ``metrics`` (Prometheus), ``state`` (what one app holds, its limits). The page is package data
+(``offset_cir/search/static/index.html``). Load, robustness and security rules: docs/search.md.
 """
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
 """The service's application factory: ``create_app(index, ...)`` puts together the routes, the app's state and the
 guards, in their order.
 
+The OpenAPI document is served at ``/openapi.json`` (``document.openapi_document``); no documentation page is.
+
 Middleware, outermost first: security headers (on every answer, refusals included), request accounting (metrics,
 clients that go away, unexpected errors), the Host check, the body limit; then FastAPI and the routes.
 """
@@ -13,9 +15,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.routing import Match
 
+from offset_cir import __version__
 from offset_cir.search.index import Index
 from offset_cir.search.inputs import short_repr
 from offset_cir.search.service import routes
+from offset_cir.search.service.document import EVERY_ROUTE, openapi_document, unique_id
 from offset_cir.search.service.guards import (
     BodyLimit,
     HostCheck,
@@ -59,7 +63,10 @@ def create_app(index: Index, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pi
     if index.mask_generator is not None:  # build the mask models now, once, not racing in two worker threads
         index.mask_generator.load()
 
-    app = FastAPI(title="offset-cir search", docs_url=None, redoc_url=None, openapi_url=None)
+    # no docs page: Swagger UI and ReDoc load scripts from a CDN, which the Content-Security-Policy forbids
+    app = FastAPI(title="offset-cir search", version=__version__, docs_url=None, redoc_url=None,
+                  openapi_url="/openapi.json", responses=EVERY_ROUTE, generate_unique_id_function=unique_id)
+    app.openapi = lambda: openapi_document(app)
     app.state.service = service
     app.state.metrics = service.metrics
     app.state.security_headers = security_headers(service.page)  # also on the server's own answers (make_server)
@@ -73,9 +80,10 @@ def create_app(index: Index, *, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_pi
 
 
 async def _invalid_request(request, exc: RequestValidationError):
-    """FastAPI's own 422 would echo the client's value whole: name the fields only."""
+    """FastAPI's own 422 would echo the client's value whole: name the fields only (``{"detail", "field"}``, as
+    the form's refusals)."""
     names = ", ".join(".".join(str(p) for p in e.get("loc", ())[1:]) or "request" for e in exc.errors()[:5])
-    return JSONResponse({"detail": f"invalid value for {short_repr(names)}"}, status_code=422)
+    return JSONResponse({"detail": f"invalid value for {short_repr(names)}", "field": names}, status_code=422)
 
 
 def route_of(app: FastAPI, scope) -> str:

@@ -29,8 +29,8 @@ REFERENCE_FIELDS = ("image", "ref_id")
 UPLOAD_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 #: form parser bounds: files, fields, bytes of one non-file part
 MAX_FILES, MAX_FIELDS, MAX_PART_SIZE = 2, 8, 64 * 1024
-#: most gallery entries one page may ask for
-MAX_PAGE = 200
+#: most gallery entries one page may ask for, and a page's entries when it does not say
+MAX_PAGE, GALLERY_PAGE = 200, 24
 #: Unicode categories of the characters a text needs one of: letters, numbers, punctuation, symbols (not only
 #: spaces, controls, format characters such as zero-width spaces, or marks)
 VISIBLE_CATEGORIES = ("L", "N", "P", "S")
@@ -322,24 +322,47 @@ def parse_gallery_page(offset: str, limit: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------------------------- OpenAPI
 
 
-def _form_body(properties: dict, required: list[str], one_of: list[list[str]]) -> dict:
-    """An OpenAPI ``requestBody`` for a form sent as multipart (uploads) or urlencoded (gallery references)."""
-    schema = {"type": "object", "properties": properties, "required": required,
-              "oneOf": [{"required": r} for r in one_of], "additionalProperties": False}
-    texts = {k: v for k, v in properties.items() if v.get("format") != "binary"}
-    plain = {"type": "object", "properties": texts, "required": required + ["ref_id"], "additionalProperties": False}
+#: the media types of the uploads a form reads (one per :data:`UPLOAD_FORMATS`)
+UPLOAD_MEDIA_TYPES = ", ".join(f"image/{f.lower()}" for f in UPLOAD_FORMATS)
+#: a form's one reference: an uploaded ``image`` (``ref_id`` absent or empty) or a gallery ``ref_id`` (no image)
+_ONE_REFERENCE = [
+    {"title": "an uploaded reference", "required": ["image"], "properties": {"ref_id": {"maxLength": 0}}},
+    {"title": "a gallery reference", "required": ["ref_id"], "properties": {"ref_id": {"minLength": 1},
+                                                                          "image": False}},
+]
+
+
+def _form_body(properties: dict, required: list[str]) -> dict:
+    """An OpenAPI ``requestBody`` for a form with one reference, sent as multipart (uploads) or urlencoded (a
+    gallery reference)."""
+    schema = {"type": "object", "properties": properties, "required": required, "oneOf": _ONE_REFERENCE,
+              "additionalProperties": False}
+    uploads = [k for k, v in properties.items() if v.get("format") == "binary"]
+    texts = {k: v for k, v in properties.items() if k not in uploads}
+    plain = {"type": "object", "properties": {**texts, "ref_id": {**texts["ref_id"], "minLength": 1}},
+             "required": required + ["ref_id"], "additionalProperties": False}
     return {"requestBody": {"required": True, "content": {
-        "multipart/form-data": {"schema": schema},
+        "multipart/form-data": {"schema": schema, "encoding": {k: {"contentType": UPLOAD_MEDIA_TYPES}
+                                                               for k in uploads}},
         "application/x-www-form-urlencoded": {"schema": plain}}}}
 
 
 def _reference_properties() -> dict:
     return {
-        "image": {"type": "string", "format": "binary", "description": "the reference photo (PNG, JPEG, WebP, GIF, "
-                  "BMP or TIFF; turned upright by its EXIF orientation); or give ref_id"},
-        "ref_id": {"type": "string", "minLength": 1, "description": "a gallery image id as the reference; or give "
-                   "image"},
+        "image": {"type": "string", "format": "binary", "minLength": 1, "description": "the reference photo (PNG, "
+                  "JPEG, WebP, GIF, BMP or TIFF; turned upright by its EXIF orientation); or give ref_id"},
+        "ref_id": {"type": "string", "description": "a gallery image id as the reference; or give image (an empty "
+                   "ref_id counts as none)"},
     }
+
+
+def gallery_page_openapi() -> dict:
+    """``openapi_extra`` of ``GET /gallery``: its query parameters (read by :func:`parse_gallery_page`)."""
+    return {"parameters": [
+        {"name": "offset", "in": "query", "required": False, "description": "the first image's position",
+         "schema": {"type": "integer", "minimum": 0, "default": 0}},
+        {"name": "limit", "in": "query", "required": False, "description": "images on the page at most",
+         "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": GALLERY_PAGE}}]}
 
 
 def search_form_openapi(limits: ServiceLimits, offered: tuple[str, ...]) -> dict:
@@ -351,20 +374,21 @@ def search_form_openapi(limits: ServiceLimits, offered: tuple[str, ...]) -> dict
         "k": {"type": "integer", "minimum": 1, "maximum": limits.max_k, "default": 10,
               "description": "number of results, written in the digits 0-9 only"},
         **_reference_properties(),
-        "mask": {"type": "string", "format": "binary", "description": "grayscale mask of the reference at its own "
-                 "pixel size, white = the part that matters; with ref_id it replaces the stored mask"},
+        "mask": {"type": "string", "format": "binary", "minLength": 1,
+                 "description": "grayscale mask of the reference at its own pixel size, white = the part that "
+                                "matters; with ref_id it replaces the stored mask"},
         "mask_mode": {"type": "string", "enum": list(MASK_MODES),
                       "description": "which mask the query uses; this server offers: "
                                      + (", ".join(offered) or "none (its model uses no mask)")
                                      + ". Left out: the mask sent, else a gallery reference's stored mask, else "
                                        "the mask pipeline's; 422 listing the modes where none fits"},
     }
-    return _form_body(props, ["text"], [["image"], ["ref_id"]])
+    return _form_body(props, ["text"])
 
 
 def reference_form_openapi() -> dict:
     """``openapi_extra`` of ``POST /suggest-mask``: one reference."""
-    return _form_body(_reference_properties(), [], [["image"], ["ref_id"]])
+    return _form_body(_reference_properties(), [])
 
 
 # ----------------------------------------------------------------------------------------------- uploads

@@ -16,16 +16,26 @@ from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
 
 from offset_cir.errors import UserInputError
 from offset_cir.search.inputs import load_pil, short_repr
 from offset_cir.search.query_mask import QueryMask, offered_mask_modes, query_mask
+from offset_cir.search.service.document import (
+    FormRefusal,
+    GalleryPage,
+    Health,
+    SearchAnswer,
+    form_answers,
+    image_answer,
+)
 from offset_cir.search.service.form import (
+    GALLERY_PAGE,
     FormError,
     SearchQuery,
     choose_mask_mode,
     decode_upload,
+    gallery_page_openapi,
     parse_gallery_page,
     read_reference_form,
     read_search_form,
@@ -39,20 +49,32 @@ READ = ["GET", "HEAD"]
 
 
 def add_routes(app: FastAPI) -> None:
-    """The routes, on ``app`` itself (so each is matched, and counted in the metrics, by its own template)."""
-    app.add_api_route("/", home, methods=READ, response_class=HTMLResponse)
-    app.add_api_route("/favicon.ico", favicon, methods=READ, include_in_schema=False)
-    app.add_api_route("/health", health, methods=READ)
-    app.add_api_route("/metrics", metrics_page, methods=READ)
-    app.add_api_route("/gallery", gallery, methods=READ)
-    app.add_api_route("/images/{image_id:path}", image, methods=READ)
-    app.add_api_route("/masks/{image_id:path}", stored_mask, methods=READ)
+    """The routes, on ``app`` itself (so each is matched, and counted in the metrics, by its own template), with
+    the answers the OpenAPI document gives them (``document``)."""
     svc = app.state.service
-    app.add_api_route("/search", search, methods=["POST"],
+    app.add_api_route("/", home, methods=READ, response_class=HTMLResponse, summary="The web page")
+    app.add_api_route("/favicon.ico", favicon, methods=READ, status_code=204, response_class=Response,
+                      summary="No icon")
+    app.add_api_route("/health", health, methods=READ, response_model=Health, summary="What this server serves")
+    app.add_api_route("/metrics", metrics_page, methods=READ, response_class=PlainTextResponse,
+                      summary="Prometheus metrics (text format)")
+    app.add_api_route("/gallery", gallery, methods=READ, response_model=GalleryPage, summary="The gallery, paged",
+                      openapi_extra=gallery_page_openapi(),
+                      responses={422: {"description": "offset or limit out of range or not a whole number",
+                                       "model": FormRefusal}})
+    app.add_api_route("/images/{image_id:path}", image, methods=READ, response_class=Response,
+                      summary="A gallery image, by id", responses=image_answer("the image file"))
+    app.add_api_route("/masks/{image_id:path}", stored_mask, methods=READ, response_class=Response,
+                      summary="A gallery image's stored mask, by id",
+                      responses=image_answer("the mask file (grayscale, the image's size)"))
+    app.add_api_route("/search", search, methods=["POST"], response_model=SearchAnswer,
+                      response_model_exclude_unset=True, summary="Search the gallery", responses=form_answers(),
                       openapi_extra=search_form_openapi(svc.limits, mask_modes(svc.index)))
     app.add_api_route("/suggest-mask", suggest_mask, methods=["POST"], openapi_extra=reference_form_openapi(),
-                      response_class=Response, responses={200: {"description": "the mask, grayscale, the reference's "
-                                                                "size", "content": {"image/png": {}}}})
+                      response_class=Response, summary="The mask pipeline's mask for a reference",
+                      responses={200: {"description": "the mask, grayscale, the reference's size",
+                                       "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}}},
+                                 **form_answers()})
     app.add_exception_handler(FormError, form_error_answer)
 
 
@@ -104,13 +126,26 @@ async def metrics_page(request: Request):
     return Response(service_of(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-async def gallery(request: Request, offset: str = "0", limit: str = "24"):
+async def gallery(request: Request):
     index = service_of(request).index
-    start, count = parse_gallery_page(offset, limit)
+    start, count = parse_gallery_page(request.query_params.get("offset", "0"),
+                                      request.query_params.get("limit", str(GALLERY_PAGE)))
     return {"total": len(index), "offset": start,
             "images": [{"id": it["id"], "url": image_url(it["id"]), "has_mask": bool(it.get("mask")),
                         "mask_url": mask_url(it["id"]) if it.get("mask") else None}
                        for it in index.items[start:start + count]]}
+
+
+class WholeFile(FileResponse):
+    """A gallery file, always whole: a ``Range`` header is ignored (200 with the file; Starlette would otherwise
+    answer 206, a 416, or a plain-text 400 for a malformed range, none of them one of this service's answers)."""
+
+    def __init__(self, path):
+        super().__init__(path, headers={"Cache-Control": "max-age=3600", "Accept-Ranges": "none"})
+
+    async def __call__(self, scope, receive, send):
+        headers = [(k, v) for k, v in scope.get("headers", []) if k not in (b"range", b"if-range")]
+        await super().__call__({**scope, "headers": headers}, receive, send)
 
 
 async def image(request: Request, image_id: str):
@@ -120,7 +155,7 @@ async def image(request: Request, image_id: str):
     path = Path(index.item(image_id)["path"])
     if not path.is_file():
         raise HTTPException(404, f"gallery image {short_repr(image_id)} is no longer on disk")
-    return FileResponse(path, headers={"Cache-Control": "max-age=3600"})
+    return WholeFile(path)
 
 
 async def stored_mask(request: Request, image_id: str):
@@ -131,7 +166,7 @@ async def stored_mask(request: Request, image_id: str):
     mask = index.item(image_id).get("mask")
     if not mask or not Path(mask).is_file():
         raise HTTPException(404, f"gallery image {short_repr(image_id)} has no stored mask on disk")
-    return FileResponse(mask, headers={"Cache-Control": "max-age=3600"})
+    return WholeFile(mask)
 
 
 async def search(request: Request):
@@ -143,7 +178,7 @@ async def search(request: Request):
         try:
             hits, stages, used = await run_in_threadpool(run_search, svc, query, mode)
         except UserInputError as exc:  # a stored mask file gone, an unreadable gallery file
-            raise HTTPException(422, svc.public(str(exc))) from None
+            raise refused_reference(svc, query, exc) from None
     svc.metrics.observe_stages(stages)
     took = time.perf_counter() - t0
     svc.metrics.seconds.labels("total").observe(took)
@@ -163,14 +198,26 @@ def describe_reference(svc: Service, query: SearchQuery) -> tuple[dict, str]:
     index = svc.index
     if query.ref_id is None:
         return {"kind": "upload"}, choose_mask_mode(query, mask_modes(index), stored=False)
-    item = index.item(query.ref_id)
-    if not Path(item["path"]).is_file():
-        raise HTTPException(404, f"gallery image {short_repr(query.ref_id)} is no longer on disk; the index "
-                                 f"needs an update (`offset index`)")
+    item = require_on_disk(svc, query.ref_id)
     reference = {"kind": "gallery", "id": query.ref_id, "url": image_url(query.ref_id)}
     if item.get("mask"):
         reference["mask_url"] = mask_url(query.ref_id)
     return reference, choose_mask_mode(query, mask_modes(index), stored=bool(item.get("mask")))
+
+
+def require_on_disk(svc: Service, ref_id: str) -> dict:
+    """The index's item of gallery reference ``ref_id``; a 404 when its file is gone (the index needs an update)."""
+    item = svc.index.item(ref_id)
+    if not Path(item["path"]).is_file():
+        raise HTTPException(404, f"gallery image {short_repr(ref_id)} is no longer on disk; the index needs an "
+                                 f"update (`offset index`)")
+    return item
+
+
+def refused_reference(svc: Service, query: SearchQuery, exc: UserInputError) -> FormError:
+    """The 422 of a reference the library could not read (a gallery file or stored mask unreadable or gone), naming
+    ``ref_id`` for a gallery reference."""
+    return FormError("ref_id" if query.ref_id is not None else None, svc.public(str(exc)))
 
 
 _MODES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -233,8 +280,13 @@ async def suggest_mask(request: Request):
     if svc.index.mask_generator is None:
         raise FormError("mask_mode", f"this server has no mask pipeline to suggest a mask; "
                                      f"it offers mask_mode {', '.join(mask_modes(svc.index)) or 'none'}")
+    if query.ref_id is not None:
+        require_on_disk(svc, query.ref_id)
     async with svc.slots.slot():
-        png = await run_in_threadpool(_suggested_png, svc, query)
+        try:
+            png = await run_in_threadpool(_suggested_png, svc, query)
+        except UserInputError as exc:  # an unreadable gallery file
+            raise refused_reference(svc, query, exc) from None
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
