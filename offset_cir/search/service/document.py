@@ -165,6 +165,16 @@ class Limits(_Answer):
     batch_wait_ms: float = Field(ge=0.0, description="milliseconds the encoder waits for queries on their way")
 
 
+class Baseline(_Answer):
+    """The training-free baseline queries are encoded with: the backbone's own features, no trained modules."""
+
+    mode: Literal["image", "text", "image+text"] = Field(description="what a query is scored by")
+    backbone: str | None = Field(description="the backbone's name (null when `checkpoint` gives it)")
+    pretrained: str | None = Field(description="its weights: an OpenCLIP tag, a local file, `packaged`, or null")
+    checkpoint: str | None = Field(description="a checkpoint whose backbone is used, or null")
+    seed: int = Field(description="the seed of the backbone's new projections, where it has any")
+
+
 class Health(_Answer):
     """``GET /health``: what this server serves and how."""
 
@@ -182,6 +192,8 @@ class Health(_Answer):
     read_only: Literal[True] = Field(description="the index is never written to")
     runtime: str = Field(description="what encodes queries (`torch`, `onnx`)")
     precision: Precision
+    baseline: Baseline | None = Field(description="the training-free baseline served (an index built with "
+                                                  "`offset index --baseline`), or null for a trained model")
     limits: Limits
 
 
