@@ -48,7 +48,7 @@ def run(backbone: str, batch: int, precision: str, steps: int, device: str, grad
     return out
 
 
-# One representative per tower family (issue 10): random init, fp32, CPU, batch 2.
+# One representative per tower family: random init, fp32, CPU, batch 2.
 FAMILY_ROWS = [
     ("OpenCLIP ViT (reference)", "ViT-B-16"),
     ("timm ViT, map pool (SigLIP2)", "ViT-B-16-SigLIP2"),

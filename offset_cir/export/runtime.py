@@ -132,7 +132,7 @@ class OnnxEncoder:
     def uses_masks(self) -> bool:
         if "uses_masks" in self.meta:
             return bool(self.meta["uses_masks"])
-        return bool(self.meta.get("needs_masks", True))  # the key of exports written before "uses_masks"
+        return bool(self.meta.get("needs_masks", True))  # the key an older export.json uses for "uses_masks"
 
     @property
     def uses_query_mask(self) -> bool:

@@ -17,7 +17,7 @@ The checkpoint identity in the manifest is ``sha256:`` + :func:`offset_cir.model
 ``target_identity`` (``baseline-target:...``: its backbone and weights, not its query mode, so one index serves the
 three modes; the manifest's ``baseline`` then holds its :class:`~offset_cir.model.baseline.BaselineSpec`, null for
 a trained model) (:func:`model_identity`).
-Whether the model uses masks is the manifest's ``uses_masks``; manifests written before that name carry
+Whether the model uses masks is the manifest's ``uses_masks``; an older manifest carries
 ``needs_masks``, which :func:`manifest_uses_masks` reads too.
 """
 from __future__ import annotations
@@ -48,7 +48,7 @@ GENERATED_MASKS_DIR = "masks"
 STATE_PREFIX = "state:"
 #: how the index's JSON files are written (manifest, model config, shard markers)
 JSON_STYLE = {"indent": 1, "sort_keys": True}
-#: the manifest key that said whether the model uses masks, in manifests written before ``uses_masks``
+#: the manifest key that said whether the model uses masks, in an older manifest, for ``uses_masks``
 LEGACY_USES_MASKS_KEY = "needs_masks"
 _GENERATION_FILE = re.compile(r"(features|items|faiss)-\d{6}\.")
 

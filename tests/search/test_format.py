@@ -93,7 +93,7 @@ def test_new_manifests_say_uses_masks_and_old_ones_still_open(tmp_path):
     assert man["uses_masks"] is True and "needs_masks" not in man
     want = Index.open(tmp_path / "idx", model=model).search_id("img001", "red", k=3)
 
-    man["needs_masks"] = man.pop("uses_masks")  # a manifest as written before the key was uses_masks
+    man["needs_masks"] = man.pop("uses_masks")  # an older manifest: needs_masks in place of uses_masks
     path.write_text(json.dumps(man))
     old = Index.open(tmp_path / "idx", model=model)
     assert old.uses_masks is True and old.search_id("img001", "red", k=3) == want

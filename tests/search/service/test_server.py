@@ -54,8 +54,8 @@ def built(tmp_path_factory):
 
 
 def test_page_load_during_searches_all_answered(built):
-    """30 thumbnails, the page, gallery and health, and 12 searches at once: all 200 (uvicorn's connection limit
-    was 8 before), while at most max_concurrency searches run."""
+    """30 thumbnails, the page, gallery and health, and 12 searches at once: all 200 (more connections at once than
+    uvicorn's own limit of 8 would admit), while at most max_concurrency searches run."""
     model = SlowQueries(0.1)
     index = Index.open(built / "idx", model=model)
     ids = index.ids
