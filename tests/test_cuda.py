@@ -98,7 +98,7 @@ def _cfg(root, out, *extra):
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_resume_equals_uninterrupted_on_cuda(synth_root, tmp_path, precision):
-    # As tests/test_train.py on the CPU: an interrupted run resumed from last/ ends with the very weights of the
+    # As tests/train/test_trainer.py on the CPU: an interrupted run resumed from last/ ends with the very weights of the
     # uninterrupted one (fp16: the grad scaler's state travels with the checkpoint). Deterministic kernels only.
     from safetensors.torch import load_file
 

@@ -184,7 +184,9 @@ class Health(_Answer):
     search: str = Field(description="the search engine (`exact`, or the approximate index's kind)")
     checkpoint_hash: str | None = Field(description="the served checkpoint's content hash (`sha256:<hex>`)")
     uses_masks: bool = Field(description="whether a query needs a mask of its reference")
-    needs_masks: bool = Field(description="the same as uses_masks, for clients that read this name")
+    # the wire key is needs_masks (an older name of uses_masks); the Python name says what it is
+    uses_masks_older_key: bool = Field(alias="needs_masks",
+                                       description="the same as uses_masks, for clients that read this name")
     mask_pipeline: bool = Field(description="whether the server can make masks (mask_mode generated, "
                                             "POST /suggest-mask)")
     mask_modes: list[Literal[MASK_MODES]] = Field(description="the mask_mode values this server offers (none for "

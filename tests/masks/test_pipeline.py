@@ -26,7 +26,7 @@ from offset_cir.masks.models import CLIPSegSegmenter, HFCaptioner  # noqa: E402
 from offset_cir.io import is_temporary  # noqa: E402
 from offset_cir.masks.pipeline import CAPTIONS_FILE, mask_is_valid  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from offset_cir.train.sampling import EpochSampler
 from offset_cir.train.state import TrainState
 from offset_cir.train.trainer import Trainer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "offset_cir"
 OTHER_MASK_WORDS = {"needs_masks", "query_needs_mask", "target_needs_mask", "load_masks"}
 

@@ -142,7 +142,7 @@ def test_serve_cli_passes_the_runtime(trained, monkeypatch):
 
 
 def _dockerfile_json(instruction: str) -> list[str]:
-    text = (Path(__file__).resolve().parents[1] / "Dockerfile").read_text()
+    text = (Path(__file__).resolve().parents[2] / "Dockerfile").read_text()
     lines = [ln for ln in text.splitlines() if ln.startswith(instruction + " ")]
     assert len(lines) == 1, f"one {instruction} expected in the Dockerfile"
     return json.loads(lines[0][len(instruction) + 1:])
@@ -158,7 +158,7 @@ def test_container_entrypoint_is_a_valid_serve_command():
     argv = entry[1:] + cmd
     args = build_parser(argv).parse_args(argv)
     assert args.host == "0.0.0.0" and args.index == "/index" and args.runtime == "torch"
-    health = (Path(__file__).resolve().parents[1] / "Dockerfile").read_text()
+    health = (Path(__file__).resolve().parents[2] / "Dockerfile").read_text()
     assert f"http://127.0.0.1:{args.port}/health" in health
     onnx_argv = entry[1:] + ["--index", "/index", "--runtime", "onnx", "--onnx", "/onnx"]
     assert build_parser(onnx_argv).parse_args(onnx_argv).onnx == "/onnx"
