@@ -89,36 +89,13 @@ def _latency_rows(model, backbone: str, repeats: int, threads: int, workdir: Pat
     return rows
 
 
-def _load(root: Path, split: str, name: str, pre, train: bool):
-    from PIL import Image
-
-    rel = json.loads((root / "image_splits" / f"split.rc2.{split}.json").read_text())[name]
-    p = (root / rel).resolve()
-    return pre.image(Image.open(p), train=train), pre.mask(Image.open(p.with_name(p.stem + "-segmask.png")), train=train)
-
-
 def int8_overlap(workdir: Path, n_test: int, steps: int, threads: int) -> dict:
     from PIL import Image
 
-    from offset_cir.data import synthetic
+    from offset_cir.testing.search import synthetic_image_pair as _load, train_tiny_on_synthetic
 
-    root = workdir / "synth"
-    synthetic.generate(root, seed=0, image_size=64, n_train=8 * steps, n_val=4, n_test=n_test, progress=False)
-    torch.manual_seed(0)
-    model = offset_cir.build_model(offset_cir.ModelConfig(backbone="tiny")).train()
-    opt = torch.optim.AdamW(model.parameter_groups(1e-4, 1e-3))
-    recs = json.loads((root / "captions" / "cap.rc2.train.json").read_text())
-    for step in range(steps):
-        batch = [recs[(step * 8 + i) % len(recs)] for i in range(8)]
-        ref = [_load(root, "train", r["reference"], model.preprocess, True) for r in batch]
-        tgt = [_load(root, "train", r["target_hard"], model.preprocess, True) for r in batch]
-        loss = model.compute_loss(torch.stack([a for a, _ in ref]), torch.stack([b for _, b in ref]),
-                                  [r["caption"] for r in batch], torch.stack([a for a, _ in tgt]),
-                                  torch.stack([b for _, b in tgt]))["total"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    root, checkpoint, _ = train_tiny_on_synthetic(workdir, steps, n_train=8 * steps, n_test=n_test, new_lr=1e-3)
+    model = offset_cir.load_checkpoint(checkpoint).eval()
     export_onnx(model, workdir / "trained", int8=True)
     encoders = {"fp32": OnnxEncoder(workdir / "trained", threads=threads),
                 "int8": OnnxEncoder(workdir / "trained", threads=threads, int8=True)}

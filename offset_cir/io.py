@@ -23,7 +23,7 @@ from typing import IO, Any
 from offset_cir.errors import UserInputError
 
 __all__ = ["atomic_path", "atomic_open", "write_bytes", "write_text", "write_json", "write_jsonl", "read_jsonl",
-           "save_npy", "replace_dir", "is_temporary", "plain_file_mode"]
+           "read_format_json", "save_npy", "replace_dir", "is_temporary", "plain_file_mode"]
 
 
 def _temporary_name(path: Path) -> Path:
@@ -145,6 +145,24 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 raise UserInputError(f"{path}: line {lineno} is {type(row).__name__}, expected a JSON object")
             out.append(row)
     return out
+
+
+def read_format_json(path: str | os.PathLike, fmt: str, version: int, kind: str) -> dict:
+    """A JSON object that names its ``format`` and ``version`` (an index manifest, an export's ``export.json``):
+    refused, naming ``path``, when it is not JSON, not an object, of another format (not a ``kind``), or newer
+    than ``version``."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise UserInputError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        got = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise UserInputError(f"{path}: not an offset-cir {kind} (field 'format' is {got!r}, expected {fmt!r})")
+    if int(data.get("version", -1)) > version:
+        raise UserInputError(f"{path}: {kind} version {data.get('version')} is newer than this offset-cir "
+                             f"understands ({version})")
+    return data
 
 
 def save_npy(path: str | os.PathLike, array) -> None:

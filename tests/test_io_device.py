@@ -1,5 +1,6 @@
 """The atomic-write helpers (offset_cir.io) and the one device rule (offset_cir.device)."""
 import json
+import re
 import os
 
 import numpy as np
@@ -142,3 +143,20 @@ def test_a_training_checkpoint_folder_has_one_file_mode(tmp_path, umask_027):
     modes = {p.name: oct(p.stat().st_mode & 0o7777) for p in (tmp_path / "last").iterdir()}
     assert "trainer_state.safetensors" in modes and len(modes) >= 4
     assert modes == {name: oct(umask_027) for name in modes}
+
+
+def test_read_format_json_refuses_other_formats_and_newer_versions(tmp_path):
+    path = tmp_path / "manifest.json"
+    io.write_json(path, {"format": "offset-cir-index", "version": 1, "n": 3})
+    assert io.read_format_json(path, "offset-cir-index", 1, "index")["n"] == 3
+    cases = [({"format": "other", "version": 1}, "not an offset-cir index (field 'format' is 'other'"),
+             ([1, 2], "field 'format' is 'list'"),
+             ({"format": "offset-cir-index", "version": 2}, "index version 2 is newer than this offset-cir "
+                                                            "understands (1)")]
+    for data, message in cases:
+        io.write_json(path, data)
+        with pytest.raises(UserInputError, match=re.escape(message)):
+            io.read_format_json(path, "offset-cir-index", 1, "index")
+    path.write_text("{not json")
+    with pytest.raises(UserInputError, match="manifest.json is not valid JSON"):
+        io.read_format_json(path, "offset-cir-index", 1, "index")

@@ -14,7 +14,6 @@ the other; what must match is the checkpoint, checked by its hash.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import tempfile
@@ -26,6 +25,7 @@ import numpy as np
 
 from offset_cir.errors import CheckpointError, UserInputError
 from offset_cir.hashing import is_tagged, tagged
+from offset_cir.io import read_format_json
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +42,7 @@ def read_export(folder: str | os.PathLike) -> dict:
     if not path.is_file():
         raise UserInputError(f"{folder} is not an ONNX export (no {EXPORT_NAME}); make one with "
                              f"`offset export --checkpoint CKPT --out {folder}`")
-    try:
-        meta = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserInputError(f"{path} is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        got = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
-        raise UserInputError(f"{path}: field 'format' is {got!r}, expected {FORMAT!r}")
-    if int(meta.get("version", -1)) > VERSION:
-        raise UserInputError(f"{path}: export version {meta.get('version')} is newer than this offset-cir "
-                             f"understands ({VERSION})")
+    meta = read_format_json(path, FORMAT, VERSION, "export")
     for key in ("graphs", "embed_dim", "preprocess", "tokenizer", "model_config", "checkpoint"):
         if key not in meta:
             raise UserInputError(f"{path}: field {key!r} is missing")

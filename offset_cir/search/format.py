@@ -66,17 +66,7 @@ def read_index_manifest(folder: Path) -> dict | None:
     m = Path(folder) / MANIFEST_NAME
     if not m.exists():
         return None
-    try:
-        man = json.loads(m.read_text())
-    except json.JSONDecodeError as exc:
-        raise UserInputError(f"{m} is not valid JSON ({exc})") from None
-    if not isinstance(man, dict) or man.get("format") != FORMAT:
-        got = man.get("format") if isinstance(man, dict) else type(man).__name__
-        raise UserInputError(f"{m}: not an offset-cir index (field 'format' is {got!r}, expected {FORMAT!r})")
-    if int(man.get("version", -1)) > VERSION:
-        raise UserInputError(f"{m}: index version {man.get('version')} is newer than this offset-cir "
-                             f"understands ({VERSION})")
-    return man
+    return io.read_format_json(m, FORMAT, VERSION, "index")
 
 
 def manifest_uses_masks(manifest: dict) -> bool:

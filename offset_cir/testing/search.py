@@ -193,20 +193,24 @@ def synthetic_image_pair(root: Path, split: str, name: str, pre, train: bool):
     return pre.image(Image.open(p), train=train), pre.mask(Image.open(p.with_name(p.stem + "-segmask.png")), train=train)
 
 
-def train_tiny_on_synthetic(base: Path, steps: int = 3):
-    """A synthetic benchmark under ``base/synth`` (8 test queries, 48 test images) and the real tiny OFFSET trained
-    ``steps`` AdamW steps of 8 triplets on it, saved to ``base/ckpt``: (root, checkpoint, losses)."""
+def train_tiny_on_synthetic(base: Path, steps: int = 3, *, n_train: int = 16, n_test: int = 8,
+                            new_lr: float | None = None):
+    """A synthetic benchmark under ``base/synth`` (``n_test`` test queries, 6 test images each) and the real tiny
+    OFFSET trained ``steps`` AdamW steps of 8 triplets on it (lr 1e-4; with ``new_lr``, the model's parameter
+    groups: backbone 1e-4, new modules ``new_lr``), saved to ``base/ckpt``: (root, checkpoint, losses)."""
     import json
 
     import offset_cir
     from offset_cir.data import synthetic
 
     root = base / "synth"
-    synthetic.generate(root, seed=0, image_size=64, n_train=16, n_val=4, n_test=8, progress=False, workers=1)
+    synthetic.generate(root, seed=0, image_size=64, n_train=n_train, n_val=4, n_test=n_test, progress=False,
+                       workers=1)
     torch.manual_seed(0)
     model = offset_cir.build_model(offset_cir.ModelConfig(backbone="tiny"))
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    params = model.parameters() if new_lr is None else model.parameter_groups(1e-4, new_lr)
+    opt = torch.optim.AdamW(params, lr=1e-4)
     recs = json.loads((root / "captions" / "cap.rc2.train.json").read_text())
     losses = []
     for step in range(steps):
