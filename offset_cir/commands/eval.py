@@ -207,6 +207,7 @@ def _run(args) -> int:
     import offset_cir
     from offset_cir.data import get_dataset
     from offset_cir.device import choose_device
+    from offset_cir.eval import attributes
     from offset_cir.eval.evaluate import evaluate, get_protocol
     from offset_cir.model.card import default_name, format_result, record_result, result_path, write_model_card
 
@@ -236,12 +237,15 @@ def _run(args) -> int:
     model = offset_cir.load_checkpoint(args.checkpoint).to(device)
     if not model.uses_masks:
         bench.use_masks = False
+    meta = attributes.benchmark_meta(bench)  # synthetic: what the top result has of what the text asks for
     with tempfile.TemporaryDirectory(prefix="offset-eval-") as tmp:
-        ranked = rankings or (Path(tmp) / "rankings.jsonl" if sheet is not None else None)
+        ranked = rankings or (Path(tmp) / "rankings.jsonl" if sheet is not None or meta is not None else None)
         result = evaluate(model, bench, proto.name, split=split, batch_size=args.batch_size,
                           num_workers=args.num_workers, save_rankings=ranked, device=device,
                           query_transform=args.query_transform)
         result["checkpoint"] = str(args.checkpoint)
+        if meta is not None:
+            result["top1_attributes"] = attributes.rankings_table(ranked, meta, split, result["gallery"][0])
         try:
             from offset_cir.model.checkpoint import checkpoint_hash
 
@@ -281,10 +285,13 @@ def _run(args) -> int:
             name = str(args.checkpoint) if folder is None else default_name(folder)
             title = (f"{name} on {bench.name} {split} (protocol {proto.name}, gallery "
                      f"{gallery}): reference, text, top-5 and the true target")
-            written.append(f"sheet: {draw_retrieval_sheet(rows, bench.image_path, sheet, k=5, title=title)} "
+            marks = attributes.asked_marks(meta, split) if meta is not None else None
+            written.append(f"sheet: {draw_retrieval_sheet(rows, bench.image_path, sheet, k=5, title=title, marks=marks)} "
                            f"({len(rows)} queries)")
     print(format_result(result))
     print()
+    if meta is not None:
+        print(attributes.format_result_table(result["top1_attributes"], attributes.chance_shares(meta, split)) + "\n")
     for line in written:
         print(line)
     return 0
