@@ -166,6 +166,21 @@ def run_demo(out_dir="runs/demo", data_dir=DEFAULT_DATA_DIR, seeds=(0,), overrid
         for name in RUNS:
             demo.run(seed, name, first_seed=si == 0,
                      index=build_search_index and section.get("index", True) and name == "offset")
+    results = _results(demo, probe, section, seeds, bench, meta, data, synth, preset, time.monotonic() - started)
+    if demo.index_info is not None:
+        results["index"] = demo.index_info
+        results["serve_command"] = f"offset serve --index {out / 'index'}"
+    write_json(out / "results.json", results)
+    write_text(out / "report.md", render_report(results))
+    plot_curves(demo.curves, out / "curves.png")
+    plot_retrievals(out / f"seed{seeds[0]}" / "offset_test_rankings.jsonl", bench, out / "retrievals.png", meta=meta)
+    return results
+
+
+def _results(demo: "_DemoRuns", probe, section: dict, seeds, bench, meta: dict, data: Path, synth: dict, preset: str,
+             seconds: float) -> dict:
+    """What results.json holds: the recipe, each model's test metrics (mean over seeds, per seed, std), the
+    per-attribute table, chance levels and what each run's training did."""
     from offset_cir.eval.attributes import chance_shares
     from offset_cir.eval.metrics import chance_levels
 
@@ -173,7 +188,7 @@ def run_demo(out_dir="runs/demo", data_dir=DEFAULT_DATA_DIR, seeds=(0,), overrid
         "backbone": {"name": probe.model.backbone, "pretrained": probe.model.pretrained},
         "recipe": recipe_of(probe, section),
         "gallery_size": demo.gallery_size,
-        "seconds": round(time.monotonic() - started, 1),
+        "seconds": round(seconds, 1),
         "runs": {name: _mean(demo.per_seed, seeds, name) for name in RUNS},
         "chance": {k: round(v, 2) for k, v in chance_levels(demo.gallery_size).items()},  # reference excluded: N-1
         "seeds": list(seeds),
@@ -187,15 +202,8 @@ def run_demo(out_dir="runs/demo", data_dir=DEFAULT_DATA_DIR, seeds=(0,), overrid
         **_attribute_results(demo.attributes, seeds),
         "attributes_chance": chance_shares(meta, "test"),
     }
-    if demo.index_info is not None:
-        results["index"] = demo.index_info
-        results["serve_command"] = f"offset serve --index {out / 'index'}"
     if len(seeds) > 1:
         results["std"] = {name: _std(demo.per_seed, seeds, name) for name in RUNS}
-    write_json(out / "results.json", results)
-    write_text(out / "report.md", render_report(results))
-    plot_curves(demo.curves, out / "curves.png")
-    plot_retrievals(out / f"seed{seeds[0]}" / "offset_test_rankings.jsonl", bench, out / "retrievals.png", meta=meta)
     return results
 
 

@@ -116,9 +116,14 @@ class ImageSplit:
         t = self.trunk
         x = features
         if self.image_blocks:
-            for block in self.live_blocks:
-                x = block(x)
-            x = t.bn2(t.conv_head(x))
+            # channels-last: the trainable blocks' depthwise convolutions run (and back-propagate) faster on CPUs in
+            # it; on CPUs they also stay float32 under bf16 autocast, whose backward is slower for them there (OFFSET's
+            # matrix products after them are where bf16 pays). benchmarks/train_speed.py --live-blocks measures both.
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", enabled=False) if x.device.type == "cpu" else contextlib.nullcontext():
+                for block in self.live_blocks:
+                    x = block(x)
+                x = t.bn2(t.conv_head(x))
         pooled = self.visual.head(t.forward_head(x))
         return x.flatten(2).transpose(1, 2), pooled
 
