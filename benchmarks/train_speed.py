@@ -6,6 +6,7 @@ batch 8 and 32, measured on random tensors (the model's cost alone, no image dec
     python benchmarks/train_speed.py --small-compute   # efficientnet-lite0-minilm: fine-tuned / frozen / cached
     python benchmarks/train_speed.py --optimizer       # AdamW per-tensor / foreach / fused (the trainer's)
     python benchmarks/train_speed.py --cache-fill      # the feature cache's frozen forward variants, item seeding
+    python benchmarks/train_speed.py --live-blocks 2 5 6   # the trainable last blocks over cached features
 
     python benchmarks/train_speed.py --device cuda [--cuda-backbone ViT-H-14]   # the GPU table only
 
@@ -192,13 +193,13 @@ def cache_fill_rows(steps: int) -> None:
     import copy
 
     from offset_cir.model.packaged import create_packaged_clip
-    from offset_cir.train.cache import _fold_batch_norms
+    from offset_cir.train.tower_split import fold_batch_norms
 
     trunk = create_packaged_clip("efficientnet-lite0-minilm", None).visual.trunk.eval()
     x = torch.randn(64, 3, 64, 64)
     cl = copy.deepcopy(trunk).to(memory_format=torch.channels_last)
     folded = copy.deepcopy(trunk)
-    _fold_batch_norms(folded)
+    fold_batch_norms(folded)
     folded = folded.to(memory_format=torch.channels_last)
     variants = [("as built", trunk, x), ("channels-last", cl, x.contiguous(memory_format=torch.channels_last)),
                 ("folded + channels-last", folded, x.contiguous(memory_format=torch.channels_last))]
@@ -223,6 +224,44 @@ def cache_fill_rows(steps: int) -> None:
         print(f"seeding one item, {name:<20}{(time.perf_counter() - t) / n * 1000:>8.3f} ms", flush=True)
 
 
+def live_blocks_rows(steps: int, counts: list[int], batch: int = 128) -> None:
+    """What the trainable last N image blocks cost per training step over cached features (efficientnet-lite0-minilm,
+    64 px; ``batch`` cached maps): forward and backward of the blocks and the head, NCHW as the cache stores them,
+    channels-last (what ``ImageSplit.live`` runs), and channels-last under bf16 autocast (what it does not run on
+    CPUs: there it turns autocast off for the blocks)."""
+    from offset_cir.model.packaged import create_packaged_clip
+
+    trunk = create_packaged_clip("efficientnet-lite0-minilm", None).visual.trunk.train()
+    flat = [b for stage in trunk.blocks for b in stage]
+    print(f"trainable last blocks + head, forward + backward of {batch} cached maps at 64 px, CPU threads "
+          f"{torch.get_num_threads()}, {steps} timed calls")
+    print(f"{'blocks':>6}{'input':>14}{'NCHW ms':>10}{'channels-last ms':>18}{'+ bf16 autocast ms':>20}")
+    for n in counts:
+        with torch.no_grad():
+            h = trunk.bn1(trunk.conv_stem(torch.zeros(1, 3, 64, 64)))
+            for block in flat[: len(flat) - n]:
+                h = block(h)
+        x = torch.randn(batch, *h.shape[1:])
+        cl = x.contiguous(memory_format=torch.channels_last)
+        times = []
+        for inp, bf16 in ((x, False), (cl, False), (cl, True)):
+            def step(inp=inp, bf16=bf16) -> None:
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    y = inp
+                    for block in flat[len(flat) - n:]:
+                        y = block(y)
+                    y = trunk.bn2(trunk.conv_head(y))
+                y.float().square().mean().backward()
+
+            step()
+            t = time.perf_counter()
+            for _ in range(steps):
+                step()
+            times.append((time.perf_counter() - t) / steps * 1000)
+        shape = "x".join(map(str, h.shape[1:]))
+        print(f"{n:>6}{shape:>14}{times[0]:>10.1f}{times[1]:>18.1f}{times[2]:>20.1f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--backbones", nargs="+", default=["tiny", "ViT-B-16"])
@@ -244,7 +283,12 @@ def main() -> None:
                     help="only the AdamW table: per-tensor vs foreach vs fused, over the demo's trainable parameters")
     ap.add_argument("--cache-fill", action="store_true",
                     help="only the feature-cache table: the frozen tower as built / channels-last / folded, and item seeding")
+    ap.add_argument("--live-blocks", type=int, nargs="+", metavar="N",
+                    help="only the trainable-blocks table: the last N blocks over cached features, NCHW / channels-last / bf16")
     args = ap.parse_args()
+    if args.live_blocks:
+        live_blocks_rows(max(args.steps, 3), args.live_blocks)
+        return
     if args.cache_fill:
         cache_fill_rows(max(args.steps, 8))
         return

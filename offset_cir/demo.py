@@ -79,7 +79,11 @@ def _best_model(run_dir: Path, cfg):
     return model, ckpt, cache
 
 
-def _test_metrics(model, cache, bench, rankings: Path | None, batch_size: int, progress: bool) -> tuple[dict, dict]:
+def _test_metrics(model, cache, bench, meta: dict, rankings: Path, batch_size: int,
+                  progress: bool) -> tuple[dict, dict, dict]:
+    """(R@K metrics, the evaluation result, the per-attribute top-1 table) on the test split; the rankings are
+    written to ``rankings``."""
+    from offset_cir.eval.attributes import rankings_table
     from offset_cir.eval.evaluate import evaluate
     from offset_cir.train.cache import warm_benchmark
 
@@ -87,7 +91,8 @@ def _test_metrics(model, cache, bench, rankings: Path | None, batch_size: int, p
         warm_benchmark(cache, bench, ["test"], masks=model.uses_masks, progress=progress)
     result = evaluate(model, bench, "synthetic", split="test", batch_size=batch_size, save_rankings=rankings,
                       progress=False)
-    return {k: round(result["metrics"][k], 2) for k in METRICS if k in result["metrics"]}, result
+    table = rankings_table(rankings, meta, "test", result["gallery"][0])
+    return {k: round(result["metrics"][k], 2) for k in METRICS if k in result["metrics"]}, result, table
 
 
 def _build_demo_index(index_dir: Path, images: Path, model, ckpt: Path, progress: bool) -> dict:
@@ -138,8 +143,8 @@ def run_demo(out_dir="runs/demo", data_dir=DEFAULT_DATA_DIR, seeds=(0,), overrid
     generator settings of its ``demo.synthetic`` section.
     """
     from offset_cir.data import get_dataset
+    from offset_cir.data.synthetic import load_meta
     from offset_cir.extras import import_extra
-    from offset_cir.train.trainer import Trainer
 
     started = time.monotonic()
     out, data = Path(out_dir), Path(data_dir)
@@ -151,74 +156,124 @@ def run_demo(out_dir="runs/demo", data_dir=DEFAULT_DATA_DIR, seeds=(0,), overrid
     log.info("synthetic benchmark in %s (%s)", data, ", ".join(f"{k}={v}" for k, v in synth.items()))
     import_extra("matplotlib", "train", "the demo's figures")  # before anything is trained
     demo_benchmark(data, synth, progress)
-    bench = get_dataset("synthetic", data)
+    bench, meta = get_dataset("synthetic", data), load_meta(data)
     overrides = list(overrides or [])
     probe = _train_cfg(config_yaml, "probe", [], data, out, 0, None, overrides)
-    cache_dir = (out / "feature_cache") if probe.freeze_backbone and probe.feature_cache else None
-    test_batch = int(section.get("test_batch_size", 128))
-    per_seed: dict[int, dict] = {}
-    curves: dict[str, dict] = {}
-    train_info: dict[str, dict] = {}
-    index_info = None
+    demo = _DemoRuns(config_yaml, data, out, bench, meta, overrides, progress,
+                     cache_dir=(out / "feature_cache") if probe.freeze_backbone and probe.feature_cache else None,
+                     test_batch=int(section.get("test_batch_size", 128)))
     for si, seed in enumerate(seeds):
-        per_seed[seed] = {}
-        for name, ablations in RUNS.items():
-            run_dir = out / f"seed{seed}" / name
-            cfg = _train_cfg(config_yaml, name, ablations, data, run_dir, seed, cache_dir, overrides)
-            if run_dir.exists():  # the demo's own run of an earlier call
-                shutil.rmtree(run_dir)
-            log.info("seed %d: training %s (%s) for %s steps", seed, LABELS[name], ", ".join(ablations) or "full model",
-                     cfg.max_steps)
-            summary = Trainer(cfg, progress=progress).fit()
-            if summary["stopped"] == "time budget":
-                log.warning("%s stopped by the safety time cap (time_budget_minutes=%s) after %d of %s steps: this "
-                            "result depends on the machine's speed", name, cfg.time_budget_minutes, summary["steps"],
-                            cfg.max_steps)
-            model, ckpt, cache = _best_model(run_dir, cfg)
-            rankings = out / f"seed{seed}" / "offset_test_rankings.jsonl" if name == "offset" else None
-            metrics, result = _test_metrics(model, cache, bench, rankings, test_batch, progress)
-            per_seed[seed][name] = metrics
-            train_info.setdefault(name, {})[str(seed)] = {
-                "steps": summary["steps"], "stopped": summary["stopped"], "best_step": summary["best_step"],
-                "seconds": round(summary["seconds"], 1)}
-            if si == 0:
-                curves[name] = _read_curves(run_dir / "metrics.jsonl")
-                if name == "offset" and build_search_index and section.get("index", True):
-                    index_info = _build_demo_index(out / "index", data / "test", model, ckpt, progress)
-            gallery_size = next(iter(result["gallery_size"]["all"].values()))
-            unseen_queries = result["num_queries"].get("unseen", 0)
-            del model
-    runs = {name: {k: round(statistics.fmean(per_seed[s][name][k] for s in seeds), 2) for k in METRICS}
-            for name in RUNS}
+        for name in RUNS:
+            demo.run(seed, name, first_seed=si == 0,
+                     index=build_search_index and section.get("index", True) and name == "offset")
+    results = _results(demo, probe, section, seeds, bench, meta, data, synth, preset, time.monotonic() - started)
+    if demo.index_info is not None:
+        results["index"] = demo.index_info
+        results["serve_command"] = f"offset serve --index {out / 'index'}"
+    write_json(out / "results.json", results)
+    write_text(out / "report.md", render_report(results))
+    plot_curves(demo.curves, out / "curves.png")
+    plot_retrievals(out / f"seed{seeds[0]}" / "offset_test_rankings.jsonl", bench, out / "retrievals.png", meta=meta)
+    return results
+
+
+def _results(demo: "_DemoRuns", probe, section: dict, seeds, bench, meta: dict, data: Path, synth: dict, preset: str,
+             seconds: float) -> dict:
+    """What results.json holds: the recipe, each model's test metrics (mean over seeds, per seed, std), the
+    per-attribute table, chance levels and what each run's training did."""
+    from offset_cir.eval.attributes import chance_shares
     from offset_cir.eval.metrics import chance_levels
 
     results = {
         "backbone": {"name": probe.model.backbone, "pretrained": probe.model.pretrained},
         "recipe": recipe_of(probe, section),
-        "gallery_size": gallery_size,
-        "seconds": round(time.monotonic() - started, 1),
-        "runs": runs,
-        "chance": {k: round(v, 2) for k, v in chance_levels(gallery_size).items()},  # reference excluded: N-1
+        "gallery_size": demo.gallery_size,
+        "seconds": round(seconds, 1),
+        "runs": {name: _mean(demo.per_seed, seeds, name) for name in RUNS},
+        "chance": {k: round(v, 2) for k, v in chance_levels(demo.gallery_size).items()},  # reference excluded: N-1
         "seeds": list(seeds),
-        "per_seed": {str(s): per_seed[s] for s in seeds},
-        "training": train_info,
+        "per_seed": {str(s): demo.per_seed[s] for s in seeds},
+        "training": demo.train_info,
         "test_queries": len(bench.queries("test")),
-        "unseen_queries": unseen_queries,
+        "unseen_queries": demo.unseen_queries,
         "data": str(data),
         "synthetic": synth,
         "preset": preset,
+        **_attribute_results(demo.attributes, seeds),
+        "attributes_chance": chance_shares(meta, "test"),
     }
-    if index_info is not None:
-        results["index"] = index_info
-        results["serve_command"] = f"offset serve --index {out / 'index'}"
     if len(seeds) > 1:
-        results["std"] = {name: {k: round(statistics.stdev(per_seed[s][name][k] for s in seeds), 2) for k in METRICS}
-                          for name in RUNS}
-    write_json(out / "results.json", results)
-    write_text(out / "report.md", render_report(results))
-    plot_curves(curves, out / "curves.png")
-    plot_retrievals(out / f"seed{seeds[0]}" / "offset_test_rankings.jsonl", bench, out / "retrievals.png")
+        results["std"] = {name: _std(demo.per_seed, seeds, name) for name in RUNS}
     return results
+
+
+class _DemoRuns:
+    """The demo's runs (train one model for one seed, test it) and what they gathered."""
+
+    def __init__(self, config_yaml: Path, data: Path, out: Path, bench, meta: dict, overrides: list[str],
+                 progress: bool, cache_dir: Path | None, test_batch: int):
+        self.config_yaml, self.data, self.out, self.bench, self.meta = config_yaml, data, out, bench, meta
+        self.overrides, self.progress, self.cache_dir, self.test_batch = overrides, progress, cache_dir, test_batch
+        self.per_seed: dict[int, dict] = {}
+        self.attributes: dict[int, dict] = {}
+        self.curves: dict[str, dict] = {}
+        self.train_info: dict[str, dict] = {}
+        self.index_info = None
+        self.gallery_size = self.unseen_queries = 0
+
+    def run(self, seed: int, name: str, first_seed: bool, index: bool) -> None:
+        """Train ``name`` (a key of RUNS) with ``seed``, test its best checkpoint, keep what it gave."""
+        from offset_cir.train.trainer import Trainer
+
+        run_dir = self.out / f"seed{seed}" / name
+        cfg = _train_cfg(self.config_yaml, name, RUNS[name], self.data, run_dir, seed, self.cache_dir, self.overrides)
+        if run_dir.exists():  # the demo's own run of an earlier call
+            shutil.rmtree(run_dir)
+        log.info("seed %d: training %s (%s) for %s steps", seed, LABELS[name], ", ".join(RUNS[name]) or "full model",
+                 cfg.max_steps)
+        summary = Trainer(cfg, progress=self.progress).fit()
+        if summary["stopped"] == "time budget":
+            log.warning("%s stopped by the safety time cap (time_budget_minutes=%s) after %d of %s steps: this "
+                        "result depends on the machine's speed", name, cfg.time_budget_minutes, summary["steps"],
+                        cfg.max_steps)
+        model, ckpt, cache = _best_model(run_dir, cfg)
+        rankings = self.out / f"seed{seed}" / f"{name}_test_rankings.jsonl"
+        metrics, result, table = _test_metrics(model, cache, self.bench, self.meta, rankings, self.test_batch,
+                                               self.progress)
+        self.per_seed.setdefault(seed, {})[name] = metrics
+        self.attributes.setdefault(seed, {})[name] = table
+        self.train_info.setdefault(name, {})[str(seed)] = {
+            "steps": summary["steps"], "stopped": summary["stopped"], "best_step": summary["best_step"],
+            "seconds": round(summary["seconds"], 1)}
+        if first_seed:
+            self.curves[name] = _read_curves(run_dir / "metrics.jsonl")
+            if index:
+                self.index_info = _build_demo_index(self.out / "index", self.data / "test", model, ckpt, self.progress)
+        self.gallery_size = next(iter(result["gallery_size"]["all"].values()))
+        self.unseen_queries = result["num_queries"].get("unseen", 0)
+
+
+def _mean(per_seed: dict, seeds, name: str) -> dict:
+    return {k: round(statistics.fmean(per_seed[s][name][k] for s in seeds), 2) for k in METRICS}
+
+
+def _std(per_seed: dict, seeds, name: str) -> dict:
+    return {k: round(statistics.stdev(per_seed[s][name][k] for s in seeds), 2) for k in METRICS}
+
+
+def _attribute_results(tables: dict[int, dict], seeds) -> dict:
+    """results.json's per-attribute top-1 accuracy: the mean share per model over the seeds (``attributes``),
+    the std (``attributes_std``, several seeds), each seed's shares and the queries asking for each attribute."""
+    from offset_cir.eval.attributes import asked_counts, mean_shares, shares_of, std_shares
+
+    out = {
+        "attributes": {name: mean_shares([tables[s][name] for s in seeds]) for name in RUNS},
+        "attributes_per_seed": {str(s): {name: shares_of(tables[s][name]) for name in RUNS} for s in seeds},
+        "attributes_asked": asked_counts(tables[seeds[0]]["offset"]),
+    }
+    if len(seeds) > 1:
+        out["attributes_std"] = {name: std_shares([tables[s][name] for s in seeds]) for name in RUNS}
+    return out
 
 
 def recipe_of(cfg, section: dict) -> dict:
@@ -243,6 +298,42 @@ def _read_curves(path: Path) -> dict:
         if "eval" in row:
             val.append((row["step"], row["eval"].get("R@10", float("nan"))))
     return {"train": train, "val": val}
+
+
+def attribute_table(results: dict, markdown: bool = False) -> str:
+    """The per-attribute top-1 table of the three models (mean over the seeds, ± std with several) and chance."""
+    from offset_cir.eval.attributes import format_attribute_table
+
+    rows = {LABELS[name]: shares for name, shares in results["attributes"].items()}
+    stds = {LABELS[name]: s for name, s in results.get("attributes_std", {}).items()}
+    rows["chance (a random image)"] = results["attributes_chance"]
+    return format_attribute_table(rows, results["attributes_asked"], stds, markdown=markdown)
+
+
+def verdicts(results: dict) -> list[str]:
+    """The answers the demo gives, one sentence each: do masks help, does OFFSET beat late fusion (over the
+    seeds and per seed), how often OFFSET's top-1 result has the colour the text asks for."""
+    runs, per = results["runs"], results["per_seed"]
+    out = [
+        "Did the masks help (OFFSET vs OFFSET w/o FM)? " + _verdict(runs["offset"]["R@10"], runs["offset_wo_fm"]["R@10"], "masks help"),
+        "Did OFFSET beat the baseline (OFFSET vs late fusion)? " + _verdict(runs["offset"]["R@10"], runs["late_fusion"]["R@10"], "OFFSET beats late fusion"),
+    ]
+    if len(results["seeds"]) > 1:
+        out.append("Per seed, R@10 (OFFSET / w/o FM / late fusion): " + "; ".join(
+            f"seed {s}: {per[s]['offset']['R@10']:.2f} / {per[s]['offset_wo_fm']['R@10']:.2f} / "
+            f"{per[s]['late_fusion']['R@10']:.2f}" for s in per) + ". Masks help on "
+            f"{sum(per[s]['offset']['R@10'] > per[s]['offset_wo_fm']['R@10'] for s in per)} of {len(per)} seeds, "
+            f"OFFSET beats late fusion on "
+            f"{sum(per[s]['offset']['R@10'] > per[s]['late_fusion']['R@10'] for s in per)} of {len(per)}.")
+    colour, asked = results["attributes"]["offset"]["colour"], results["attributes_asked"]["colour"]
+    if colour is not None:
+        seeds = results["attributes_per_seed"]
+        each = (" (per seed: " + ", ".join(f"{seeds[s]['offset']['colour']:.1f}" for s in seeds) + ")"
+                if len(seeds) > 1 else "")
+        out.append(f"Does OFFSET's top result have the colour the text asks for? For {colour:.1f} % of the {asked} "
+                   f"test queries that ask for a colour{each}; a random image has it for "
+                   f"{results['attributes_chance']['colour']:.1f} %.")
+    return out
 
 
 def _verdict(a: float, b: float, what: str) -> str:
@@ -271,22 +362,18 @@ def render_report(results: dict) -> str:
     lines += [
         f"| chance | {ch['R@1']:.2f} | | {ch['R@10']:.2f} | | {ch['R_subset@1']:.2f} | |",
         "",
-        "Did the masks help (OFFSET vs OFFSET w/o FM)? " + _verdict(runs["offset"]["R@10"], runs["offset_wo_fm"]["R@10"], "masks help"),
+        "## What the top result has of what the text asks for",
         "",
-        "Did OFFSET beat the baseline (OFFSET vs late fusion)? " + _verdict(runs["offset"]["R@10"], runs["late_fusion"]["R@10"], "OFFSET beats late fusion"),
+        "Share of the test queries whose text asks for an attribute (a change, or one it says to keep) whose top-1 "
+        "result has the asked value; *all*: every attribute the text asks for. Chance: a random image of the "
+        "gallery.",
         "",
+        attribute_table(results, markdown=True),
+        "",
+        *(line for v in verdicts(results) for line in (v, "")),
         _recipe_sentence(results),
         "",
-    ]
-    if len(results["seeds"]) > 1:
-        per = results["per_seed"]
-        lines += ["Per seed, R@10 (OFFSET / w/o FM / late fusion): " + "; ".join(
-            f"seed {s}: {per[s]['offset']['R@10']:.2f} / {per[s]['offset_wo_fm']['R@10']:.2f} / "
-            f"{per[s]['late_fusion']['R@10']:.2f}" for s in per) + ". Masks help on "
-            f"{sum(per[s]['offset']['R@10'] > per[s]['offset_wo_fm']['R@10'] for s in per)} of {len(per)} seeds, "
-            f"OFFSET beats late fusion on "
-            f"{sum(per[s]['offset']['R@10'] > per[s]['late_fusion']['R@10'] for s in per)} of {len(per)}.", ""]
-    lines += [
+        
         "![curves](curves.png)",
         "",
         "![retrievals](retrievals.png)",
@@ -338,13 +425,16 @@ def plot_curves(curves: dict, path: Path) -> None:
     save_figure(fig, path, dpi=110)
 
 
-def plot_retrievals(rankings: Path, bench, path: Path, n_queries: int = 6, k: int = 5) -> None:
+def plot_retrievals(rankings: Path, bench, path: Path, n_queries: int = 6, k: int = 5, meta: dict | None = None) -> None:
+    """The retrieval sheet of every 40th query; with the benchmark's metadata ``meta``, each shown image is marked
+    with the attributes the text asks for that it has (a tick) or not (a cross)."""
+    from offset_cir.eval.attributes import asked_marks
     from offset_cir.eval.sheet import draw_retrieval_sheet
 
     rows = read_jsonl(rankings)[:: max(1, 40)][:n_queries]
-    draw_retrieval_sheet(rows, bench.image_path, path, k=k,
+    draw_retrieval_sheet(rows, bench.image_path, path, k=k, marks=asked_marks(meta, "test") if meta else None,
                          title="OFFSET on the synthetic test split (every 40th query): reference, text, top-5, "
-                               "and the true target")
+                               "and the true target; under each, what the text asks for that it has")
 
 
 def format_table(results: dict) -> str:

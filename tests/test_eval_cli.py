@@ -1,4 +1,4 @@
-"""``offset eval`` as a person uses it: what it prints, what it records, what it refuses to overwrite (issues 9, 12)."""
+"""``offset eval`` as a person uses it: what it prints, what it records, what it refuses to overwrite."""
 from __future__ import annotations
 
 import argparse
@@ -115,6 +115,33 @@ def test_eval_sheet_draws_queries_with_top_results_and_target(world, here, monke
 
     demo.plot_retrievals(rk, get_dataset("synthetic", world / "syn"), here / "demo.png", n_queries=2)
     assert len(calls) == 2 and len(calls[1]) == 1 and (here / "demo.png").is_file()  # every 40th of 3 rows
+
+
+def test_eval_prints_what_the_top_result_has_of_what_the_text_asks_for(world, here, capsys):
+    """On a synthetic benchmark: the per-attribute top-1 table, recorded and printed, counted again here from the
+    rankings and the metadata; the sheet draws the marks."""
+    assert _eval(world, "--checkpoint", str(here / "run" / "best"), "--no-record", "--out", "r.json",
+                 "--rankings", "rk.jsonl", "--sheet", "2", "--sheet-out", "sheet.png") == 0
+    out = capsys.readouterr().out
+    table = json.loads((here / "r.json").read_text())["top1_attributes"]
+    meta = synthetic.load_meta(world / "syn")
+    images = meta["images"]
+    queries = {q["pairid"]: q for q in meta["queries"]["test"]}
+    colour_asked = colour_hits = 0
+    for line in (here / "rk.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        q = queries[row["pairid"]]
+        wanted = q["changes"]["colour"][1] if "colour" in q["changes"] else (
+            images[q["reference"]]["colour"] if "colour" in q["kept"] else None)
+        if wanted is not None:
+            colour_asked += 1
+            colour_hits += images[row["top"][0]]["colour"] == wanted
+    assert colour_asked > 0 and table["colour"]["asked"] == colour_asked and table["colour"]["hits"] == colour_hits
+    assert table["all"]["asked"] == len(queries)
+    assert "top-1 result has what the text asks for" in out
+    printed = next(line for line in out.splitlines() if line.startswith("this checkpoint")).split()[2:]
+    assert printed == [f"{table[c]['share']:.1f}" for c in ("shape", "colour", "size", "pattern", "all")]
+    assert (here / "sheet.png").is_file()
 
 
 def test_eval_names_run_folder_checkpoints_and_missing_paths(world, here, capsys):

@@ -19,12 +19,18 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from offset_cir.demo import format_table, run_demo
+    from offset_cir.demo import attribute_table, format_table, run_demo, verdicts
+    from offset_cir.eval.attributes import TABLE_TITLE
 
     results = run_demo(args.out, args.data, tuple(args.seeds), args.overrides, progress=not args.no_progress,
                        preset=args.preset, build_search_index=not args.no_index)
     print()
     print(format_table(results))
+    print(f"\n{TABLE_TITLE} on the test split:")
+    print(attribute_table(results))
+    print()
+    for line in verdicts(results):
+        print(line)
     recipe = results["recipe"]
     print(f"\nbackbone {results['backbone']['name']} ({results['backbone']['pretrained'] or 'random init'}), "
           f"{recipe['steps']} steps per run; gallery {results['gallery_size']} images, "

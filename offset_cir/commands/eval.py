@@ -248,6 +248,7 @@ def _run(args) -> int:
     from offset_cir.data import get_dataset
     from offset_cir.data.doctor import default_manifest_path
     from offset_cir.device import choose_device
+    from offset_cir.eval import attributes
     from offset_cir.eval.evaluate import evaluate
     from offset_cir.eval.gallery_cache import GalleryCache
     from offset_cir.eval.protocols import protocol_for
@@ -279,13 +280,16 @@ def _run(args) -> int:
         if key is None:
             raise UserInputError(f"--gallery-cache: {args.checkpoint} has no content hash to name its features by")
         cache = GalleryCache(args.gallery_cache, key)
+    meta = attributes.benchmark_meta(bench)  # synthetic: what the top result has of what the text asks for
     with tempfile.TemporaryDirectory(prefix="offset-eval-") as tmp:
-        ranked = rankings or (Path(tmp) / "rankings.jsonl" if sheet is not None else None)
+        ranked = rankings or (Path(tmp) / "rankings.jsonl" if sheet is not None or meta is not None else None)
         result = evaluate(model, bench, proto.name, split=split, batch_size=args.batch_size,
                           num_workers=args.num_workers, save_rankings=ranked, device=device,
                           query_transform=args.query_transform, gallery_cache=cache)
         result.update(stamp)
         result["precision"] = precision.to_json()
+        if meta is not None:
+            result["top1_attributes"] = attributes.rankings_table(ranked, meta, split, result["gallery"][0])
         if manifest is not None:
             result["dataset_manifest"] = manifest
         if rankings is None:
@@ -320,10 +324,13 @@ def _run(args) -> int:
                 else f"baseline {args.baseline} ({model.config['backbone']})"
             title = (f"{name} on {bench.name} {split} (protocol {proto.name}, gallery "
                      f"{gallery}): reference, text, top-5 and the true target")
-            written.append(f"sheet: {draw_retrieval_sheet(rows, bench.image_path, sheet, k=5, title=title)} "
+            marks = attributes.asked_marks(meta, split) if meta is not None else None
+            written.append(f"sheet: {draw_retrieval_sheet(rows, bench.image_path, sheet, k=5, title=title, marks=marks)} "
                            f"({len(rows)} queries)")
     print(format_result(result))
     print()
+    if meta is not None:
+        print(attributes.format_result_table(result["top1_attributes"], attributes.chance_shares(meta, split)) + "\n")
     for line in written:
         print(line)
     return 0

@@ -12,6 +12,9 @@ from typing import Callable
 from offset_cir.io import read_jsonl
 from offset_cir.plots import new_figure, save_figure
 
+# marks(row, image_id) -> [(attribute, whether the image has what the text asks for it), ...]
+Marks = Callable[[dict, str], list[tuple[str, bool]]]
+
 
 def read_rankings(path, gallery: str | None = None) -> list[dict]:
     """The rows of a rankings file (JSON Lines); with ``gallery``, only that gallery's rows."""
@@ -27,9 +30,11 @@ def spread(rows: list, n: int) -> list:
 
 
 def draw_retrieval_sheet(rows: list[dict], image_path: Callable[[str], object], out, k: int = 5,
-                         title: str | None = None) -> Path:
+                         title: str | None = None, marks: Marks | None = None) -> Path:
     """One line per row: reference, text, top-``k`` (the target framed in green where it appears) and the
-    target with its rank. ``image_path`` maps an image id to its file (``bench.image_path``)."""
+    target with its rank. ``image_path`` maps an image id to its file (``bench.image_path``). ``marks(row,
+    image_id)`` (e.g. :func:`offset_cir.eval.attributes.asked_marks`) lists the attributes the row's text asks
+    for and whether the image has each: written under each shown result (a tick or a cross per attribute)."""
     from PIL import Image
 
     def show(ax, image_id):
@@ -38,7 +43,7 @@ def draw_retrieval_sheet(rows: list[dict], image_path: Callable[[str], object], 
 
     cols = k + 3
     n = max(1, len(rows))
-    fig = new_figure((1.6 * cols, 1.8 * n), purpose="drawing a retrieval sheet")
+    fig = new_figure((1.6 * cols, (2.4 if marks is not None else 1.8) * n), purpose="drawing a retrieval sheet")
     axes = fig.subplots(n, cols, squeeze=False)
     for r, row in enumerate(rows):
         line = axes[r]
@@ -52,6 +57,8 @@ def draw_retrieval_sheet(rows: list[dict], image_path: Callable[[str], object], 
                 ax.axis("off")
                 continue
             show(ax, top[c])
+            if marks is not None:
+                _mark(ax, marks(row, top[c]))
             hit = top[c] == row["target"]
             ax.set_title(f"#{c + 1}" + (" target" if hit else ""), fontsize=7, color="green" if hit else "black")
             if hit:
@@ -59,6 +66,8 @@ def draw_retrieval_sheet(rows: list[dict], image_path: Callable[[str], object], 
                     spine.set_edgecolor("green")
                     spine.set_linewidth(3)
         show(line[k + 2], row["target"])
+        if marks is not None:
+            _mark(line[k + 2], marks(row, row["target"]))
         rank = top.index(row["target"]) + 1 if row["target"] in top else None
         line[k + 2].set_title(f"target (rank {rank})" if rank else f"target (rank > {len(top)})", fontsize=7,
                               color="green")
@@ -70,3 +79,11 @@ def draw_retrieval_sheet(rows: list[dict], image_path: Callable[[str], object], 
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return save_figure(fig, out, dpi=110)
+
+
+def _mark(ax, marks: list[tuple[str, bool]]) -> None:
+    """Under a tile: one line per attribute the text asks for, a tick (green) where the image has it, a cross
+    (red) where not."""
+    for i, (attr, ok) in enumerate(marks):
+        ax.text(0.5, -0.06 - 0.13 * i, ("\u2713 " if ok else "\u2717 ") + attr, transform=ax.transAxes, ha="center",
+                va="top", fontsize=6, color="green" if ok else "red")

@@ -250,13 +250,13 @@ def _unlike_initial_batch_norms(trunk, seed: int = 0) -> None:
 def test_folding_batch_norms_keeps_what_the_tower_computes(packaged_random):
     import copy
 
-    from offset_cir.train.cache import _fold_batch_norms
+    from offset_cir.train.tower_split import fold_batch_norms
 
     trunk = copy.deepcopy(packaged_random.backbone.clip.visual.trunk).eval()
     _unlike_initial_batch_norms(trunk)
     folded = copy.deepcopy(trunk)
     norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in trunk.modules())
-    assert _fold_batch_norms(folded) == norms > 40  # each of EfficientNet-Lite0's norms follows its convolution
+    assert fold_batch_norms(folded) == norms > 40  # each of EfficientNet-Lite0's norms follows its convolution
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
     x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -267,16 +267,16 @@ def test_folding_batch_norms_keeps_what_the_tower_computes(packaged_random):
 
 
 def test_a_fold_that_changes_the_output_is_not_used(packaged_random, monkeypatch, caplog):
-    import offset_cir.train.cache as cache_module
+    import offset_cir.train.tower_split as split_module
 
     def bad_fold(module):
         module.conv_stem.weight.data.mul_(2.0)  # a wrong fold
         return 1
 
-    monkeypatch.setattr(cache_module, "_fold_batch_norms", bad_fold)
-    split = cache_module.ImageSplit(packaged_random.backbone)
+    monkeypatch.setattr(split_module, "fold_batch_norms", bad_fold)
+    split = split_module.ImageSplit(packaged_random.backbone)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad(), caplog.at_level("WARNING", logger="offset_cir.train.cache"):
+    with torch.no_grad(), caplog.at_level("WARNING", logger="offset_cir.train.tower_split"):
         first, again = split.frozen(x), split.frozen(x)
         ref = packaged_random.backbone.clip.visual.trunk.forward_features(x)
     assert "running it unfolded" in caplog.text
@@ -328,3 +328,23 @@ def test_warmed_files_are_read_by_name_and_a_changed_one_is_decoded_again(packag
             items[0]
     finally:
         detach_cache(model)
+
+
+def test_trainable_blocks_stay_float32_under_cpu_bf16_autocast(packaged_random):
+    """On CPUs the live blocks run in float32 whatever autocast says (their bf16 backward is slower there): under
+    bf16 autocast their tokens and the gradient through them equal a plain float32 run's exactly, while the pooled
+    projection after them (a matrix product) runs in bf16."""
+    from offset_cir.train.tower_split import ImageSplit
+
+    split = ImageSplit(packaged_random.backbone, image_blocks=3)
+    with torch.no_grad():
+        feats = split.frozen(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3)))
+    plain_in, auto_in = feats.clone().requires_grad_(), feats.clone().requires_grad_()
+    tokens, pooled = split.live(plain_in)
+    tokens.square().mean().backward()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens_a, pooled_a = split.live(auto_in)
+    assert tokens_a.dtype == torch.float32 and torch.equal(tokens_a, tokens)
+    assert pooled.dtype == torch.float32 and pooled_a.dtype == torch.bfloat16
+    tokens_a.square().mean().backward()
+    assert torch.equal(auto_in.grad, plain_in.grad)
