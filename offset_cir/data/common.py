@@ -217,10 +217,21 @@ class _Loader:
         return preprocess_pair(self.preprocess, img, mask, self.train, self.clipseg_maps)
 
 
+class _QueryItems(Dataset):
+    """What the triplet and query datasets share: their queries, and the loader of their images and masks."""
+
+    def __init__(self, queries: list[Query], loader: _Loader):
+        self.queries = queries
+        self._loader = loader
+
+    def __len__(self) -> int:
+        return len(self.queries)
+
+
 # The three Datasets take their arguments in one order: records (queries or image ids), image_path, mask_path,
 # preprocess, then by keyword use_masks, train (for those with a training transform) and source. Open them through
 # a Benchmark (triplets, query_dataset, unit_query_dataset, image_dataset), which checks the mask setting.
-class TripletDataset(Dataset):
+class TripletDataset(_QueryItems):
     """Training/eval triplets: items ``{"ref_image","ref_mask","text","tgt_image","tgt_mask","index"}``.
 
     Images are read from disk when an item is requested; the masks are None when ``use_masks`` is False.
@@ -231,11 +242,7 @@ class TripletDataset(Dataset):
         missing = [q for q in queries if q.target is None]
         if missing:
             raise DatasetError(f"triplets need targets; query {missing[0].index} (reference {missing[0].reference}) has none")
-        self.queries = queries
-        self._loader = _Loader(image_path, mask_path, preprocess, use_masks, train, source, clipseg_maps)
-
-    def __len__(self) -> int:
-        return len(self.queries)
+        super().__init__(queries, _Loader(image_path, mask_path, preprocess, use_masks, train, source, clipseg_maps))
 
     def __getitem__(self, i: int) -> dict:
         q = self.queries[i]
@@ -245,17 +252,13 @@ class TripletDataset(Dataset):
         return {"ref_image": ref, "ref_mask": ref_m, "text": q.text, "tgt_image": tgt, "tgt_mask": tgt_m, "index": i}
 
 
-class QueryDataset(Dataset):
+class QueryDataset(_QueryItems):
     """Evaluation queries: ``{"ref_image","ref_mask","text","index"}`` (evaluation transform unless ``train``);
     ``ref_mask`` is None when ``use_masks`` is False."""
 
     def __init__(self, queries: list[Query], image_path, mask_path, preprocess, *, use_masks: bool,
                  train: bool = False, source: str = "", clipseg_maps: str | None = None):
-        self.queries = queries
-        self._loader = _Loader(image_path, mask_path, preprocess, use_masks, train, source, clipseg_maps)
-
-    def __len__(self) -> int:
-        return len(self.queries)
+        super().__init__(queries, _Loader(image_path, mask_path, preprocess, use_masks, train, source, clipseg_maps))
 
     def __getitem__(self, i: int) -> dict:
         q = self.queries[i]
