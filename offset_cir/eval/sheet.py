@@ -35,11 +35,10 @@ def draw_retrieval_sheet(rows: list[dict], image_path: Callable[[str], object], 
     target with its rank. ``image_path`` maps an image id to its file (``bench.image_path``). ``marks(row,
     image_id)`` (e.g. :func:`offset_cir.eval.attributes.asked_marks`) lists the attributes the row's text asks
     for and whether the image has each: written under each shown result (a tick or a cross per attribute)."""
-    from PIL import Image
+    from offset_cir.images import read_image
 
     def show(ax, image_id):
-        with Image.open(image_path(image_id)) as im:
-            ax.imshow(im.convert("RGB"))
+        ax.imshow(read_image(image_path(image_id), "RGB"))
 
     cols = k + 3
     n = max(1, len(rows))
